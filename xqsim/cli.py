@@ -1,0 +1,236 @@
+"""`xqsim`: estimate one configuration, sweep a scenario, list hardware and models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import specs
+from .specs import UserError
+
+try:  # typer < 0.20 raises click's exceptions; newer typer vendors click as its own
+    from click.exceptions import ClickException as _ClickException
+except ImportError:
+    _ClickException = typer.TyperException
+CLI_ERRORS = tuple({_ClickException, getattr(typer, "TyperException", _ClickException)})
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Which KV-cache scheme wins on which GPU, and where the answer flips.")
+hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles.")
+models_app = typer.Typer(no_args_is_help=True, help="Model shapes.")
+app.add_typer(hw_app, name="hw")
+app.add_typer(models_app, name="models")
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _count(value: str, field: str) -> int:
+    v = specs.parse_count(value)
+    if not isinstance(v, int) or v <= 0:
+        raise UserError(f"command line: field '{field}': expected a positive integer like 16, 32k or 1M "
+                        f"(got {value!r})")
+    return v
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:,.2f} GB"
+
+
+@app.command()
+def estimate(
+    hardware: Annotated[str, typer.Option(help="profile name (xqsim hw list) or a .yaml file")],
+    model: Annotated[str, typer.Option(help="model name (xqsim models list) or a .yaml file")],
+    scheme: Annotated[str, typer.Option(help=f"one of {', '.join(specs.SCHEMES)}")],
+    batch: Annotated[str, typer.Option(help="sequences decoded together")] = "1",
+    context: Annotated[str, typer.Option(help="tokens in the cache, e.g. 32768 or 32k")] = "4096",
+    bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized")] = None,
+    group: Annotated[int | None, typer.Option(help="quantization group size")] = None,
+    residual: Annotated[int | None, typer.Option(help="fp16 residual window [tokens]")] = None,
+    strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,
+    fused: Annotated[bool, typer.Option(help="fuse dequant/remat into attention")] = False,
+    first_layers: Annotated[int | None, typer.Option(help="leading layers kept at --first-bits")] = None,
+    first_bits: Annotated[int | None, typer.Option(help="bits of the leading layers")] = None,
+    rank_k: Annotated[int | None, typer.Option(help="key latent rank (GQA variants)")] = None,
+    rank_v: Annotated[int | None, typer.Option(help="value latent rank (GQA variants)")] = None,
+    v_bits: Annotated[int | None, typer.Option(help="xquant_yang value bits")] = None,
+    share_from: Annotated[int | None, typer.Option(help="xquant_yang: first layer of code sharing")] = None,
+    spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore the profile's fitted block")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """One configuration: ops, memory (paper and full accounting), step time, capacity."""
+    from .estimate import estimate as run_estimate
+
+    hw, m = specs.load_hardware(hardware), specs.load_model(model)
+    cfg = specs.scheme_config(
+        scheme=scheme, bits=bits if bits is not None else (None if scheme == "fp16" else 4), group=group,
+        residual=residual, strategy=strategy, fused=fused, first_layers=first_layers, first_bits=first_bits,
+        rank_k=rank_k, rank_v=rank_v, v_bits=v_bits, share_from=share_from)
+    r = run_estimate(hw, m, cfg, _count(batch, "batch"), _count(context, "context"), fitted=not spec_only)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    _print_estimate(r)
+
+
+def _print_estimate(r: dict) -> None:
+    t = Table(title=f"{r['label']} · {r['model']} · {r['hardware']} ({r['profile']} rates) · "
+                    f"batch {r['batch']} · context {r['context']}", title_justify="left")
+    for c in ("op", "class", "×layers", "GFLOP", "MB read", "MB written", "FLOP/B", "µs each", "bound"):
+        t.add_column(c, justify="left" if c in ("op", "class", "bound") else "right")
+    for o in r["ops"]:
+        t.add_row(o["name"], o["op_class"], str(o["layers"]), f"{o['flops'] / 1e9:,.3f}",
+                  f"{o['bytes_read'] / 1e6:,.2f}", f"{o['bytes_written'] / 1e6:,.2f}",
+                  f"{o['intensity_flop_per_byte']:,.1f}", f"{o['time_s'] * 1e6:,.1f}", o["bound"])
+    console.print(t)
+    full, paper = r["accounting"]["full"], r["accounting"]["paper"]
+    m = Table(title="Memory", title_justify="left")
+    m.add_column("what")
+    m.add_column("bytes", justify="right")
+    for label, key in (("weights", "weights_bytes"), ("cache codes", "cache_codes_bytes"),
+                       ("cache metadata (fp16 scale+zero)", "cache_metadata_bytes"),
+                       ("cache fp16 residual window", "cache_residual_bytes"),
+                       ("cache total (full accounting)", "cache_bytes"), ("transient peak", "transient_bytes"),
+                       ("total", "total_bytes"), ("usable capacity", "capacity_bytes")):
+        m.add_row(label, _gb(r[key]))
+    m.add_row("cache, paper accounting", _gb(paper["cache_bytes"]))
+    console.print(m)
+    console.print(
+        f"paper accounting: normalized KV size {paper['normalized_kv_size']:.4f} "
+        f"({paper['compression_x']:.2f}x), equivalent bits {paper['equivalent_bits']:.4f}\n"
+        f"full accounting: cache {full['ratio_vs_fp16_kv']:.4f} of fp16 KV at this context "
+        f"(residual window included; transient buffers apart: {_gb(r['transient_bytes'])})\n"
+        f"step {r['step_time_s'] * 1e3:.3f} ms ({r['bound']}-bound; compute {r['t_compute_s'] * 1e3:.3f} ms, "
+        f"memory {r['t_mem_s'] * 1e3:.3f} ms, overhead {r['t_overhead_s'] * 1e3:.3f} ms), "
+        f"{r['tokens_per_s']:,.0f} tokens/s, {r['flops'] / 1e12:.3f} TFLOP and {r['bytes_moved'] / 1e9:.3f} GB "
+        f"per step\nfits: {r['fits']}; max batch at this context {r['max_batch']:,}; max context at this batch "
+        f"{r['max_context']:,}; throughput at the largest batch that fits (≤{r['batch']}): "
+        f"{r['throughput_cap_tokens_per_s']:,.0f} tokens/s")
+
+
+def _scenario_configs(scenario: specs.Scenario, path: Path) -> list[specs.SchemeConfig]:
+    configs = []
+    for i, entry in enumerate(scenario.schemes):
+        try:
+            configs += entry.expand()
+        except ValidationError as err:
+            raise UserError(f"{path}: field 'schemes.{i}': "
+                            f"{err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return list(dict.fromkeys(configs))
+
+
+@app.command()
+def sweep(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (see scenarios/)")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="output folder (default results/<name>)")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite files a previous sweep wrote there")] = False,
+    spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore fitted efficiencies")] = False,
+) -> None:
+    """Evaluate a scenario's whole grid; write the table, crossovers, memory walls and plots."""
+    from . import plots
+    from .crossover import crossovers, memory_walls
+    from .sweep import check_writable, run, summary, write_inputs
+
+    sc = specs.load_scenario(scenario)
+    base = scenario.parent
+    hws = [specs.load_hardware(h, base) for h in sc.hardware]
+    models = [specs.load_model(m, base) for m in sc.models]
+    configs = _scenario_configs(sc, scenario)
+    out = out or Path("results") / sc.name
+    check_writable(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    contexts, batches = sc.contexts(), sorted(set(sc.batch))
+    plot_batch = sc.plot_batch or min(batches, key=lambda b: abs(b - 16))
+    plot_context = sc.plot_context or min(contexts, key=lambda c: abs(c - 32768))
+    n_configs = len(hws) * len(models) * len(configs) * len(batches) * len(contexts)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(f"evaluating {n_configs:,} configurations", total=len(models) * len(configs) + 6)
+
+        def step(msg: str) -> None:
+            if msg:
+                progress.console.print(f"[yellow]{msg}")
+            else:
+                progress.advance(task)
+
+        df = run(hws, models, configs, batches, contexts, fitted=sc.fitted and not spec_only, on_step=step)
+        progress.update(task, description="writing tables")
+        df.to_parquet(out / "results.parquet", index=False)
+        df.to_csv(out / "results.csv", index=False)
+        cross = crossovers(df)
+        cross.to_csv(out / "crossovers.csv", index=False)
+        memory_walls(df).to_csv(out / "memory_walls.csv", index=False)
+        write_inputs(out, scenario, sc, hws, models, configs)
+        progress.advance(task)
+        for name, fn in (("step_time_vs_context", lambda p: plots.step_time_vs_context(df, plot_batch, p)),
+                         ("memory_vs_context", lambda p: plots.memory_vs_context(df, plot_batch, p)),
+                         ("throughput_cap_vs_context", lambda p: plots.throughput_cap_vs_context(df, p)),
+                         ("roofline", lambda p: plots.roofline(hws, models, configs, plot_batch, plot_context, p,
+                                                               fitted=sc.fitted and not spec_only))):
+            progress.update(task, description=f"plotting {name}")
+            fn(out / name)
+            progress.advance(task)
+        progress.update(task, description=f"evaluated {len(df):,} configurations")
+    _print_summary(summary(df, plot_batch, plot_context), plot_batch, plot_context)
+    step_cross = cross[(cross["metric"] == "step_time_s") & (cross["at"] == f"batch={plot_batch}")]
+    console.print(f"{len(cross):,} crossovers ({len(step_cross)} in step time at batch {plot_batch}); "
+                  f"results in {out}/")
+
+
+def _print_summary(s, batch: int, context: int) -> None:
+    t = Table(title=f"Fastest variant of each scheme at batch {batch}, context {context:,} on {s['hardware'].iloc[0]} "
+                    f"(every GPU and variant: results.csv)", title_justify="left")
+    for c in ("hardware", "model", "scheme", "cache", "fits", "step ms", "tokens/s", "bound", "max context",
+              "tokens/s at max batch"):
+        t.add_column(c, justify="right" if c not in ("hardware", "model", "scheme", "bound", "fits") else "left")
+    for r in s.itertuples():
+        t.add_row(str(r.hardware), str(r.model), str(r.label), _gb(r.cache_bytes), "yes" if r.fits else "no",
+                  f"{r.step_time_s * 1e3:.2f}", f"{r.tokens_per_s:,.0f}", str(r.bound), f"{r.max_context:,}",
+                  f"{r.throughput_cap_tokens_per_s:,.0f}")
+    console.print(t)
+
+
+@hw_app.command("list")
+def hw_list() -> None:
+    """Shipped hardware profiles with their spec figures."""
+    t = Table(title="Hardware profiles (hardware/*.yaml)", title_justify="left")
+    for c in ("name", "device", "memory", "usable", "bandwidth", "bf16 dense", "ridge FLOP/B", "fitted"):
+        t.add_column(c)
+    for hw in specs.list_hardware():
+        t.add_row(hw.name, hw.display_name, _gb(hw.memory_bytes.value), f"{hw.usable_fraction.value:.2f}",
+                  f"{hw.mem_bytes_per_s.value / 1e12:.2f} TB/s", f"{hw.flops_per_s['bf16'].value / 1e12:,.0f} TFLOP/s",
+                  f"{hw.ridge_flop_per_byte:.0f}", "yes" if hw.fitted else "no")
+    console.print(t)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Shipped model shapes."""
+    t = Table(title="Models (models/*.yaml)", title_justify="left")
+    for c in ("name", "model", "layers", "d_model", "heads", "kv heads", "head dim", "ffn", "vocab"):
+        t.add_column(c)
+    for m in specs.list_models():
+        t.add_row(m.name, m.display_name, str(m.n_layers), str(m.d_model), str(m.n_heads), str(m.n_kv_heads),
+                  str(m.hd), str(m.ffn_dim), str(m.vocab_size))
+    console.print(t)
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        print(f"xqsim: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("xqsim: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except CLI_ERRORS as err:
+        print(f"xqsim: error: {err.format_message()}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,40 @@
+"""fp16 KV cache, the baseline: K and V of every token, 16-bit; and the attention block over stored K/V
+that KIVI and Yang et al.'s XQuant share."""
+
+from __future__ import annotations
+
+from ..specs import ModelSpec, SchemeConfig
+from .layout import ELEM_BYTES, LayerGroup
+from .ops import ROPE_FLOPS, Op, dequant_ops, elementwise, fp16_read, matmul, store_ops, tensor
+
+
+def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
+    """K and V, dkv values each per token per layer, fp16."""
+    return (LayerGroup(model.n_layers, (tensor("k", model.dkv, 16), tensor("v", model.dkv, 16))),)
+
+
+def kv_weight_elems(model: ModelSpec, cfg: SchemeConfig) -> int:
+    """Wk and Wv of all layers [elements]."""
+    return model.n_layers * 2 * model.d_model * model.dkv
+
+
+def attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, B, T) -> list[Op]:
+    """New token's K/V, RoPE, cache write, dequantize (quantized schemes), attention."""
+    H, hd, dq = model.n_heads, model.hd, model.dq
+    kern = "attention" if cfg.fused else ""
+    return [
+        matmul("kv_proj", B, 1, model.d_model, 2 * model.dkv, model.weight_bytes),
+        elementwise("rope", B * (dq + model.dkv), ROPE_FLOPS),
+        *store_ops(cfg, group, B, T),
+        *dequant_ops(cfg, group, B, T, cfg.fused, kern),
+        Op("attention", "attention",
+           flops=4 * B * H * T * hd,  # q.K^T and P.V
+           read=B * dq * ELEM_BYTES + fp16_read(group, ("k", "v"), cfg, B, T, cfg.fused),
+           write=B * dq * ELEM_BYTES, kernel=kern),
+    ]
+
+
+def transient_bytes(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, T):
+    """Dequantized K and V of one layer (concatenated with the residual), unless fused [B per sequence]."""
+    quantized = any(t.quantized for t in group.tensors)
+    return (0 if cfg.fused or not quantized else 1) * T * 2 * model.dkv * ELEM_BYTES

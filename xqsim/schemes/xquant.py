@@ -1,0 +1,109 @@
+"""XQuant (Tomar et al., arXiv 2508.10395): cache the post-norm layer input X (d values per token,
+b bits, per-token groups) and rematerialize K = XWk (+RoPE), V = XWv at every step.
+
+The rematerializing attention block here serves all four XQuant variants; each describes where its
+K and V come from with a RematPlan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..specs import ModelSpec, SchemeConfig
+from .layout import ELEM_BYTES, LayerGroup, split_layers
+from .ops import ADD_FLOPS, ROPE_FLOPS, Op, dequant_ops, elementwise, fp16_read, matmul, store_ops, tensor
+
+
+@dataclass(frozen=True, slots=True)
+class RematPlan:
+    """Where one layer's K and V are rebuilt from."""
+
+    k_src: tuple[str, ...]  # cached tensors K is rebuilt from (ignored when acc is set)
+    k_width: int  # contracting width of the K rematerialization (d, or the key latent rank)
+    v_src: tuple[str, ...]
+    v_width: int
+    down: int = 0  # width of the new token's down-projection (GQA latents); 0: X is cached as is
+    up: int = 0  # CL-GQA: latent width up-projected to d, then K and V are rebuilt from X; 0: none
+    acc: Literal["", "init", "add"] = ""  # CL: the accumulator X^ is (re)built here and K, V read it
+
+
+def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
+    """Per layer: X, d values per token, per-token groups along d."""
+    return split_layers(model, cfg, lambda b: (tensor("x", model.d_model, b),))
+
+
+def plan(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup) -> RematPlan:
+    d = model.d_model
+    return RematPlan(("x",), d, ("x",), d)
+
+
+def kv_weight_elems(model: ModelSpec, cfg: SchemeConfig) -> int:
+    """Wk and Wv of all layers [elements]."""
+    return model.n_layers * 2 * model.d_model * model.dkv
+
+
+def remat_attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, p: RematPlan, B, T) -> list[Op]:
+    """Store the token, dequantize, (up-project, accumulate), rebuild K (+RoPE) and V or absorb Wv, attend."""
+    d, dkv, H, hd, dq, w = model.d_model, model.dkv, model.n_heads, model.hd, model.dq, model.weight_bytes
+    E, fused = ELEM_BYTES, cfg.fused
+    kern = "attention" if fused else ""
+    inter = 0 if fused else 1  # intermediates are written and read back only when unfused
+    all_src = tuple(t.name for t in group.tensors)
+
+    def src_read(names: tuple[str, ...], again: bool = False):
+        if p.acc or p.up:  # X rebuilt in this layer (accumulator or up-projection): d wide, in memory
+            return inter * B * T * d * E  # unless fused, where the tile is still on chip
+        return 0 if (again and fused) else fp16_read(group, names, cfg, B, T, fused)
+
+    ops = []
+    if p.down:
+        ops.append(matmul("down_proj", B, 1, d, p.down, w))
+    ops.append(elementwise("rope_q", B * dq, ROPE_FLOPS))
+    ops += store_ops(cfg, group, B, T)
+    ops += dequant_ops(cfg, group, B, T, fused, kern)
+    if p.up:
+        ops.append(matmul("up_proj", B, T, p.up, d, w, cls="remat", read_in=fp16_read(group, all_src, cfg, B, T, fused),
+                          write_out=inter * B * T * d * E, kernel=kern))
+    if p.acc:
+        src = inter * B * T * d * E if p.up else fp16_read(group, all_src, cfg, B, T, fused)
+        ops.append(Op("accumulate", "elementwise", flops=ADD_FLOPS * B * T * d * (p.acc == "add"),
+                      read=src + (B * T * d * E if p.acc == "add" else 0),
+                      write=B * T * d * E, kernel=kern))  # X^ persists for the next layer
+    ops.append(matmul("remat_k", B, T, p.k_width, dkv, w, cls="remat", read_in=src_read(p.k_src),
+                      write_out=inter * B * T * dkv * E, kernel=kern))
+    ops.append(Op("rope_k", "elementwise", flops=ROPE_FLOPS * B * T * dkv,
+                  read=inter * B * T * dkv * E, write=inter * B * T * dkv * E, kernel=kern))
+    v_again = p.v_src == p.k_src
+    if cfg.strategy == "absorb_v":
+        # softmax(qK^T) (X Wv) = (softmax(qK^T) X) Wv: no RoPE acts on V (Tomar et al.; DESIGN.md).
+        ops += [
+            Op("attention_qk", "attention", flops=2 * B * H * T * hd,
+               read=B * dq * E + inter * B * T * dkv * E, write=inter * B * H * T * E, kernel=kern),
+            Op("attention_px", "attention", flops=2 * B * H * T * p.v_width,
+               read=inter * B * H * T * E + src_read(p.v_src, again=v_again),
+               write=B * H * p.v_width * E, kernel=kern),
+            Op("v_absorb", "matmul", flops=2 * B * H * p.v_width * hd,
+               read=p.v_width * dkv * w + B * H * p.v_width * E, write=B * dq * E),
+        ]
+    else:
+        ops += [
+            matmul("remat_v", B, T, p.v_width, dkv, w, cls="remat", read_in=src_read(p.v_src, again=v_again),
+                   write_out=inter * B * T * dkv * E, kernel=kern),
+            Op("attention", "attention", flops=4 * B * H * T * hd,
+               read=B * dq * E + inter * 2 * B * T * dkv * E, write=B * dq * E, kernel=kern),
+        ]
+    return ops
+
+
+def remat_transient_bytes(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, p: RematPlan, T):
+    """Peak buffers of one layer [B per sequence]: dequantized sources, up-projection, K, V or P
+    (all unless fused), and the CL accumulator (always)."""
+    E, d, dkv = ELEM_BYTES, model.d_model, model.dkv
+    acc = T * d * E if p.acc else 0
+    if cfg.fused:
+        return acc
+    deq = sum(T * t.width * E for t in group.tensors if t.quantized)
+    up = T * d * E if p.up else 0
+    v_or_p = T * model.n_heads * E if cfg.strategy == "absorb_v" else T * dkv * E
+    return acc + deq + up + T * dkv * E + v_or_p

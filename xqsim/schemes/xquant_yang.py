@@ -1,0 +1,34 @@
+"""XQuant of Yang et al. (EMNLP 2025, arXiv 2510.11236): KIVI's layout (keys per channel, values per
+token, fp16 scale and zero, fp16 residual window) at ultra-low bits (K 2, V 1 by default), data-free
+calibration of scale and zero (eta: accuracy only, no bytes), and cross-layer sharing: from layer
+`share_from` on, each odd layer stores no codes and reuses layer i-1's, keeping its own scale and zero.
+
+The default mirrors the authors' code configuration "kq=32, vq=16, km=vm=16" (models/qwen2_xquant.py
+of brinenick511/XQuant) scaled to the model: all keys 2-bit, values 2-bit in the first half and 1-bit
+after, odd layers of the second half shared: 88 stored code bits over 64 tensors on 32 layers = 1.375,
+the paper's "1.38". Note: the authors' key sharing slices packed words correctly only at G=32.
+"""
+
+from __future__ import annotations
+
+from ..specs import ModelSpec, SchemeConfig
+from .layout import LayerGroup
+from .ops import tensor
+
+
+def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
+    """Per layer K (per channel) and V (per token), bits and sharing set per layer."""
+    f, fb = cfg.first_layers or 0, cfg.first_bits or 0
+    share = cfg.share_from if cfg.share_from is not None else model.n_layers
+
+    def bits(i: int) -> tuple[int, int]:
+        return (max(fb, cfg.bits), max(fb, cfg.v_bits)) if i < f else (cfg.bits, cfg.v_bits)
+
+    counts: dict[tuple, int] = {}  # identical layers merge into one group (a step's cost is a sum)
+    for i in range(model.n_layers):
+        shared = i % 2 == 1 and i >= share
+        kb, vb = bits(i - 1 if shared else i)  # a shared layer decodes the codes of layer i-1
+        key = (tensor("k", model.dkv, kb, axis="channel", shared=shared and kb < 16),
+               tensor("v", model.dkv, vb, row=model.hd, shared=shared and vb < 16))
+        counts[key] = counts.get(key, 0) + 1
+    return tuple(LayerGroup(c, tensors) for tensors, c in counts.items())

@@ -1,0 +1,486 @@
+"""Specs: hardware profiles, model shapes, scheme configurations and scenarios, loaded from YAML."""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROOT = Path(__file__).resolve().parent.parent
+HARDWARE_DIR = ROOT / "hardware"
+MODELS_DIR = ROOT / "models"
+
+SchemeName = Literal["fp16", "kivi", "xquant", "xquant_cl", "xquant_gqa", "xquant_cl_gqa", "xquant_yang"]
+SCHEMES: tuple[str, ...] = SchemeName.__args__
+REMAT_SCHEMES = ("xquant", "xquant_cl", "xquant_gqa", "xquant_cl_gqa")
+CL_SCHEMES = ("xquant_cl", "xquant_cl_gqa")
+Strategy = Literal["remat", "absorb_v"]
+OpClass = Literal["matmul", "attention", "remat", "dequant", "quant", "elementwise"]
+OP_CLASSES: tuple[str, ...] = OpClass.__args__
+# Which peak an op class runs against: tensor cores (bf16) or the vector units (fp32 non-tensor).
+TENSOR_CLASSES = ("matmul", "attention", "remat")
+
+UNQUANTIZED = 16
+BITS_ALLOWED = {s: (2, 3, 4, 8, UNQUANTIZED) for s in SCHEMES}
+BITS_ALLOWED["fp16"] = (UNQUANTIZED,)
+BITS_ALLOWED["xquant_yang"] = (1, 2, 3, 4, 8, UNQUANTIZED)
+
+Positive = Annotated[int, Field(gt=0)]
+Frozen = ConfigDict(frozen=True, extra="forbid")
+
+
+class UserError(Exception):
+    """Bad input from a user: printed as one line, exit code 2."""
+
+
+def suggest(name: str, known: list[str]) -> str:
+    """' (did you mean X?)' for the closest known name, or ''."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ----------------------------------------------------------------------------- hardware
+
+
+class Figure(BaseModel):
+    """A spec figure with where it comes from."""
+
+    model_config = Frozen
+    value: float = Field(gt=0, description="the figure, SI base units")
+    source: str = Field(min_length=3, description="datasheet, paper or measurement it comes from")
+
+
+class Fitted(BaseModel):
+    """Efficiencies fitted by calibration against measurements; absent means spec roofline (1.0)."""
+
+    model_config = Frozen
+    source: str = Field(description="measurements and date the fit comes from")
+    mem_efficiency: float = Field(1.0, gt=0, le=1.5, description="achieved / spec bandwidth")
+    compute_efficiency: dict[OpClass, Annotated[float, Field(gt=0, le=1.5)]] = Field(
+        default_factory=dict, description="achieved / spec FLOP rate per op class")
+    kernel_overhead_s: float | None = Field(None, ge=0, description="fitted per-kernel overhead [s]")
+
+
+FlopKey = Literal["bf16", "fp16", "fp8", "int8", "tf32", "fp32"]
+
+
+class HardwareProfile(BaseModel):
+    """One accelerator: spec figures with sources, and a separate fitted block."""
+
+    model_config = Frozen
+    name: str
+    display_name: str
+    vendor: str
+    memory_bytes: Figure = Field(description="device memory [B]")
+    usable_fraction: Figure = Field(description="fraction of memory a serving engine may plan for")
+    mem_bytes_per_s: Figure = Field(description="peak memory bandwidth [B/s]")
+    flops_per_s: dict[FlopKey, Figure] = Field(description="dense peak FLOP/s per dtype; fp32 = vector units")
+    l2_bytes: Figure = Field(description="last-level on-chip cache [B]")
+    interconnect_bytes_per_s: Figure | None = Field(None, description="device-to-device link [B/s]")
+    kernel_overhead_s: Figure = Field(description="per-kernel launch and tail overhead [s]")
+    fitted: Fitted | None = None
+
+    @field_validator("flops_per_s")
+    @classmethod
+    def _needs_bf16_fp32(cls, v: dict) -> dict:
+        missing = [k for k in ("bf16", "fp32") if k not in v]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (bf16 for tensor ops, fp32 for vector ops)")
+        return v
+
+    @field_validator("usable_fraction")
+    @classmethod
+    def _fraction(cls, v: Figure) -> Figure:
+        if not 0 < v.value <= 1:
+            raise ValueError(f"value must be in (0, 1], got {v.value}")
+        return v
+
+    @property
+    def capacity_bytes(self) -> float:
+        """Memory a deployment may fill [B]."""
+        return self.memory_bytes.value * self.usable_fraction.value
+
+    @property
+    def ridge_flop_per_byte(self) -> float:
+        """bf16 peak / bandwidth [FLOP/B]."""
+        return self.flops_per_s["bf16"].value / self.mem_bytes_per_s.value
+
+    def rates(self, fitted: bool = True) -> dict[str, float]:
+        """Achieved rates used by the roofline: bandwidth, per-class FLOP/s and overhead."""
+        fit = self.fitted if fitted else None
+        eff = fit.compute_efficiency if fit else {}
+        out = {"mem_bytes_per_s": self.mem_bytes_per_s.value * (fit.mem_efficiency if fit else 1.0)}
+        for cls in OP_CLASSES:
+            peak = self.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
+            out[f"{cls}_flops_per_s"] = peak * eff.get(cls, 1.0)
+        overhead = fit.kernel_overhead_s if fit and fit.kernel_overhead_s is not None else None
+        out["kernel_overhead_s"] = self.kernel_overhead_s.value if overhead is None else overhead
+        return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ModelSpec(BaseModel):
+    """A Llama-style decoder's shapes."""
+
+    model_config = Frozen
+    name: str
+    display_name: str
+    source: str = Field(min_length=3)
+    n_layers: Positive
+    d_model: Positive
+    n_heads: Positive
+    n_kv_heads: Positive
+    head_dim: Positive | None = Field(None, description="defaults to d_model / n_heads")
+    ffn_dim: Positive
+    vocab_size: Positive
+    tie_embeddings: bool = False
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    weight_bytes: Literal[1, 2, 4] = Field(2, description="bytes per weight element")
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelSpec:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) is not a multiple of n_heads; set head_dim")
+        return self
+
+    @property
+    def hd(self) -> int:
+        """Head dimension."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def dq(self) -> int:
+        """Query width H*hd."""
+        return self.n_heads * self.hd
+
+    @property
+    def dkv(self) -> int:
+        """Key (or value) width Hkv*hd."""
+        return self.n_kv_heads * self.hd
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.n_kv_heads < self.n_heads
+
+
+# ----------------------------------------------------------------------------- scheme
+
+
+class SchemeConfig(BaseModel):
+    """One KV-cache scheme with its options; model-dependent defaults are resolved by `resolved`."""
+
+    model_config = Frozen
+    scheme: SchemeName
+    bits: int = Field(UNQUANTIZED, description="code bits of the cached tensors; 16 = unquantized")
+    group: Positive = Field(128, description="quantization group size [elements]")
+    residual: int | None = Field(None, ge=0, description="fp16 residual window [tokens]")
+    strategy: Strategy | None = Field(None, description="remat or absorb_v (rematerializing schemes)")
+    fused: bool = Field(False, description="dequant/remat fused into attention: no intermediates in memory")
+    first_layers: int | None = Field(None, ge=0, description="leading layers kept at first_bits")
+    first_bits: int | None = Field(None, description="bits of the leading layers, at least `bits` (default 4; "
+                                   "xquant_yang 2)")
+    rank_k: Positive | None = Field(None, description="SVD rank of the key-side latent (GQA variants)")
+    rank_v: Positive | None = Field(None, description="SVD rank of the value-side latent (GQA variants)")
+    keep_first_channel: bool = Field(False, description="xquant_gqa: first key-latent channel in fp16")
+    v_bits: int | None = Field(None, description="xquant_yang: value bits (default 1)")
+    share_from: int | None = Field(None, ge=0, description="xquant_yang: odd layers >= this share the codes of "
+                                   "the layer below (default n_layers/2; n_layers or more: no sharing)")
+    eta_k: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: key calibration eta")
+    eta_v: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: value calibration eta")
+
+    @model_validator(mode="after")
+    def _check(self) -> SchemeConfig:
+        s = self.scheme
+        allowed = BITS_ALLOWED[s]
+        for field in ("bits", "first_bits") + (("v_bits",) if s == "xquant_yang" else ()):
+            v = getattr(self, field)
+            if v is not None and v not in allowed:
+                raise ValueError(f"{field}={v} is not supported by {s}; allowed: {list(allowed)}")
+        if self.strategy == "absorb_v" and s not in REMAT_SCHEMES:
+            raise ValueError(f"strategy absorb_v applies only to rematerializing schemes {list(REMAT_SCHEMES)}")
+        only = {"rank_k": ("xquant_gqa", "xquant_cl_gqa"), "rank_v": ("xquant_gqa", "xquant_cl_gqa"),
+                "keep_first_channel": ("xquant_gqa",), "v_bits": ("xquant_yang",),
+                "share_from": ("xquant_yang",), "eta_k": ("xquant_yang",), "eta_v": ("xquant_yang",)}
+        for field, schemes in only.items():
+            if getattr(self, field) not in (None, False) and s not in schemes:
+                raise ValueError(f"{field} applies only to {list(schemes)}")
+        r, g = self.residual, self.group
+        quantized = self.bits < UNQUANTIZED or (self.v_bits or UNQUANTIZED) < UNQUANTIZED
+        if s in ("kivi", "xquant_yang", "xquant_gqa") and quantized and r is not None and (r < g or r % g):
+            raise ValueError(f"residual={r}: {s} quantizes keys per channel in blocks of group={g} tokens, "
+                             f"so residual must be a positive multiple of {g}")
+        if s in CL_SCHEMES and self.first_layers == 0:
+            raise ValueError(f"{s} needs first_layers >= 1 (the last of them is the base layer)")
+        return self
+
+    def resolved(self, model: ModelSpec) -> SchemeConfig:
+        """Fill model-dependent defaults and check the options against the model's shapes."""
+        s, upd = self.scheme, {}
+        quant = self.bits < UNQUANTIZED
+        if self.strategy is None:
+            upd["strategy"] = "remat"
+        if self.residual is None:
+            # KIVI's code keeps R=128 fp16 tokens; per-channel layouts need R to be a multiple of G.
+            upd["residual"] = self.group if s in ("kivi", "xquant_yang", "xquant_gqa") and quant else 0
+        if self.first_layers is None:
+            upd["first_layers"] = 1 if s in CL_SCHEMES else (model.n_layers // 2 if s == "xquant_yang" else 0)
+        if self.first_bits is None:
+            upd["first_bits"] = 2 if s == "xquant_yang" else 4
+        if s == "xquant_yang" and self.share_from is None and quant:
+            # Yang et al.'s code config "kq=32, vq=16, km=vm=16" on 32 layers: equivalent 88/64 bits.
+            upd["share_from"] = model.n_layers // 2
+        if s == "xquant_gqa":
+            upd["rank_k"] = self.rank_k or model.dkv
+            upd["rank_v"] = self.rank_v or model.dkv
+        if s == "xquant_cl_gqa":  # one SVD of [Wk | Wv] (d x 2dkv): rank at most min(d, 2dkv)
+            r = min(model.d_model, 2 * model.dkv)
+            upd["rank_k"] = self.rank_k or r // 2
+            upd["rank_v"] = self.rank_v or r - r // 2
+        if s == "xquant_yang":
+            upd["v_bits"] = self.v_bits if self.v_bits is not None else (1 if quant else UNQUANTIZED)
+            upd["eta_k"] = self.eta_k if self.eta_k is not None else (1 / 6 if self.bits == 1 else 0.045)
+            vb = upd["v_bits"]
+            upd["eta_v"] = self.eta_v if self.eta_v is not None else (1 / 6 if vb == 1 else 0.045)
+        out = self.model_copy(update=upd)
+        out._check_model(model)
+        return out
+
+    def _check_model(self, model: ModelSpec) -> None:
+        if self.first_layers and self.first_layers > model.n_layers:
+            raise UserError(f"first_layers={self.first_layers} exceeds {model.name}'s {model.n_layers} layers")
+        if self.rank_k and self.rank_k > min(model.d_model, model.dkv):
+            raise UserError(f"rank_k={self.rank_k} exceeds min(d_model, dkv)={min(model.d_model, model.dkv)}")
+        if self.rank_v and self.rank_v > min(model.d_model, model.dkv):
+            raise UserError(f"rank_v={self.rank_v} exceeds min(d_model, dkv)={min(model.d_model, model.dkv)}")
+        if self.scheme == "xquant_cl_gqa" and self.rank_k + self.rank_v > model.d_model:
+            raise UserError(f"rank_k+rank_v={self.rank_k + self.rank_v} exceeds d_model={model.d_model}")
+
+    @property
+    def label(self) -> str:
+        """Short name of what was asked for (defaults left out), e.g. 'xquant_gqa-2b-absorb_v-fused'."""
+        parts = [self.scheme] + ([f"{self.bits}b"] if self.scheme != "fp16" else [])
+        extras = (("v_bits", "v{}"), ("group", "g{}"), ("residual", "r{}"), ("first_layers", "first{}"),
+                  ("first_bits", "@{}b"), ("rank_k", "rk{}"), ("rank_v", "rv{}"), ("share_from", "share{}"),
+                  ("eta_k", "etak{:.3g}"), ("eta_v", "etav{:.3g}"))
+        for field, fmt in extras:
+            v = getattr(self, field)
+            if v is not None and not (field == "group" and v == 128):
+                parts.append(fmt.format(v))
+        if self.strategy == "absorb_v":
+            parts.append("absorb_v")
+        if self.keep_first_channel:
+            parts.append("fp16ch0")
+        if self.fused:
+            parts.append("fused")
+        return "-".join(parts)
+
+
+# ----------------------------------------------------------------------------- scenario
+
+
+def _listify(v: Any) -> Any:
+    return v if isinstance(v, list) else [v]
+
+
+def parse_count(v: Any) -> Any:
+    """'32k' -> 32768, '1M' -> 1048576; other values pass through."""
+    if isinstance(v, str):
+        s = v.strip().lower()
+        mult = {"k": 1024, "m": 1024**2}.get(s[-1:], 1)
+        try:
+            return int(float(s[:-1] if mult > 1 else s) * mult)
+        except ValueError:
+            return v
+    return v
+
+
+class ScenarioScheme(BaseModel):
+    """A scheme entry of a scenario: list-valued options expand into their product."""
+
+    model_config = Frozen
+    scheme: SchemeName
+    bits: list[int] = [UNQUANTIZED]
+    strategy: list[Strategy | None] = [None]
+    fused: list[bool] = [False]
+    group: Positive = 128
+    residual: int | None = Field(None, ge=0)
+    first_layers: int | None = Field(None, ge=0)
+    first_bits: int | None = None
+    rank_k: Positive | None = None
+    rank_v: Positive | None = None
+    keep_first_channel: bool = False
+    v_bits: int | None = None
+    share_from: int | None = Field(None, ge=0)
+
+    _lists = field_validator("bits", "strategy", "fused", mode="before")(classmethod(lambda c, v: _listify(v)))
+
+    def expand(self) -> list[SchemeConfig]:
+        """One SchemeConfig per combination of the list-valued options."""
+        base = self.model_dump(exclude={"bits", "strategy", "fused"})
+        strategies = self.strategy if self.scheme in REMAT_SCHEMES else [None]
+        return [SchemeConfig(**base, bits=b, strategy=st, fused=f)
+                for b, st, f in itertools.product(self.bits, dict.fromkeys(strategies), self.fused)]
+
+
+class ContextRange(BaseModel):
+    model_config = Frozen
+    start: Positive
+    stop: Positive
+    num: Positive = 64
+    log: bool = True
+
+    _counts = field_validator("start", "stop", mode="before")(classmethod(lambda c, v: parse_count(v)))
+
+    @model_validator(mode="after")
+    def _order(self) -> ContextRange:
+        if self.stop < self.start:
+            raise ValueError(f"stop ({self.stop}) must be >= start ({self.start})")
+        return self
+
+    def values(self) -> list[int]:
+        f = np.geomspace if self.log else np.linspace
+        return sorted({int(round(x)) for x in f(self.start, self.stop, self.num)})
+
+
+class Scenario(BaseModel):
+    """A sweep: the Cartesian product of hardware x models x schemes x batch x context."""
+
+    model_config = Frozen
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    hardware: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    schemes: list[ScenarioScheme] = Field(min_length=1)
+    batch: list[Positive] = Field(min_length=1)
+    context: list[Positive] | ContextRange
+    plot_batch: Positive | None = Field(None, description="batch shown in per-batch plots (default: nearest 16)")
+    plot_context: Positive | None = Field(None, description="context of the roofline plot (default: nearest 32k)")
+    fitted: bool = Field(True, description="use the fitted efficiencies of a profile when it has them")
+
+    _hw = field_validator("hardware", "models", "batch", mode="before")(classmethod(lambda c, v: _listify(v)))
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _ctx(cls, v: Any) -> Any:
+        return [parse_count(x) for x in _listify(v)] if not isinstance(v, dict) else v
+
+    @field_validator("plot_context", mode="before")
+    @classmethod
+    def _pctx(cls, v: Any) -> Any:
+        return parse_count(v)
+
+    def contexts(self) -> list[int]:
+        return self.context.values() if isinstance(self.context, ContextRange) else sorted(set(self.context))
+
+    def scheme_configs(self) -> list[SchemeConfig]:
+        return list(dict.fromkeys(c for s in self.schemes for c in s.expand()))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation(path: Path | str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        parent = err.title
+        allowed = ""
+        model = {"HardwareProfile": HardwareProfile, "ModelSpec": ModelSpec, "Scenario": Scenario,
+                 "SchemeConfig": SchemeConfig}.get(parent)
+        field = str(e["loc"][-1])
+        if model is not None and len(e["loc"]) == 1:
+            known = list(model.model_fields)
+            allowed = f"{suggest(field, known)}; allowed: {', '.join(known)}"
+        return f"{path}: field '{loc}': unknown key{allowed}"
+    if e["type"] == "literal_error":
+        bad = e.get("input")
+        exp = e.get("ctx", {}).get("expected", "")
+        names = [x.strip().strip("'") for x in exp.replace(" or ", ", ").split(",")]
+        return f"{path}: field '{loc}': '{bad}' is not allowed{suggest(str(bad), names)}; allowed: {exp}"
+    if e["type"] == "missing":
+        return f"{path}: field '{loc}': required but missing"
+    if "input" in e and not isinstance(e["input"], dict | list):
+        msg = f"{msg} (got {e['input']!r})"
+    return f"{path}: field '{loc}': {msg}"
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse one YAML file, or raise UserError naming it."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def parse(cls: type[BaseModel], data: Any, path: Path | str) -> Any:
+    """Validate data as cls, or raise UserError naming the file and field."""
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_validation(path, err)) from None
+
+
+def _known(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _resolve(ref: str | Path, folder: Path, what: str, base: Path | None) -> Path:
+    p = Path(ref)
+    for cand in ([base / p] if base and not p.is_absolute() else []) + [p]:
+        if cand.suffix in (".yaml", ".yml") and cand.is_file():
+            return cand
+    if p.suffix in (".yaml", ".yml"):
+        raise UserError(f"{p}: file not found")
+    cand = folder / f"{ref}.yaml"
+    if cand.is_file():
+        return cand
+    known = _known(folder)
+    raise UserError(f"unknown {what} '{ref}'{suggest(str(ref), known)}; known: {', '.join(known)} "
+                    f"(or give a path to your own .yaml)")
+
+
+def load_hardware(ref: str | Path, base: Path | None = None) -> HardwareProfile:
+    """A shipped profile by name (hardware/<name>.yaml) or a user's YAML file."""
+    path = _resolve(ref, HARDWARE_DIR, "hardware", base)
+    return parse(HardwareProfile, read_yaml(path), path)
+
+
+def load_model(ref: str | Path, base: Path | None = None) -> ModelSpec:
+    """A shipped model by name (models/<name>.yaml) or a user's YAML file."""
+    path = _resolve(ref, MODELS_DIR, "model", base)
+    return parse(ModelSpec, read_yaml(path), path)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    return parse(Scenario, read_yaml(path), path)
+
+
+def list_hardware() -> list[HardwareProfile]:
+    return [load_hardware(n) for n in _known(HARDWARE_DIR)]
+
+
+def list_models() -> list[ModelSpec]:
+    return [load_model(n) for n in _known(MODELS_DIR)]
+
+
+def scheme_config(path: Path | str = "command line", **fields: Any) -> SchemeConfig:
+    """Build a SchemeConfig from keyword fields, errors phrased for `path`."""
+    return parse(SchemeConfig, {k: v for k, v in fields.items() if v is not None}, path)

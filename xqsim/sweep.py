@@ -1,0 +1,179 @@
+"""Scenario -> vectorized grid -> tidy DataFrame -> files and plots.
+
+For one (model, scheme) the whole hardware x batch x context grid is one set of numpy arrays
+(axes: hardware, batch, context); there is no Python loop per configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import schemes
+from .capacity import MAX_CONTEXT, max_batch, max_context, memory, seq_memory
+from .roofline import BOUNDS, step_time
+from .schemes.layout import paper_bytes_per_token
+from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfig, UserError
+
+# Column order of the result table (snake_case, unit-suffixed).
+KEY_COLUMNS = ["hardware", "model", "scheme", "label", "bits", "strategy", "fused", "batch", "context"]
+MEMORY_COLUMNS = ["weights_bytes", "cache_bytes", "cache_codes_bytes", "cache_metadata_bytes",
+                  "cache_residual_bytes", "transient_bytes", "total_bytes", "capacity_bytes", "paper_cache_bytes"]
+
+
+def hardware_rates(hws: list[HardwareProfile], fitted: bool = True) -> dict[str, np.ndarray]:
+    """Achieved rates of each profile, stacked along a leading hardware axis (shape (nH, 1, 1))."""
+    rows = [hw.rates(fitted) for hw in hws]
+    return {k: np.array([r[k] for r in rows], dtype=float)[:, None, None] for k in rows[0]}
+
+
+def evaluate(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch, context,
+             fitted: bool = True, batch_limit: int | None = None) -> dict[str, np.ndarray]:
+    """Every metric of one (model, scheme) on the grid hardware x batch x context, as arrays."""
+    cfg = cfg.resolved(model)
+    groups = schemes.layout(model, cfg)
+    B = np.asarray(batch, dtype=np.int64)[None, :, None]
+    T = np.asarray(context, dtype=np.int64)[None, None, :]
+    shape = (len(hws), B.shape[1], T.shape[2])
+    rates = hardware_rates(hws, fitted)
+    cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[:, None, None]
+
+    out = step_time(schemes.step_ops(model, cfg, B, T, groups), rates)
+    out |= memory(model, cfg, B, T, groups)
+    mem = seq_memory(model, cfg, groups)
+    W = out["weights_bytes"]
+    out["capacity_bytes"] = cap
+    out["paper_cache_bytes"] = B * T * paper_bytes_per_token(groups, cfg)
+    out["fits"] = W + B * mem.envelope(T) <= cap
+    out["max_batch"] = max_batch(cap, W, mem, T)
+    out["max_context"] = max_context(cap, W, mem, B)
+    out["tokens_per_s"] = B / out["step_time_s"]
+    out["tpot_s"] = out["step_time_s"]
+    out["intensity_flop_per_byte"] = out["flops"] / out["bytes_moved"]
+    # Throughput under capacity: the most sequences that fit at this context, at most batch_limit.
+    limit = batch_limit or int(B.max())
+    b_cap = np.minimum(out["max_batch"], limit)
+    t_cap = step_time(schemes.step_ops(model, cfg, np.maximum(b_cap, 1), T, groups), rates, per_class=False)
+    out["batch_cap"] = b_cap
+    out["throughput_cap_tokens_per_s"] = np.where(b_cap > 0, b_cap / t_cap["step_time_s"], 0.0)
+    return {k: np.broadcast_to(v, shape) for k, v in out.items()}
+
+
+CATEGORIES = ("hardware", "model", "scheme", "label", "strategy")
+
+
+def _flatten(arrays: dict[str, np.ndarray], batch, context) -> dict[str, np.ndarray]:
+    """One evaluate() result as flat columns (hardware as its index along the grid's first axis)."""
+    shape = arrays["step_time_s"].shape
+    cols = {"hardware": np.broadcast_to(np.arange(shape[0], dtype=np.int16)[:, None, None], shape).ravel(),
+            "batch": np.broadcast_to(np.asarray(batch)[None, :, None], shape).ravel(),
+            "context": np.broadcast_to(np.asarray(context)[None, None, :], shape).ravel()}
+    return cols | {k: v.ravel() for k, v in arrays.items()}
+
+
+def _frame(blocks: list[tuple[dict, dict[str, np.ndarray]]], hws: list[HardwareProfile]) -> pd.DataFrame:
+    """Concatenate (names, columns) blocks once into the tidy table, string columns as categoricals."""
+    sizes = [len(cols["batch"]) for _, cols in blocks]
+    out = {}
+    for k in blocks[0][0]:  # constant within a block: model, scheme, label, bits, strategy, fused
+        values = [names[k] for names, _ in blocks]
+        if k in CATEGORIES:
+            cats = list(dict.fromkeys(values))
+            codes = np.repeat(np.array([cats.index(v) for v in values], dtype=np.int16), sizes)
+            out[k] = pd.Categorical.from_codes(codes, cats)
+        else:
+            out[k] = np.repeat(np.array(values), sizes)
+    for k in blocks[0][1]:
+        v = np.concatenate([cols[k] for _, cols in blocks])
+        if k == "hardware":
+            v = pd.Categorical.from_codes(v, [hw.name for hw in hws])
+        elif k == "bound_code":
+            k, v = "bound", pd.Categorical.from_codes(v.astype(np.int8), list(BOUNDS))
+        out[k] = v
+    order = KEY_COLUMNS + [c for c in out if c not in KEY_COLUMNS]
+    return pd.DataFrame({c: out[c] for c in order}, copy=False)  # no consolidation copy
+
+
+def _names(model: ModelSpec, cfg: SchemeConfig, resolved: SchemeConfig) -> dict:
+    return {"model": model.name, "scheme": cfg.scheme, "label": cfg.label, "bits": cfg.bits,
+            "strategy": resolved.strategy, "fused": cfg.fused}
+
+
+def evaluate_frame(hws, model, cfg, batch, context, fitted=True, batch_limit=None) -> pd.DataFrame:
+    """evaluate() as a tidy table."""
+    rcfg = cfg.resolved(model)
+    arrays = evaluate(hws, model, rcfg, batch, context, fitted, batch_limit)
+    return _frame([(_names(model, cfg, rcfg), _flatten(arrays, batch, context))], hws)
+
+
+def run(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[SchemeConfig], batch, context,
+        fitted: bool = True, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """The full grid as one table; configs a model cannot take (e.g. a rank above its dkv) are skipped
+    and reported through on_step."""
+    blocks = []
+    limit = int(max(batch))
+    for model in models:
+        for cfg in configs:
+            try:
+                rcfg = cfg.resolved(model)
+                arrays = evaluate(hws, model, rcfg, batch, context, fitted, limit)
+                blocks.append((_names(model, cfg, rcfg), _flatten(arrays, batch, context)))
+            except UserError as err:
+                if on_step:
+                    on_step(f"skipped {cfg.label} on {model.name}: {err}")
+            if on_step:
+                on_step("")
+    if not blocks:
+        raise UserError("no configuration of the scenario could be evaluated")
+    return _frame(blocks, hws)
+
+
+def summary(df: pd.DataFrame, batch: int, context: int, hardware: str | None = None) -> pd.DataFrame:
+    """At the grid point nearest (batch, context), on one hardware (default: the first): the fastest
+    fitting variant of each scheme per model, fastest first; schemes that fit nowhere come last."""
+    b = df["batch"].iloc[(df["batch"] - batch).abs().argmin()]
+    c = df["context"].iloc[(np.log(df["context"]) - np.log(context)).abs().argmin()]
+    hardware = hardware or str(df["hardware"].cat.categories[0])
+    sel = df[(df["batch"] == b) & (df["context"] == c) & (df["hardware"] == hardware)]
+    sel = sel.assign(_rank=np.where(sel["fits"], sel["step_time_s"], np.inf))
+    best = sel.sort_values(["model", "_rank", "max_context"], ascending=[True, True, False])
+    best = best.groupby(["model", "scheme"], observed=True).head(1)
+    cols = ["hardware", "model", "label", "cache_bytes", "total_bytes", "fits", "step_time_s", "tokens_per_s",
+            "bound", "max_context", "throughput_cap_tokens_per_s"]
+    return best.sort_values(["model", "_rank"])[cols].reset_index(drop=True)
+
+
+def output_files(out: Path) -> list[Path]:
+    """Every file a sweep writes into `out`."""
+    plots = ["step_time_vs_context", "memory_vs_context", "roofline", "throughput_cap_vs_context"]
+    return ([out / "results.parquet", out / "results.csv", out / "crossovers.csv", out / "memory_walls.csv",
+             out / "inputs.json", out / "scenario.yaml"]
+            + [out / f"{p}.{ext}" for p in plots for ext in ("png", "svg")])
+
+
+def check_writable(out: Path, force: bool) -> None:
+    """Refuse to overwrite a file that is already there unless forced."""
+    existing = [p for p in output_files(out) if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]}: already exists ({len(existing)} of the sweep's files are there); "
+                        f"choose another -o DIR or pass --force to overwrite")
+
+
+def write_inputs(out: Path, scenario_path: Path, scenario: Scenario, hws, models, configs) -> None:
+    """The scenario file as given, and every resolved input as JSON, beside the results."""
+    shutil.copyfile(scenario_path, out / "scenario.yaml")
+    inputs = {
+        "scenario": scenario.model_dump(mode="json"),
+        "hardware": [hw.model_dump(mode="json") for hw in hws],
+        "models": [m.model_dump(mode="json") for m in models],
+        "schemes": [c.model_dump(mode="json") for c in configs],
+        "contexts": scenario.contexts(),
+        "max_context_searched": MAX_CONTEXT,
+        "op_classes": list(OP_CLASSES),
+    }
+    (out / "inputs.json").write_text(json.dumps(inputs, indent=1))
