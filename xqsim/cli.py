@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -67,11 +68,16 @@ def estimate(
     """One configuration: ops, memory (paper and full accounting), step time, capacity."""
     from .estimate import estimate as run_estimate
 
-    hw, m = specs.load_hardware(hardware), specs.load_model(model)
+    hw = specs.load_hardware(hardware, where="command line: field 'hardware'")
+    m = specs.load_model(model, where="command line: field 'model'")
     cfg = specs.scheme_config(
         scheme=scheme, bits=bits if bits is not None else (None if scheme == "fp16" else 4), group=group,
         residual=residual, strategy=strategy, fused=fused, first_layers=first_layers, first_bits=first_bits,
         rank_k=rank_k, rank_v=rank_v, v_bits=v_bits, share_from=share_from)
+    try:  # options that do not fit this model's shapes (e.g. a rank above its dkv)
+        cfg.resolved(m)
+    except UserError as err:
+        raise UserError(f"command line: {_named_field(str(err))}{err}") from None
     r = run_estimate(hw, m, cfg, _count(batch, "batch"), _count(context, "context"), fitted=not spec_only)
     if as_json:
         print(json.dumps(r, indent=1))
@@ -114,14 +120,21 @@ def _print_estimate(r: dict) -> None:
         f"{r['throughput_cap_tokens_per_s']:,.0f} tokens/s")
 
 
+def _named_field(msg: str, prefix: str = "") -> str:
+    """"field 'PREFIX.NAME': " for the first scheme option a check's message mentions, e.g. 'bits=5 ...'."""
+    names = [w for w in re.findall(r"[A-Za-z_]\w*", msg) if w in specs.SchemeConfig.model_fields]
+    field = ".".join(x for x in (prefix, names[0] if names else "") if x)
+    return f"field '{field}': " if field else ""
+
+
 def _scenario_configs(scenario: specs.Scenario, path: Path) -> list[specs.SchemeConfig]:
     configs = []
     for i, entry in enumerate(scenario.schemes):
         try:
             configs += entry.expand()
         except ValidationError as err:
-            raise UserError(f"{path}: field 'schemes.{i}': "
-                            f"{err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise UserError(f"{path}: {_named_field(msg, f'schemes.{i}')}{msg}") from None
     return list(dict.fromkeys(configs))
 
 
@@ -139,8 +152,8 @@ def sweep(
 
     sc = specs.load_scenario(scenario)
     base = scenario.parent
-    hws = [specs.load_hardware(h, base) for h in sc.hardware]
-    models = [specs.load_model(m, base) for m in sc.models]
+    hws = [specs.load_hardware(h, base, f"{scenario}: field 'hardware.{i}'") for i, h in enumerate(sc.hardware)]
+    models = [specs.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
     configs = _scenario_configs(sc, scenario)
     out = out or Path("results") / sc.name
     check_writable(out, force)

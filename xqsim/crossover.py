@@ -1,7 +1,7 @@
 """Crossovers between schemes over a sweep, and each scheme's memory wall.
 
-A crossover is where the sign of (metric of A - metric of B) flips between two neighbouring grid
-points along context (or batch); its position is interpolated linearly in log(context) (or log(batch)).
+A crossover is where the sign of (metric of A - metric of B) flips strictly between two neighbouring
+grid points along context (or batch; two schemes that both stop fitting do not cross); its position is interpolated linearly in log(context) (or log(batch)).
 `winner` is the scheme that is better after the crossover. Step time counts only where both fit.
 """
 
@@ -36,7 +36,7 @@ def _crossings(df: pd.DataFrame, metric: str, higher: bool, axis: str, key: str 
         sign = -1.0 if higher else 1.0  # a positive diff means "a is better"
         diff = sign * (v[None, :, :] - v[:, None, :])  # (a, b, points): b - a for lower-is-better
         d0, d1 = diff[..., :-1], diff[..., 1:]
-        hit = np.isfinite(d0) & np.isfinite(d1) & (np.sign(d0) != np.sign(d1)) & (d0 != 0)
+        hit = np.isfinite(d0) & np.isfinite(d1) & (d0 * d1 < 0)  # a strict change of sign
         ia, ib, ip = np.nonzero(hit)
         keep = ia < ib
         ia, ib, ip = ia[keep], ib[keep], ip[keep]

@@ -1,0 +1,74 @@
+"""Crossovers and memory walls over a sweep (xqsim.crossover)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from xqsim import specs, sweep
+from xqsim.crossover import crossovers, memory_walls
+
+
+def frame(rows):
+    cols = ["hardware", "model", "label", "batch", "context", "step_time_s", "tokens_per_s", "fits",
+            "throughput_cap_tokens_per_s", "max_context"]
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ("hardware", "model", "label"):
+        df[c] = df[c].astype("category")
+    return df
+
+
+def test_step_time_crossover_interpolated_in_log_context():
+    # A: 1 ms then 3 ms; B: 2 ms flat. The difference is linear in log(context) between 500 and 2000,
+    # so it crosses zero at the geometric mean, 1000.
+    rows = [("gpu", "m", "A", 1, 500, 1e-3, 1e3, True, 1.0, 10**6), ("gpu", "m", "A", 1, 2000, 3e-3, 1e3, True, 1.0, 10**6),
+            ("gpu", "m", "B", 1, 500, 2e-3, 1e3, True, 1.0, 10**6), ("gpu", "m", "B", 1, 2000, 2e-3, 1e3, True, 1.0, 10**6)]
+    cr = crossovers(frame(rows))
+    st = cr[cr["metric"] == "step_time_s"]
+    assert len(st) == 1
+    row = st.iloc[0]
+    assert row["crossover"] == pytest.approx(1000.0)
+    assert (row["scheme_a"], row["scheme_b"], row["winner"], row["at"]) == ("A", "B", "B", "batch=1")
+
+
+def test_no_crossover_where_a_scheme_does_not_fit():
+    rows = [("gpu", "m", "A", 1, 500, 1e-3, 1e3, True, 2.0, 10**6), ("gpu", "m", "A", 1, 2000, 3e-3, 1e3, False, 0.0, 10**6),
+            ("gpu", "m", "B", 1, 500, 2e-3, 1e3, True, 1.0, 10**6), ("gpu", "m", "B", 1, 2000, 2e-3, 1e3, True, 1.0, 10**6)]
+    cr = crossovers(frame(rows))
+    assert cr[cr["metric"] == "step_time_s"].empty
+    # capacity-limited throughput counts running out of memory: B overtakes A between 500 and 2000
+    tp = cr[cr["metric"] == "throughput_cap_tokens_per_s"]
+    assert len(tp) == 1 and tp.iloc[0]["winner"] == "B"
+
+
+def test_real_sweep_capacity_limited_throughput_crossovers():
+    """Llama-3.1-8B on an H100, batch up to 256. KIVI-2 fused (dequantized in the attention kernel, as
+    KIVI's own kernels do) reads 2.25/16 of fp16's cache bytes: it serves more tokens/s at every context
+    from 1k on, no crossover. XQuant-GQA-2 (absorb_v, fused) rebuilds K at 512 FLOP per fp16 cache byte
+    it replaces, above the H100's 295 FLOP/B ridge, so at the spec roofline it overtakes fp16 only where
+    fp16 stops fitting a single sequence (its memory wall at batch 1)."""
+    hw, model = specs.load_hardware("h100_sxm"), specs.load_model("llama-3.1-8b")
+    xq = "xquant_gqa-2b-absorb_v-fused"
+    configs = [specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2, fused=True),
+               specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]
+    ctx = [int(x) for x in np.geomspace(1024, 2**20, 41)]
+    df = sweep.run([hw], [model], configs, [1, 16, 64, 256], ctx)
+    cr = crossovers(df)
+    tp = cr[cr["metric"] == "throughput_cap_tokens_per_s"].set_index(["scheme_a", "scheme_b"])
+    assert ("fp16", "kivi-2b-fused") not in tp.index
+    b1 = df[df["batch"] == 1].pivot_table(index="context", columns="label", values="throughput_cap_tokens_per_s",
+                                          observed=True)
+    assert (b1["kivi-2b-fused"] > b1["fp16"]).all()
+    assert b1.loc[1024, "kivi-2b-fused"] / b1.loc[1024, "fp16"] > 1.5  # both at batch 256: less cache to read
+    xquant = tp.loc[("fp16", xq)]
+    wall = df[(df["label"] == "fp16") & (df["batch"] == 1)]["max_context"].iloc[0]
+    assert xquant["winner"] == xq
+    assert abs(np.log(xquant["crossover"] / wall)) < np.log(ctx[1] / ctx[0]), (xquant["crossover"], wall)
+    big = df[(df["context"] == ctx[-1]) & (df["batch"] == 1)].set_index("label")
+    assert big.loc[xq, "throughput_cap_tokens_per_s"] > 0
+    assert big.loc["fp16", "throughput_cap_tokens_per_s"] == 0  # 1M tokens of fp16 KV do not fit at all
+
+
+def test_memory_walls():
+    rows = [("gpu", "m", "A", 1, 500, 1e-3, 1e3, True, 1.0, 1234), ("gpu", "m", "A", 1, 2000, 3e-3, 1e3, False, 0.0, 1234)]
+    w = memory_walls(frame(rows))
+    assert w["memory_wall_context"].tolist() == [1235]

@@ -1,0 +1,309 @@
+"""Loading specs: shipped profiles and models, scenarios, scheme options, and the one-line error messages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xqsim import specs
+from xqsim.specs import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+HW_FILES = sorted((ROOT / "hardware").glob("*.yaml"))
+MODEL_FILES = sorted((ROOT / "models").glob("*.yaml"))
+
+
+def figures(hw: specs.HardwareProfile) -> dict[str, specs.Figure]:
+    """Every spec figure of a profile, by dotted field name."""
+    out = {k: v for k in type(hw).model_fields if isinstance(v := getattr(hw, k), specs.Figure)}
+    return out | {f"flops_per_s.{k}": v for k, v in hw.flops_per_s.items()}
+
+
+# ----------------------------------------------------------------------------- shipped files
+
+
+def test_shipped_files_are_there():
+    assert {"h100_sxm", "h200", "a100_80gb", "b200", "rtx_4090"} <= {p.stem for p in HW_FILES}
+    assert {"llama-2-7b", "llama-3.1-8b", "qwen2.5-7b", "tiny", "tiny-gqa"} <= {p.stem for p in MODEL_FILES}
+
+
+@pytest.mark.parametrize("path", HW_FILES, ids=lambda p: p.stem)
+def test_shipped_hardware_loads_with_sources(path):
+    hw = specs.load_hardware(path.stem)
+    assert hw == specs.load_hardware(path)  # by name or by path, the same profile
+    assert hw.name == path.stem
+    figs = figures(hw)
+    assert {"memory_bytes", "usable_fraction", "mem_bytes_per_s", "l2_bytes", "kernel_overhead_s",
+            "flops_per_s.bf16", "flops_per_s.fp32"} <= set(figs)
+    for name, fig in figs.items():
+        assert fig.source.strip(), f"{path.name}: {name} has no source"
+        assert fig.value > 0
+    assert hw.fitted is None or hw.fitted.source.strip()
+    assert 0 < hw.capacity_bytes <= hw.memory_bytes.value
+    assert hw.flops_per_s["bf16"].value >= hw.flops_per_s["fp32"].value
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.stem)
+def test_shipped_models_load_with_sources(path):
+    m = specs.load_model(path.stem)
+    assert m.name == path.stem and m.source.strip()
+    assert m.n_heads % m.n_kv_heads == 0 and m.dq == m.n_heads * m.hd
+
+
+def test_known_shapes():
+    m = specs.load_model("llama-3.1-8b")
+    assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.hd, m.dkv, m.is_gqa) == (32, 4096, 32, 8, 128, 1024,
+                                                                                          True)
+    assert not specs.load_model("llama-2-7b").is_gqa
+    h100 = specs.load_hardware("h100_sxm")
+    assert h100.mem_bytes_per_s.value == 3.35e12
+    assert h100.ridge_flop_per_byte == pytest.approx(989.4e12 / 3.35e12)
+
+
+def test_list_functions_cover_every_file():
+    assert [h.name for h in specs.list_hardware()] == sorted(p.stem for p in HW_FILES)
+    assert [m.name for m in specs.list_models()] == sorted(p.stem for p in MODEL_FILES)
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def expected_configs(path: Path) -> int:
+    """Scheme configurations a scenario file asks for: the product of its list-valued options
+    (strategies count only for rematerializing schemes)."""
+    n = 0
+    for entry in yaml.safe_load(path.read_text())["schemes"]:
+        k = 1
+        for key in ("bits", "strategy", "fused"):
+            v = entry.get(key, [None])
+            if key != "strategy" or entry["scheme"] in specs.REMAT_SCHEMES:
+                k *= len(set(v)) if isinstance(v, list) else 1
+        n += k
+    return n
+
+
+def test_long_ctx_scenario():
+    path = ROOT / "scenarios" / "long_ctx.yaml"
+    sc = specs.load_scenario(path)
+    assert sc.name == "long_ctx"
+    assert [specs.load_hardware(h).name for h in sc.hardware] == ["h100_sxm", "h200", "a100_80gb", "b200"]
+    assert [specs.load_model(m).name for m in sc.models] == ["llama-2-7b", "llama-3.1-8b", "qwen2.5-7b"]
+    ctx = sc.contexts()
+    assert ctx[0] == 1024 and ctx[-1] == 1024**2 and len(ctx) == 48 and ctx == sorted(ctx)
+    assert sc.plot_context == 32768 and sc.plot_batch == 16 and sc.batch[-1] == 256
+    configs = sc.scheme_configs()
+    labels = [c.label for c in configs]
+    assert len(labels) == len(set(labels)) == expected_configs(path) >= 7
+    assert {"fp16", "kivi-2b", "xquant-2b-absorb_v", "xquant_cl-2b-first3", "xquant_yang-2b-v1"} <= set(labels)
+    assert set(specs.SCHEMES) == {c.scheme for c in configs}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_scenarios_load(path):
+    sc = specs.load_scenario(path)
+    models = [specs.load_model(m, path.parent) for m in sc.models]
+    assert [specs.load_hardware(h, path.parent) for h in sc.hardware]
+    configs = sc.scheme_configs()
+    assert len(configs) == expected_configs(path)
+    for c in configs:  # every configuration runs on at least one of the scenario's models
+        ok = 0
+        for m in models:
+            try:
+                c.resolved(m)
+                ok += 1
+            except UserError:
+                pass
+        assert ok, c.label
+
+
+def test_tiny_scenario():
+    sc = specs.load_scenario(ROOT / "tests" / "data" / "tiny_scenario.yaml")
+    assert sc.batch == [1, 8, 64] and sc.hardware == ["h100_sxm", "rtx_4090"]
+    assert sc.contexts()[0] == 16 and sc.contexts()[-1] == 65536
+    kivi = [c for c in sc.scheme_configs() if c.scheme == "kivi"]
+    assert [(c.bits, c.group, c.residual) for c in kivi] == [(2, 16, 32), (4, 16, 32)]
+    fp16 = [c for c in sc.scheme_configs() if c.scheme == "fp16"]
+    assert len(fp16) == 1 and fp16[0].strategy is None  # strategies only multiply rematerializing schemes
+
+
+def test_scenario_scalars_become_lists_and_counts_parse():
+    sc = specs.parse(specs.Scenario, {"name": "s", "hardware": "h100_sxm", "models": "tiny",
+                                      "schemes": [{"scheme": "kivi", "bits": 2}], "batch": 4,
+                                      "context": ["1k", "32k", 16, "32k"]}, "s.yaml")
+    assert sc.hardware == ["h100_sxm"] and sc.batch == [4]
+    assert sc.contexts() == [16, 1024, 32768]
+
+
+@pytest.mark.parametrize("value, expected", [("32k", 32768), ("1M", 1048576), ("1.5k", 1536), (" 64K ", 65536),
+                                             ("16", 16), (16, 16), ("abc", "abc"), ("k", "k")])
+def test_parse_count(value, expected):
+    assert specs.parse_count(value) == expected
+
+
+# ----------------------------------------------------------------------------- suggestions
+
+
+@pytest.mark.parametrize("typed, known, expected", [
+    ("h100", ["a100_80gb", "h100_sxm", "h200"], "h100_sxm"),
+    ("H100", ["a100_80gb", "h100_sxm", "h200"], "h100_sxm"),
+    ("a100", ["a100_80gb", "h100_sxm", "h200"], "a100_80gb"),
+    ("tiny-gq", ["tiny", "tiny-gqa"], "tiny-gqa"),
+    ("llama_3.1_8b", ["llama-2-7b", "llama-3.1-8b"], "llama-3.1-8b"),
+    ("xquant_gq", list(specs.SCHEMES), "xquant_gqa"),
+    ("batchs", list(specs.Scenario.model_fields), "batch"),
+    ("kivy", list(specs.SCHEMES), "kivi"),
+])
+def test_suggest(typed, known, expected):
+    assert specs.suggest(typed, known) == f" (did you mean '{expected}'?)"
+
+
+def test_suggest_nothing_close():
+    assert specs.suggest("zzzzzz", ["h100_sxm", "h200"]) == ""
+    assert specs.suggest("", ["h100_sxm"]) == ""
+
+
+# ----------------------------------------------------------------------------- scheme options
+
+
+def test_bits_allowed_per_scheme():
+    assert specs.scheme_config(scheme="xquant_yang", bits=1).bits == 1
+    assert specs.scheme_config(scheme="kivi", bits=2, group=32, residual=64).residual == 64
+    with pytest.raises(UserError) as e:
+        specs.scheme_config(scheme="kivi", bits=1)
+    assert str(e.value) == "command line: field 'bits': bits=1 is not supported by kivi; allowed: [2, 3, 4, 8, 16]"
+    with pytest.raises(UserError) as e:
+        specs.scheme_config("my.yaml", scheme="fp16", bits=8)
+    assert str(e.value) == "my.yaml: field 'bits': bits=8 is not supported by fp16; allowed: [16]"
+
+
+@pytest.mark.parametrize("fields, fragments", [
+    ({"scheme": "kivi", "bits": 2, "group": 32, "residual": 40}, ["field 'residual'", "positive multiple of 32"]),
+    ({"scheme": "kivi", "bits": 2, "residual": -1}, ["field 'residual'", "greater than or equal to 0", "(got -1)"]),
+    ({"scheme": "fp16", "strategy": "absorb_v"}, ["field 'strategy'", "only to rematerializing schemes"]),
+    ({"scheme": "kivi", "bits": 2, "rank_k": 8}, ["field 'rank_k'", "applies only to ['xquant_gqa'"]),
+    ({"scheme": "xquant_cl", "bits": 2, "first_layers": 0}, ["field 'first_layers'", "first_layers >= 1"]),
+    ({"scheme": "xquant_yang", "bits": 2, "v_bits": 5}, ["field 'v_bits'", "v_bits=5", "allowed: [1, 2, 3, 4"]),
+    ({"scheme": "xquant", "bits": 2, "strategy": "absorbv"}, ["field 'strategy'", "did you mean 'absorb_v'"]),
+    ({"scheme": "kivi", "bits": 2, "grup": 32}, ["field 'grup'", "unknown key", "did you mean 'group'",
+                                                 "allowed: scheme, bits, group"]),
+])
+def test_scheme_config_errors(fields, fragments):
+    with pytest.raises(UserError) as e:
+        specs.scheme_config("cfg.yaml", **fields)
+    msg = str(e.value)
+    assert msg.startswith("cfg.yaml: field '") and "\n" not in msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+
+
+def test_resolved_checks_model_shapes(tiny_gqa):
+    cfg = specs.scheme_config(scheme="xquant_gqa", bits=2, rank_k=64)
+    with pytest.raises(UserError, match=r"rank_k=64 exceeds min\(d_model, dkv\)=32"):
+        cfg.resolved(tiny_gqa)
+    with pytest.raises(UserError, match="first_layers=3 exceeds tiny-gqa's 2 layers"):
+        specs.scheme_config(scheme="xquant_cl", bits=2, first_layers=3).resolved(tiny_gqa)
+    r = specs.scheme_config(scheme="kivi", bits=2).resolved(tiny_gqa)
+    assert (r.residual, r.group, r.strategy) == (128, 128, "remat")
+
+
+# ----------------------------------------------------------------------------- files and their errors
+
+
+def write(tmp_path: Path, name: str, data) -> Path:
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def shipped(folder: str, name: str) -> dict:
+    return yaml.safe_load((ROOT / folder / f"{name}.yaml").read_text())
+
+
+def test_user_files_by_path_and_relative_to_base(tmp_path):
+    hw = shipped("hardware", "h100_sxm") | {"name": "my_gpu"}
+    write(tmp_path, "my_gpu.yaml", hw)
+    assert specs.load_hardware(tmp_path / "my_gpu.yaml").name == "my_gpu"
+    assert specs.load_hardware("my_gpu.yaml", base=tmp_path).name == "my_gpu"
+    m = shipped("models", "tiny") | {"name": "mine", "n_layers": 7}
+    write(tmp_path, "mine.yml", m)
+    assert specs.load_model("mine.yml", base=tmp_path).n_layers == 7
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda d: d["memory_bytes"].pop("source"), ["field 'memory_bytes.source'", "required but missing"]),
+    (lambda d: d["flops_per_s"]["bf16"].update(source=""), ["field 'flops_per_s.bf16.source'",
+                                                            "at least 3 characters"]),
+    (lambda d: d["flops_per_s"].pop("fp32"), ["field 'flops_per_s'", "missing fp32"]),
+    (lambda d: d["flops_per_s"].update(bf17={"value": 1, "source": "xyz"}),
+     ["field 'flops_per_s.bf17'", "'bf17' is not allowed", "did you mean 'bf16'"]),
+    (lambda d: d["l2_bytes"].update(value=-1), ["field 'l2_bytes.value'", "greater than 0", "(got -1)"]),
+    (lambda d: d["l2_bytes"].update(value="lots"), ["field 'l2_bytes.value'", "valid number", "(got 'lots')"]),
+    (lambda d: d["usable_fraction"].update(value=1.5), ["field 'usable_fraction'", "must be in (0, 1]"]),
+    (lambda d: d.update(memory_byte=d.pop("memory_bytes")), ["field 'memory_byte'", "unknown key",
+                                                              "did you mean 'memory_bytes'", "allowed: name,"]),
+    (lambda d: d["memory_bytes"].update(sorce="x"), ["field 'memory_bytes.sorce'", "did you mean 'source'",
+                                                     "allowed: value, source"]),
+    (lambda d: d.update(fitted={"source": "fit", "mem_eficiency": 0.9}),
+     ["field 'fitted.mem_eficiency'", "did you mean 'mem_efficiency'", "allowed: source, mem_efficiency"]),
+    (lambda d: d.update(fitted={"source": "fit", "compute_efficiency": {"matmull": 0.8}}),
+     ["field 'fitted.compute_efficiency.matmull'", "did you mean 'matmul'"]),
+])
+def test_bad_hardware_file(tmp_path, change, fragments):
+    data = shipped("hardware", "h100_sxm")
+    change(data)
+    path = write(tmp_path, "gpu.yaml", data)
+    with pytest.raises(UserError) as e:
+        specs.load_hardware(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: field '") and "\n" not in msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda d: d.update(n_layers=0), ["field 'n_layers'", "greater than 0", "(got 0)"]),
+    (lambda d: d.update(d_model=-64), ["field 'd_model'", "greater than 0", "(got -64)"]),
+    (lambda d: d.update(n_kv_heads=3), ["field 'n_heads'", "multiple of n_kv_heads (3)"]),
+    (lambda d: d.update(weight_bytes=3), ["field 'weight_bytes'", "'3' is not allowed", "1, 2 or 4"]),
+    (lambda d: d.update(n_layer=2), ["field 'n_layer'", "did you mean 'n_layers'"]),
+    (lambda d: d.pop("source"), ["field 'source'", "required but missing"]),
+    (lambda d: d.update(tie_embeddings="sometimes"), ["field 'tie_embeddings'", "valid boolean"]),
+])
+def test_bad_model_file(tmp_path, change, fragments):
+    data = shipped("models", "tiny")
+    change(data)
+    path = write(tmp_path, "m.yaml", data)
+    with pytest.raises(UserError) as e:
+        specs.load_model(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: field '") and "\n" not in msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+
+
+def test_unknown_names_and_missing_files(tmp_path):
+    with pytest.raises(UserError) as e:
+        specs.load_hardware("h100")
+    assert str(e.value).startswith("unknown hardware 'h100' (did you mean 'h100_sxm'?); known: a100_80gb, ")
+    with pytest.raises(UserError) as e:
+        specs.load_model("llama-3-8b", where="s.yaml: field 'models.0'")
+    assert str(e.value).startswith("s.yaml: field 'models.0': unknown model 'llama-3-8b' "
+                                   "(did you mean 'llama-3.1-8b'?)")
+    with pytest.raises(UserError) as e:
+        specs.load_model("gone.yaml", base=tmp_path)
+    assert str(e.value) == f"{tmp_path / 'gone.yaml'}: file not found"
+    with pytest.raises(UserError) as e:
+        specs.load_scenario(tmp_path / "gone.yaml")
+    assert str(e.value) == f"{tmp_path / 'gone.yaml'}: file not found"
+
+
+def test_unreadable_yaml(tmp_path):
+    bad = write(tmp_path, "bad.yaml", "name: x\nbatch: [1, 2\n")
+    with pytest.raises(UserError) as e:
+        specs.load_scenario(bad)
+    assert str(e.value).startswith(f"{bad}: line 3 is not valid YAML (")
+    for text, got in (("", "an empty file"), ("- 1\n- 2\n", "a list"), ("just words\n", "a str")):
+        p = write(tmp_path, "odd.yaml", text)
+        with pytest.raises(UserError) as e:
+            specs.load_model(p)
+        assert str(e.value) == f"{p}: expected a mapping of fields (name: value), got {got}"
