@@ -8,6 +8,10 @@ from xqsim import specs, sweep
 from xqsim.crossover import crossovers, memory_walls
 
 
+def point(label, context, step, fits=True, tput=1.0, wall=10**6):
+    return ("gpu", "m", label, 1, context, step, 1e3, fits, tput, wall)
+
+
 def frame(rows):
     cols = ["hardware", "model", "label", "batch", "context", "step_time_s", "tokens_per_s", "fits",
             "throughput_cap_tokens_per_s", "max_context"]
@@ -20,19 +24,18 @@ def frame(rows):
 def test_step_time_crossover_interpolated_in_log_context():
     # A: 1 ms then 3 ms; B: 2 ms flat. The difference is linear in log(context) between 500 and 2000,
     # so it crosses zero at the geometric mean, 1000.
-    rows = [("gpu", "m", "A", 1, 500, 1e-3, 1e3, True, 1.0, 10**6), ("gpu", "m", "A", 1, 2000, 3e-3, 1e3, True, 1.0, 10**6),
-            ("gpu", "m", "B", 1, 500, 2e-3, 1e3, True, 1.0, 10**6), ("gpu", "m", "B", 1, 2000, 2e-3, 1e3, True, 1.0, 10**6)]
+    rows = [point("A", 500, 1e-3), point("A", 2000, 3e-3), point("B", 500, 2e-3), point("B", 2000, 2e-3)]
     cr = crossovers(frame(rows))
     st = cr[cr["metric"] == "step_time_s"]
     assert len(st) == 1
-    row = st.iloc[0]
-    assert row["crossover"] == pytest.approx(1000.0)
-    assert (row["scheme_a"], row["scheme_b"], row["winner"], row["at"]) == ("A", "B", "B", "batch=1")
+    hit = st.iloc[0]
+    assert hit["crossover"] == pytest.approx(1000.0)
+    assert (hit["scheme_a"], hit["scheme_b"], hit["winner"], hit["at"]) == ("A", "B", "B", "batch=1")
 
 
 def test_no_crossover_where_a_scheme_does_not_fit():
-    rows = [("gpu", "m", "A", 1, 500, 1e-3, 1e3, True, 2.0, 10**6), ("gpu", "m", "A", 1, 2000, 3e-3, 1e3, False, 0.0, 10**6),
-            ("gpu", "m", "B", 1, 500, 2e-3, 1e3, True, 1.0, 10**6), ("gpu", "m", "B", 1, 2000, 2e-3, 1e3, True, 1.0, 10**6)]
+    rows = [point("A", 500, 1e-3, tput=2.0), point("A", 2000, 3e-3, fits=False, tput=0.0),
+            point("B", 500, 2e-3), point("B", 2000, 2e-3)]
     cr = crossovers(frame(rows))
     assert cr[cr["metric"] == "step_time_s"].empty
     # capacity-limited throughput counts running out of memory: B overtakes A between 500 and 2000
@@ -69,6 +72,6 @@ def test_real_sweep_capacity_limited_throughput_crossovers():
 
 
 def test_memory_walls():
-    rows = [("gpu", "m", "A", 1, 500, 1e-3, 1e3, True, 1.0, 1234), ("gpu", "m", "A", 1, 2000, 3e-3, 1e3, False, 0.0, 1234)]
+    rows = [point("A", 500, 1e-3, wall=1234), point("A", 2000, 3e-3, fits=False, tput=0.0, wall=1234)]
     w = memory_walls(frame(rows))
     assert w["memory_wall_context"].tolist() == [1235]

@@ -1,7 +1,8 @@
 """Crossovers between schemes over a sweep, and each scheme's memory wall.
 
 A crossover is where the sign of (metric of A - metric of B) flips strictly between two neighbouring
-grid points along context (or batch; two schemes that both stop fitting do not cross); its position is interpolated linearly in log(context) (or log(batch)).
+grid points along context (or batch); two schemes that both stop fitting do not cross. Its position is
+interpolated linearly in log(context) (or log(batch)).
 `winner` is the scheme that is better after the crossover. Step time counts only where both fit.
 """
 
