@@ -15,7 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from xqsim import specs, sweep  # noqa: E402
+from xqsim import loading, specs, sweep  # noqa: E402
 
 HARDWARE = ["h100_sxm", "h200", "a100_80gb", "b200", "mi300x", "l40s", "rtx_4090", "furiosa_rngd"]
 MODELS = ["llama-2-7b", "llama-2-13b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2.5-7b", "smollm2-135m"]
@@ -35,8 +35,8 @@ CONTEXT = sorted({int(x) for x in np.geomspace(1024, 2**20, 128)})
 
 
 def main() -> None:
-    hws = [specs.load_hardware(h) for h in HARDWARE]
-    models = [specs.load_model(m) for m in MODELS]
+    hws = [loading.load_hardware(h) for h in HARDWARE]
+    models = [loading.load_model(m) for m in MODELS]
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()

@@ -1,22 +1,22 @@
 import numpy as np
 import pytest
 
-from xqsim import specs
+from xqsim import loading, specs
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    return specs.load_model("tiny")  # MHA: n=2, d=64, H=Hkv=4, hd=16, ffn 128, vocab 256
+    return loading.load_model("tiny")  # MHA: n=2, d=64, H=Hkv=4, hd=16, ffn 128, vocab 256
 
 
 @pytest.fixture(scope="session")
 def tiny_gqa():
-    return specs.load_model("tiny-gqa")  # GQA: n=2, d=64, H=4, Hkv=2, hd=16 (dkv=32)
+    return loading.load_model("tiny-gqa")  # GQA: n=2, d=64, H=4, Hkv=2, hd=16 (dkv=32)
 
 
 @pytest.fixture(scope="session")
 def h100():
-    return specs.load_hardware("h100_sxm")
+    return loading.load_hardware("h100_sxm")
 
 
 def cfg(scheme: str, model, **kw) -> specs.SchemeConfig:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import cfg
 
-from xqsim import schemes, specs
+from xqsim import loading, schemes, specs
 from xqsim.capacity import max_batch, max_context, memory, seq_memory
 from xqsim.sweep import evaluate
 
@@ -33,7 +33,7 @@ def test_transient_counts_remat_buffers_and_cl_accumulator(tiny):
 
 
 def small_gpu(capacity: float) -> specs.HardwareProfile:
-    hw = specs.load_hardware("h100_sxm")
+    hw = loading.load_hardware("h100_sxm")
     return hw.model_copy(update={"memory_bytes": specs.Figure(value=capacity, source="test"),
                                  "usable_fraction": specs.Figure(value=1.0, source="test")})
 
@@ -84,14 +84,14 @@ def test_evaluate_fits_and_throughput_under_capacity(tiny):
 
 
 def test_weights_that_do_not_fit():
-    model = specs.load_model("llama-3.1-70b")
-    out = evaluate([specs.load_hardware("rtx_4090")], model, specs.SchemeConfig(scheme="fp16"), [1], [1024])
+    model = loading.load_model("llama-3.1-70b")
+    out = evaluate([loading.load_hardware("rtx_4090")], model, specs.SchemeConfig(scheme="fp16"), [1], [1024])
     assert not out["fits"].any() and out["max_batch"].max() == 0 and out["max_context"].max() == 0
     assert out["throughput_cap_tokens_per_s"].max() == 0
 
 
 def test_xquant_fits_longer_context_than_fp16_on_h100():
-    model, hw = specs.load_model("llama-3.1-8b"), specs.load_hardware("h100_sxm")
+    model, hw = loading.load_model("llama-3.1-8b"), loading.load_hardware("h100_sxm")
     fp16 = evaluate([hw], model, specs.SchemeConfig(scheme="fp16"), [16], [1024])["max_context"].item()
     gqa2 = evaluate([hw], model, specs.SchemeConfig(scheme="xquant_gqa", bits=2, fused=True), [16],
                     [1024])["max_context"].item()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from xqsim import specs
+from xqsim import loading, specs
 from xqsim.cli import main
 
 DATA = Path(__file__).parent / "data"
@@ -262,10 +262,10 @@ def test_sweep_table(swept):
     need = ["hardware", "model", "label", "batch", "context", "cache_bytes", "step_time_s", "bound", "fits",
             "max_context", "throughput_cap_tokens_per_s"]
     assert [c for c in need if c not in df.columns] == []
-    sc = specs.load_scenario(TINY)
+    sc = loading.load_scenario(TINY)
     configs = sc.scheme_configs()
     assert len(configs) == 11  # fp16 + kivi x2 bits + xquant x2 bits x2 strategies + 4 single entries
-    models = [specs.load_model(m) for m in sc.models]
+    models = [loading.load_model(m) for m in sc.models]
     accepted = 0
     for m in models:
         for c in configs:

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xqsim import specs, sweep
+from xqsim import loading, specs, sweep
 from xqsim.crossover import crossovers, memory_walls
 
 
@@ -49,7 +49,7 @@ def test_real_sweep_capacity_limited_throughput_crossovers():
     from 1k on, no crossover. XQuant-GQA-2 (absorb_v, fused) rebuilds K at 512 FLOP per fp16 cache byte
     it replaces, above the H100's 295 FLOP/B ridge, so at the spec roofline it overtakes fp16 only where
     fp16 stops fitting a single sequence (its memory wall at batch 1)."""
-    hw, model = specs.load_hardware("h100_sxm"), specs.load_model("llama-3.1-8b")
+    hw, model = loading.load_hardware("h100_sxm"), loading.load_model("llama-3.1-8b")
     xq = "xquant_gqa-2b-absorb_v-fused"
     configs = [specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2, fused=True),
                specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import arr, cfg
 
-from xqsim import schemes, specs
+from xqsim import loading, schemes, specs
 from xqsim.capacity import memory, seq_memory
 from xqsim.schemes.layout import cache_parts
 
@@ -105,7 +105,7 @@ def test_yang_shared_layer_stores_metadata_only(tiny):
 
 
 def test_unquantized_xquant_caches_half_of_fp16_kv_on_mha():
-    model = specs.load_model("llama-2-7b")
+    model = loading.load_model("llama-2-7b")
     T = arr(1, 127, 128, 4097, 131072)
     fp16 = cache_parts(schemes.layout(model, cfg("fp16", model)), cfg("fp16", model), T)["codes"]
     for scheme in ("xquant", "xquant_cl"):
@@ -124,7 +124,7 @@ def test_unquantized_xquant_caches_half_of_fp16_kv_on_mha():
 @pytest.mark.parametrize("strategy,fused", [("remat", False), ("absorb_v", True)])
 def test_linear_memory_form_matches_exact_bytes(scheme, kw, strategy, fused):
     """capacity.seq_memory (used for max batch/context) equals the exact breakdown at every context."""
-    model = specs.load_model("llama-3.1-8b")
+    model = loading.load_model("llama-3.1-8b")
     strategy = strategy if scheme in specs.REMAT_SCHEMES else None
     c = cfg(scheme, model, strategy=strategy, fused=fused, **kw)
     T = np.arange(0, 700, dtype=np.int64)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import cfg
 
-from xqsim import schemes, specs
+from xqsim import loading, schemes, specs
 from xqsim.roofline import kernels
 
 
@@ -73,7 +73,7 @@ def test_xquant_remat_flops_mha(tiny):
 
 def test_paper_remat_flops_per_layer():
     # Tomar et al.: 4*T*d^2 per layer per step (MHA); 4*T*dkv^2 (GQA, full-rank SVD factors)
-    mha, gqa = specs.load_model("llama-2-7b"), specs.load_model("llama-3.1-8b")
+    mha, gqa = loading.load_model("llama-2-7b"), loading.load_model("llama-3.1-8b")
     T = 32768
     _, by = ops_by_name(mha, cfg("xquant", mha, bits=2), 1, T)
     assert by["remat_k"][0].flops + by["remat_v"][0].flops == 4 * T * 4096**2
@@ -131,7 +131,7 @@ def test_cl_gqa_up_projects_then_rematerializes(tiny_gqa):
 
 @pytest.mark.parametrize("scheme", specs.SCHEMES)
 def test_every_scheme_has_one_embedding_layers_and_head(scheme):
-    model = specs.load_model("llama-3.1-8b")
+    model = loading.load_model("llama-3.1-8b")
     c = cfg(scheme, model, bits=16 if scheme == "fp16" else 2)
     ops = schemes.step_ops(model, c, np.int64(1), np.int64(1000))
     assert sum(o.layers for o in ops if o.name == "q_proj") == model.n_layers

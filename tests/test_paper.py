@@ -4,12 +4,12 @@
 import pytest
 from conftest import cfg
 
-from xqsim import schemes, specs
+from xqsim import loading, schemes, specs
 from xqsim.schemes.layout import equivalent_bits, fp16_kv_bytes_per_token, paper_bytes_per_token
 
 
 def normalized(model_name: str, scheme: str, **kw) -> float:
-    model = specs.load_model(model_name)
+    model = loading.load_model(model_name)
     c = cfg(scheme, model, **kw)
     return paper_bytes_per_token(schemes.layout(model, c), c) / fp16_kv_bytes_per_token(model)
 
@@ -47,7 +47,7 @@ def test_gqa_cl2(model):
 def test_yang_equivalent_bits_138_on_32_layers():
     """Yang et al.'s 1.38: the authors' code config kq=32, vq=16, km=vm=16 on a 32-layer model:
     keys 2-bit everywhere, values 2-bit in layers 0-15 and 1-bit after, odd layers 17..31 share codes."""
-    model = specs.load_model("llama-2-7b")
+    model = loading.load_model("llama-2-7b")
     c = cfg("xquant_yang", model, bits=2, v_bits=1, first_layers=16, first_bits=2, share_from=16)
     assert c == cfg("xquant_yang", model, bits=2)  # the default at 2 bits is that configuration
     bits = equivalent_bits(schemes.layout(model, c))
@@ -61,14 +61,14 @@ def test_yang_equivalent_bits_138_on_32_layers():
     ({"bits": 2, "v_bits": 1, "first_layers": 0, "share_from": 1000}, 96 / 64),  # no sharing: (2 + 1) / 2
 ])
 def test_yang_equivalent_bits_definition(kw, expected):
-    model = specs.load_model("llama-2-7b")
+    model = loading.load_model("llama-2-7b")
     assert equivalent_bits(schemes.layout(model, cfg("xquant_yang", model, **kw))) == expected
 
 
 def test_estimate_reports_both_accountings(h100):
     from xqsim.estimate import estimate
 
-    model = specs.load_model("llama-2-7b")
+    model = loading.load_model("llama-2-7b")
     r = estimate(h100, model, specs.SchemeConfig(scheme="xquant", bits=4, residual=128), 4, 1000)
     paper, full = r["accounting"]["paper"], r["accounting"]["full"]
     assert round(paper["normalized_kv_size"], 2) == 0.13

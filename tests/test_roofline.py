@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import cfg
 
-from xqsim import schemes, specs
+from xqsim import loading, schemes, specs
 from xqsim.roofline import BOUNDS, op_table, step_time
 from xqsim.schemes.ops import Op
 
@@ -52,7 +52,7 @@ def test_vectorised_over_hardware_batch_and_context(tiny, h100):
 
 @pytest.mark.parametrize("scheme", ["fp16", "kivi", "xquant_gqa"])
 def test_step_total_is_sum_of_op_table(scheme, h100):
-    model = specs.load_model("llama-3.1-8b")
+    model = loading.load_model("llama-3.1-8b")
     c = cfg(scheme, model, bits=16 if scheme == "fp16" else 2)
     ops = schemes.step_ops(model, c, np.int64(16), np.int64(32768))
     rows = op_table(ops, h100.rates())
@@ -67,7 +67,7 @@ def test_step_total_is_sum_of_op_table(scheme, h100):
 
 def test_remat_is_compute_bound_and_fp16_memory_bound_at_long_context(h100):
     """DESIGN.md: rematerialization costs ~d FLOPs per cache byte saved, far above H100's ridge."""
-    model = specs.load_model("llama-3.1-8b")
+    model = loading.load_model("llama-3.1-8b")
     rows = {r["name"]: r for r in op_table(schemes.step_ops(model, cfg("xquant", model, bits=4), np.int64(16),
                                                              np.int64(32768)), h100.rates())}
     assert rows["remat_k"]["bound"] == "compute"

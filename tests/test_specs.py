@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xqsim import specs
+from xqsim import loading, specs
 from xqsim.specs import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +29,8 @@ def test_shipped_files_are_there():
 
 @pytest.mark.parametrize("path", HW_FILES, ids=lambda p: p.stem)
 def test_shipped_hardware_loads_with_sources(path):
-    hw = specs.load_hardware(path.stem)
-    assert hw == specs.load_hardware(path)  # by name or by path, the same profile
+    hw = loading.load_hardware(path.stem)
+    assert hw == loading.load_hardware(path)  # by name or by path, the same profile
     assert hw.name == path.stem
     figs = figures(hw)
     assert {"memory_bytes", "usable_fraction", "mem_bytes_per_s", "l2_bytes", "kernel_overhead_s",
@@ -45,24 +45,24 @@ def test_shipped_hardware_loads_with_sources(path):
 
 @pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.stem)
 def test_shipped_models_load_with_sources(path):
-    m = specs.load_model(path.stem)
+    m = loading.load_model(path.stem)
     assert m.name == path.stem and m.source.strip()
     assert m.n_heads % m.n_kv_heads == 0 and m.dq == m.n_heads * m.hd
 
 
 def test_known_shapes():
-    m = specs.load_model("llama-3.1-8b")
+    m = loading.load_model("llama-3.1-8b")
     assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.hd, m.dkv, m.is_gqa) == (32, 4096, 32, 8, 128, 1024,
                                                                                           True)
-    assert not specs.load_model("llama-2-7b").is_gqa
-    h100 = specs.load_hardware("h100_sxm")
+    assert not loading.load_model("llama-2-7b").is_gqa
+    h100 = loading.load_hardware("h100_sxm")
     assert h100.mem_bytes_per_s.value == 3.35e12
     assert h100.ridge_flop_per_byte == pytest.approx(989.4e12 / 3.35e12)
 
 
 def test_list_functions_cover_every_file():
-    assert [h.name for h in specs.list_hardware()] == sorted(p.stem for p in HW_FILES)
-    assert [m.name for m in specs.list_models()] == sorted(p.stem for p in MODEL_FILES)
+    assert [h.name for h in loading.list_hardware()] == sorted(p.stem for p in HW_FILES)
+    assert [m.name for m in loading.list_models()] == sorted(p.stem for p in MODEL_FILES)
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -84,10 +84,10 @@ def expected_configs(path: Path) -> int:
 
 def test_long_ctx_scenario():
     path = ROOT / "scenarios" / "long_ctx.yaml"
-    sc = specs.load_scenario(path)
+    sc = loading.load_scenario(path)
     assert sc.name == "long_ctx"
-    assert [specs.load_hardware(h).name for h in sc.hardware] == ["h100_sxm", "h200", "a100_80gb", "b200"]
-    assert [specs.load_model(m).name for m in sc.models] == ["llama-2-7b", "llama-3.1-8b", "qwen2.5-7b"]
+    assert [loading.load_hardware(h).name for h in sc.hardware] == ["h100_sxm", "h200", "a100_80gb", "b200"]
+    assert [loading.load_model(m).name for m in sc.models] == ["llama-2-7b", "llama-3.1-8b", "qwen2.5-7b"]
     ctx = sc.contexts()
     assert ctx[0] == 1024 and ctx[-1] == 1024**2 and len(ctx) == 48 and ctx == sorted(ctx)
     assert sc.plot_context == 32768 and sc.plot_batch == 16 and sc.batch[-1] == 256
@@ -100,9 +100,9 @@ def test_long_ctx_scenario():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_scenarios_load(path):
-    sc = specs.load_scenario(path)
-    models = [specs.load_model(m, path.parent) for m in sc.models]
-    assert [specs.load_hardware(h, path.parent) for h in sc.hardware]
+    sc = loading.load_scenario(path)
+    models = [loading.load_model(m, path.parent) for m in sc.models]
+    assert [loading.load_hardware(h, path.parent) for h in sc.hardware]
     configs = sc.scheme_configs()
     assert len(configs) == expected_configs(path)
     for c in configs:  # every configuration runs on at least one of the scenario's models
@@ -117,7 +117,7 @@ def test_shipped_scenarios_load(path):
 
 
 def test_tiny_scenario():
-    sc = specs.load_scenario(ROOT / "tests" / "data" / "tiny_scenario.yaml")
+    sc = loading.load_scenario(ROOT / "tests" / "data" / "tiny_scenario.yaml")
     assert sc.batch == [1, 8, 64] and sc.hardware == ["h100_sxm", "rtx_4090"]
     assert sc.contexts()[0] == 16 and sc.contexts()[-1] == 65536
     kivi = [c for c in sc.scheme_configs() if c.scheme == "kivi"]
@@ -127,7 +127,7 @@ def test_tiny_scenario():
 
 
 def test_scenario_scalars_become_lists_and_counts_parse():
-    sc = specs.parse(specs.Scenario, {"name": "s", "hardware": "h100_sxm", "models": "tiny",
+    sc = loading.parse(specs.Scenario, {"name": "s", "hardware": "h100_sxm", "models": "tiny",
                                       "schemes": [{"scheme": "kivi", "bits": 2}], "batch": 4,
                                       "context": ["1k", "32k", 16, "32k"]}, "s.yaml")
     assert sc.hardware == ["h100_sxm"] and sc.batch == [4]
@@ -154,25 +154,25 @@ def test_parse_count(value, expected):
     ("kivy", list(specs.SCHEMES), "kivi"),
 ])
 def test_suggest(typed, known, expected):
-    assert specs.suggest(typed, known) == f" (did you mean '{expected}'?)"
+    assert loading.suggest(typed, known) == f" (did you mean '{expected}'?)"
 
 
 def test_suggest_nothing_close():
-    assert specs.suggest("zzzzzz", ["h100_sxm", "h200"]) == ""
-    assert specs.suggest("", ["h100_sxm"]) == ""
+    assert loading.suggest("zzzzzz", ["h100_sxm", "h200"]) == ""
+    assert loading.suggest("", ["h100_sxm"]) == ""
 
 
 # ----------------------------------------------------------------------------- scheme options
 
 
 def test_bits_allowed_per_scheme():
-    assert specs.scheme_config(scheme="xquant_yang", bits=1).bits == 1
-    assert specs.scheme_config(scheme="kivi", bits=2, group=32, residual=64).residual == 64
+    assert loading.scheme_config(scheme="xquant_yang", bits=1).bits == 1
+    assert loading.scheme_config(scheme="kivi", bits=2, group=32, residual=64).residual == 64
     with pytest.raises(UserError) as e:
-        specs.scheme_config(scheme="kivi", bits=1)
+        loading.scheme_config(scheme="kivi", bits=1)
     assert str(e.value) == "command line: field 'bits': bits=1 is not supported by kivi; allowed: [2, 3, 4, 8, 16]"
     with pytest.raises(UserError) as e:
-        specs.scheme_config("my.yaml", scheme="fp16", bits=8)
+        loading.scheme_config("my.yaml", scheme="fp16", bits=8)
     assert str(e.value) == "my.yaml: field 'bits': bits=8 is not supported by fp16; allowed: [16]"
 
 
@@ -189,7 +189,7 @@ def test_bits_allowed_per_scheme():
 ])
 def test_scheme_config_errors(fields, fragments):
     with pytest.raises(UserError) as e:
-        specs.scheme_config("cfg.yaml", **fields)
+        loading.scheme_config("cfg.yaml", **fields)
     msg = str(e.value)
     assert msg.startswith("cfg.yaml: field '") and "\n" not in msg
     for f in fragments:
@@ -197,12 +197,12 @@ def test_scheme_config_errors(fields, fragments):
 
 
 def test_resolved_checks_model_shapes(tiny_gqa):
-    cfg = specs.scheme_config(scheme="xquant_gqa", bits=2, rank_k=64)
+    cfg = loading.scheme_config(scheme="xquant_gqa", bits=2, rank_k=64)
     with pytest.raises(UserError, match=r"rank_k=64 exceeds min\(d_model, dkv\)=32"):
         cfg.resolved(tiny_gqa)
     with pytest.raises(UserError, match="first_layers=3 exceeds tiny-gqa's 2 layers"):
-        specs.scheme_config(scheme="xquant_cl", bits=2, first_layers=3).resolved(tiny_gqa)
-    r = specs.scheme_config(scheme="kivi", bits=2).resolved(tiny_gqa)
+        loading.scheme_config(scheme="xquant_cl", bits=2, first_layers=3).resolved(tiny_gqa)
+    r = loading.scheme_config(scheme="kivi", bits=2).resolved(tiny_gqa)
     assert (r.residual, r.group, r.strategy) == (128, 128, "remat")
 
 
@@ -222,11 +222,11 @@ def shipped(folder: str, name: str) -> dict:
 def test_user_files_by_path_and_relative_to_base(tmp_path):
     hw = shipped("hardware", "h100_sxm") | {"name": "my_gpu"}
     write(tmp_path, "my_gpu.yaml", hw)
-    assert specs.load_hardware(tmp_path / "my_gpu.yaml").name == "my_gpu"
-    assert specs.load_hardware("my_gpu.yaml", base=tmp_path).name == "my_gpu"
+    assert loading.load_hardware(tmp_path / "my_gpu.yaml").name == "my_gpu"
+    assert loading.load_hardware("my_gpu.yaml", base=tmp_path).name == "my_gpu"
     m = shipped("models", "tiny") | {"name": "mine", "n_layers": 7}
     write(tmp_path, "mine.yml", m)
-    assert specs.load_model("mine.yml", base=tmp_path).n_layers == 7
+    assert loading.load_model("mine.yml", base=tmp_path).n_layers == 7
 
 
 @pytest.mark.parametrize("change, fragments", [
@@ -253,7 +253,7 @@ def test_bad_hardware_file(tmp_path, change, fragments):
     change(data)
     path = write(tmp_path, "gpu.yaml", data)
     with pytest.raises(UserError) as e:
-        specs.load_hardware(path)
+        loading.load_hardware(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}: field '") and "\n" not in msg
     for f in fragments:
@@ -274,7 +274,7 @@ def test_bad_model_file(tmp_path, change, fragments):
     change(data)
     path = write(tmp_path, "m.yaml", data)
     with pytest.raises(UserError) as e:
-        specs.load_model(path)
+        loading.load_model(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}: field '") and "\n" not in msg
     for f in fragments:
@@ -283,27 +283,27 @@ def test_bad_model_file(tmp_path, change, fragments):
 
 def test_unknown_names_and_missing_files(tmp_path):
     with pytest.raises(UserError) as e:
-        specs.load_hardware("h100")
+        loading.load_hardware("h100")
     assert str(e.value).startswith("unknown hardware 'h100' (did you mean 'h100_sxm'?); known: a100_80gb, ")
     with pytest.raises(UserError) as e:
-        specs.load_model("llama-3-8b", where="s.yaml: field 'models.0'")
+        loading.load_model("llama-3-8b", where="s.yaml: field 'models.0'")
     assert str(e.value).startswith("s.yaml: field 'models.0': unknown model 'llama-3-8b' "
                                    "(did you mean 'llama-3.1-8b'?)")
     with pytest.raises(UserError) as e:
-        specs.load_model("gone.yaml", base=tmp_path)
+        loading.load_model("gone.yaml", base=tmp_path)
     assert str(e.value) == f"{tmp_path / 'gone.yaml'}: file not found"
     with pytest.raises(UserError) as e:
-        specs.load_scenario(tmp_path / "gone.yaml")
+        loading.load_scenario(tmp_path / "gone.yaml")
     assert str(e.value) == f"{tmp_path / 'gone.yaml'}: file not found"
 
 
 def test_unreadable_yaml(tmp_path):
     bad = write(tmp_path, "bad.yaml", "name: x\nbatch: [1, 2\n")
     with pytest.raises(UserError) as e:
-        specs.load_scenario(bad)
+        loading.load_scenario(bad)
     assert str(e.value).startswith(f"{bad}: line 3 is not valid YAML (")
     for text, got in (("", "an empty file"), ("- 1\n- 2\n", "a list"), ("just words\n", "a str")):
         p = write(tmp_path, "odd.yaml", text)
         with pytest.raises(UserError) as e:
-            specs.load_model(p)
+            loading.load_model(p)
         assert str(e.value) == f"{p}: expected a mapping of fields (name: value), got {got}"

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import specs
+from . import loading, specs
 from .specs import UserError
 
 try:  # typer < 0.20 raises click's exceptions; newer typer vendors click as its own
@@ -68,9 +68,9 @@ def estimate(
     """One configuration: ops, memory (paper and full accounting), step time, capacity."""
     from .estimate import estimate as run_estimate
 
-    hw = specs.load_hardware(hardware, where="command line: field 'hardware'")
-    m = specs.load_model(model, where="command line: field 'model'")
-    cfg = specs.scheme_config(
+    hw = loading.load_hardware(hardware, where="command line: field 'hardware'")
+    m = loading.load_model(model, where="command line: field 'model'")
+    cfg = loading.scheme_config(
         scheme=scheme, bits=bits if bits is not None else (None if scheme == "fp16" else 4), group=group,
         residual=residual, strategy=strategy, fused=fused, first_layers=first_layers, first_bits=first_bits,
         rank_k=rank_k, rank_v=rank_v, v_bits=v_bits, share_from=share_from)
@@ -150,10 +150,10 @@ def sweep(
     from .crossover import crossovers, memory_walls
     from .sweep import check_writable, run, summary, write_inputs
 
-    sc = specs.load_scenario(scenario)
+    sc = loading.load_scenario(scenario)
     base = scenario.parent
-    hws = [specs.load_hardware(h, base, f"{scenario}: field 'hardware.{i}'") for i, h in enumerate(sc.hardware)]
-    models = [specs.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
+    hws = [loading.load_hardware(h, base, f"{scenario}: field 'hardware.{i}'") for i, h in enumerate(sc.hardware)]
+    models = [loading.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
     configs = _scenario_configs(sc, scenario)
     out = out or Path("results") / sc.name
     check_writable(out, force)
@@ -215,7 +215,7 @@ def hw_list() -> None:
     t = Table(title="Hardware profiles (hardware/*.yaml)", title_justify="left")
     for c in ("name", "device", "memory", "usable", "bandwidth", "bf16 dense", "ridge FLOP/B", "fitted"):
         t.add_column(c)
-    for hw in specs.list_hardware():
+    for hw in loading.list_hardware():
         t.add_row(hw.name, hw.display_name, _gb(hw.memory_bytes.value), f"{hw.usable_fraction.value:.2f}",
                   f"{hw.mem_bytes_per_s.value / 1e12:.2f} TB/s", f"{hw.flops_per_s['bf16'].value / 1e12:,.0f} TFLOP/s",
                   f"{hw.ridge_flop_per_byte:.0f}", "yes" if hw.fitted else "no")
@@ -228,7 +228,7 @@ def models_list() -> None:
     t = Table(title="Models (models/*.yaml)", title_justify="left")
     for c in ("name", "model", "layers", "d_model", "heads", "kv heads", "head dim", "ffn", "vocab"):
         t.add_column(c)
-    for m in specs.list_models():
+    for m in loading.list_models():
         t.add_row(m.name, m.display_name, str(m.n_layers), str(m.d_model), str(m.n_heads), str(m.n_kv_heads),
                   str(m.hd), str(m.ffn_dim), str(m.vocab_size))
     console.print(t)
