@@ -249,15 +249,7 @@ def test_user_files_by_path_and_relative_to_base(tmp_path):
      ["field 'fitted.compute_efficiency.matmull'", "did you mean 'matmul'"]),
 ])
 def test_bad_hardware_file(tmp_path, change, fragments):
-    data = shipped("hardware", "h100_sxm")
-    change(data)
-    path = write(tmp_path, "gpu.yaml", data)
-    with pytest.raises(UserError) as e:
-        loading.load_hardware(path)
-    msg = str(e.value)
-    assert msg.startswith(f"{path}: field '") and "\n" not in msg
-    for f in fragments:
-        assert f in msg, (f, msg)
+    assert_bad_file(tmp_path, "hardware", "h100_sxm", loading.load_hardware, change, fragments)
 
 
 @pytest.mark.parametrize("change, fragments", [
@@ -270,11 +262,16 @@ def test_bad_hardware_file(tmp_path, change, fragments):
     (lambda d: d.update(tie_embeddings="sometimes"), ["field 'tie_embeddings'", "valid boolean"]),
 ])
 def test_bad_model_file(tmp_path, change, fragments):
-    data = shipped("models", "tiny")
+    assert_bad_file(tmp_path, "models", "tiny", loading.load_model, change, fragments)
+
+
+def assert_bad_file(tmp_path, folder, name, load, change, fragments):
+    """A shipped file with one field broken: one line naming the file and field, with every fragment."""
+    data = shipped(folder, name)
     change(data)
-    path = write(tmp_path, "m.yaml", data)
+    path = write(tmp_path, f"{name}.yaml", data)
     with pytest.raises(UserError) as e:
-        loading.load_model(path)
+        load(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}: field '") and "\n" not in msg
     for f in fragments:
