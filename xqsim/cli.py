@@ -190,10 +190,27 @@ def sweep(
             fn(out / name)
             progress.advance(task)
         progress.update(task, description=f"evaluated {len(df):,} configurations")
-    _print_summary(summary(df, plot_batch, plot_context), plot_batch, plot_context)
-    step_cross = cross[(cross["metric"] == "step_time_s") & (cross["at"] == f"batch={plot_batch}")]
-    console.print(f"{len(cross):,} crossovers ({len(step_cross)} in step time at batch {plot_batch}); "
-                  f"results in {out}/")
+    best = summary(df, plot_batch, plot_context)
+    _print_summary(best, plot_batch, plot_context)
+    _print_crossovers(cross, best, plot_batch)
+    console.print(f"{len(cross):,} crossovers in all (crossovers.csv); results in {out}/")
+
+
+def _print_crossovers(cross, best, batch: int) -> None:
+    """Where the schemes of the summary overtake one another, on its hardware."""
+    labels = set(best["label"].astype(str))
+    sel = cross[(cross["hardware"] == best["hardware"].iloc[0]) & cross["scheme_a"].isin(labels)
+                & cross["scheme_b"].isin(labels) & cross["at"].isin([f"batch={batch}", "max batch that fits"])]
+    if sel.empty:
+        return
+    t = Table(title=f"Crossovers along context among those schemes on {best['hardware'].iloc[0]}",
+              title_justify="left")
+    for c in ("model", "metric", "at", "between", "context", "better after"):
+        t.add_column(c, justify="right" if c == "context" else "left")
+    for r in sel.itertuples():
+        t.add_row(str(r.model), str(r.metric), str(r.at), f"{r.scheme_a} / {r.scheme_b}", f"{r.crossover:,.0f}",
+                  str(r.winner))
+    console.print(t)
 
 
 def _print_summary(s, batch: int, context: int) -> None:
