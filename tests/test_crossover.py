@@ -75,3 +75,22 @@ def test_memory_walls():
     rows = [point("A", 500, 1e-3, wall=1234), point("A", 2000, 3e-3, fits=False, tput=0.0, wall=1234)]
     w = memory_walls(frame(rows))
     assert w["memory_wall_context"].tolist() == [1235]
+
+
+def test_ridge_point_decides_where_remat_pays():
+    """Qwen2.5-7B (dkv 512): XQuant-GQA rebuilds K at rk/2 = 256 FLOP per fp16 cache byte. Below the H100's
+    ridge (295 FLOP/B) it passes fp16 in capacity-limited throughput within the first few thousand tokens;
+    above the A100's ridge (153 FLOP/B) it does not pass fp16 anywhere fp16 fits."""
+    model = loading.load_model("qwen2.5-7b")
+    configs = [specs.SchemeConfig(scheme="fp16"),
+               specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]
+    ctx = [int(x) for x in np.geomspace(1024, 2**19, 37)]
+    for gpu, expect in (("h100_sxm", (1024, 10_000)), ("a100_80gb", None)):
+        df = sweep.run([loading.load_hardware(gpu)], [model], configs, [1, 256], ctx)
+        cr = crossovers(df)
+        tp = cr[cr["metric"] == "throughput_cap_tokens_per_s"]
+        if expect:
+            assert len(tp) == 1 and expect[0] < tp["crossover"].iloc[0] < expect[1], tp.to_string()
+            assert tp["winner"].iloc[0] == "xquant_gqa-2b-absorb_v-fused"
+        else:
+            assert tp.empty, tp.to_string()
