@@ -131,3 +131,13 @@ def test_linear_memory_form_matches_exact_bytes(scheme, kw, strategy, fused):
     exact = memory(model, c, 1, T)
     per_seq = exact["cache_bytes"] + exact["transient_bytes"]
     np.testing.assert_allclose(seq_memory(model, c, schemes.layout(model, c))(T), per_seq, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme,kw", [("fp16", {}), ("kivi", {"bits": 2, "first_layers": 3}),
+                                       ("xquant_cl", {"bits": 2, "first_layers": 3}), ("xquant_yang", {"bits": 2}),
+                                       ("xquant_cl_gqa", {"bits": 2})])
+def test_layer_groups_cover_every_layer_once(scheme, kw):
+    m = loading.load_model("llama-2-7b")
+    groups = schemes.layout(m, cfg(scheme, m, **kw))
+    assert sorted(i for g in groups for i in g.layers) == list(range(m.n_layers))
+    assert all(g.count == len(g.layers) for g in groups)

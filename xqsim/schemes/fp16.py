@@ -10,7 +10,8 @@ from .ops import ROPE_FLOPS, Op, dequant_ops, elementwise, fp16_read, matmul, st
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     """K and V, dkv values each per token per layer, fp16."""
-    return (LayerGroup(model.n_layers, (tensor("k", model.dkv, 16), tensor("v", model.dkv, 16))),)
+    n = model.n_layers
+    return (LayerGroup(n, (tensor("k", model.dkv, 16), tensor("v", model.dkv, 16)), layers=tuple(range(n))),)
 
 
 def kv_weight_elems(model: ModelSpec, cfg: SchemeConfig) -> int:

@@ -52,6 +52,7 @@ class LayerGroup:
     count: int
     tensors: tuple[CacheTensor, ...]
     role: Literal["plain", "base", "delta"] = "plain"
+    layers: tuple[int, ...] = ()  # which layers (the engine needs the order; costs only the count)
 
 
 def quantized_tokens(t: CacheTensor, T: np.ndarray, R: int) -> np.ndarray:
@@ -174,7 +175,8 @@ def equivalent_bits(groups: tuple[LayerGroup, ...]) -> float:
 
 def split_layers(model: ModelSpec, cfg: SchemeConfig, make) -> tuple[LayerGroup, ...]:
     """Leading `first_layers` layers at max(first_bits, bits), the rest at `bits`; make(bits) -> tensors."""
-    f = cfg.first_layers or 0
+    f, n = cfg.first_layers or 0, model.n_layers
     fb = max(cfg.first_bits or 0, cfg.bits)
-    groups = (LayerGroup(f, make(fb)), LayerGroup(model.n_layers - f, make(cfg.bits)))
+    groups = (LayerGroup(f, make(fb), layers=tuple(range(f))),
+              LayerGroup(n - f, make(cfg.bits), layers=tuple(range(f, n))))
     return tuple(g for g in groups if g.count)

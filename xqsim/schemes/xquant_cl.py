@@ -15,9 +15,9 @@ def cl_layout(model: ModelSpec, cfg: SchemeConfig, width: int) -> tuple[LayerGro
     """first_layers-1 plain layers, the base layer (both at max(first_bits, bits)), then delta layers."""
     f, n = cfg.first_layers or 1, model.n_layers
     fb = max(cfg.first_bits or 0, cfg.bits)
-    groups = (LayerGroup(f - 1, (tensor("x", width, fb),), "plain"),
-              LayerGroup(1, (tensor("x", width, fb),), "base"),
-              LayerGroup(n - f, (tensor("dx", width, cfg.bits),), "delta"))
+    groups = (LayerGroup(f - 1, (tensor("x", width, fb),), "plain", tuple(range(f - 1))),
+              LayerGroup(1, (tensor("x", width, fb),), "base", (f - 1,)),
+              LayerGroup(n - f, (tensor("dx", width, cfg.bits),), "delta", tuple(range(f, n))))
     return tuple(g for g in groups if g.count)
 
 

@@ -24,11 +24,11 @@ def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     def bits(i: int) -> tuple[int, int]:
         return (max(fb, cfg.bits), max(fb, cfg.v_bits)) if i < f else (cfg.bits, cfg.v_bits)
 
-    counts: dict[tuple, int] = {}  # identical layers merge into one group (a step's cost is a sum)
+    layers: dict[tuple, list[int]] = {}  # identical layers merge into one group (a step's cost is a sum)
     for i in range(model.n_layers):
         shared = i % 2 == 1 and i >= share
         kb, vb = bits(i - 1 if shared else i)  # a shared layer decodes the codes of layer i-1
         key = (tensor("k", model.dkv, kb, axis="channel", shared=shared and kb < 16),
                tensor("v", model.dkv, vb, row=model.hd, shared=shared and vb < 16))
-        counts[key] = counts.get(key, 0) + 1
-    return tuple(LayerGroup(c, tensors) for tensors, c in counts.items())
+        layers.setdefault(key, []).append(i)
+    return tuple(LayerGroup(len(idx), tensors, layers=tuple(idx)) for tensors, idx in layers.items())
