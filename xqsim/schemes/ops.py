@@ -81,9 +81,9 @@ def store_ops(cfg: SchemeConfig, group: LayerGroup, B, T) -> list[Op]:
             ops.append(Op(f"append_{t.name}", "elementwise", flops=0,
                           read=B * t.width * ELEM_BYTES, write=B * t.width * ELEM_BYTES))
         if t.quantized:
-            # With a residual window one token's worth is quantized per step once T >= R (per-channel
-            # blocks of R tokens every R steps, amortized); without, the new token itself.
-            active = (T >= R) if R else 1
+            # Without a residual window the new token itself is quantized; per token with a window, the
+            # token leaving it once T > R; per channel, R tokens every R steps once T >= R (amortized).
+            active = 1 if not R else (T > R) if t.axis == "token" else (T >= R)
             ops.append(Op(f"quantize_{t.name}", "quant", flops=QUANT_FLOPS * B * t.width * active,
                           read=B * t.width * ELEM_BYTES * active, write=B * per_tok * active))
     return ops

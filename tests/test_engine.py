@@ -1,0 +1,158 @@
+"""The torch engine against the analytic model: identities, quantization error, bytes, ops."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from xqsim import loading, schemes, specs  # noqa: E402
+from xqsim.capacity import memory  # noqa: E402
+from xqsim.engine.model import Engine, Recorder  # noqa: E402
+from xqsim.engine.quant import calibrate, dequantize, pack, quantize, unpack  # noqa: E402
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-gqa"])
+def setup(request):
+    m = loading.load_model(request.param)
+    base = Engine(m, specs.SchemeConfig(scheme="fp16"), store_dtype=torch.float32, seed=1)
+    tokens = torch.randint(0, m.vocab_size, (3, STEPS), generator=torch.Generator().manual_seed(2))
+    return m, base, tokens, decode(base, tokens)
+
+
+def decode(engine: Engine, tokens, rec=None):
+    cache = engine.new_cache()
+    return torch.stack([engine.step(tokens[:, t], cache, rec) for t in range(tokens.shape[1])], 1), cache
+
+
+@pytest.mark.parametrize("scheme,kw", [
+    ("kivi", {}), ("xquant", {}), ("xquant", {"strategy": "absorb_v"}), ("xquant_cl", {}),
+    ("xquant_cl", {"first_layers": 2, "strategy": "absorb_v"}), ("xquant_gqa", {}),
+    ("xquant_gqa", {"strategy": "absorb_v", "keep_first_channel": True}), ("xquant_cl_gqa", {}),
+    ("xquant_yang", {}),
+])
+def test_unquantized_schemes_give_fp16_logits(setup, scheme, kw):
+    m, base, tokens, (ref, _) = setup
+    e = Engine(m, specs.SchemeConfig(scheme=scheme, bits=16, **kw), store_dtype=torch.float32, weights=base.w)
+    out, _ = decode(e, tokens)
+    err = (out - ref).abs().max().item()
+    assert err < 1e-4 * ref.abs().max().item(), f"{scheme} {kw}: max |logit diff| {err:.2e} over {STEPS} steps"
+
+
+def test_absorb_v_equals_remat_when_quantized(setup):
+    m, base, tokens, _ = setup
+    outs = [decode(Engine(m, specs.SchemeConfig(scheme="xquant", bits=3, group=16, strategy=st),
+                          weights=base.w), tokens)[0] for st in ("remat", "absorb_v")]
+    err = (outs[0] - outs[1]).abs().max().item()
+    assert err < 1e-4 * outs[0].abs().max().item(), f"absorb_v vs remat at 3 bits: {err:.2e}"
+
+
+@pytest.mark.parametrize("scheme,kw", [
+    ("kivi", {"group": 16, "residual": 16}), ("xquant", {"group": 16}), ("xquant_cl", {"group": 16}),
+    ("xquant_gqa", {"group": 16, "residual": 16}), ("xquant_cl_gqa", {"group": 16}),
+])
+def test_error_falls_as_bits_rise(setup, scheme, kw):
+    m, base, tokens, (ref, _) = setup
+    errs = []
+    for b in (2, 3, 4, 8):
+        out, _ = decode(Engine(m, specs.SchemeConfig(scheme=scheme, bits=b, **kw), weights=base.w), tokens)
+        errs.append((out - ref).abs().mean().item())
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), f"{scheme}: mean |logit error| at 2/3/4/8 bits {errs}"
+
+
+def test_yang_error_falls_as_bits_rise(setup):
+    m, base, tokens, (ref, _) = setup
+    errs = []
+    for b in (1, 2, 4, 8):
+        c = specs.SchemeConfig(scheme="xquant_yang", bits=b, v_bits=b, first_bits=b, group=16, residual=16)
+        out, _ = decode(Engine(m, c, weights=base.w), tokens)
+        errs.append((out - ref).abs().mean().item())
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), f"xquant_yang at K=V=1/2/4/8 bits: {errs}"
+
+
+def test_quantizer_by_hand():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0, 10.0, 13.0]])  # groups of 4: [0..3], [10, 10, 13]
+    codes, scale, zero = quantize(x, 2, 4)
+    assert scale.tolist() == [[1.0, 1.0]] and zero.tolist() == [[0.0, 10.0]]
+    assert codes.tolist() == [[0, 1, 2, 3, 0, 0, 3]]
+    assert torch.equal(dequantize(codes, scale, zero, 4), x)
+    # 7 codes at 2 bits -> 2 bytes, little-endian within a byte: 0 | 1<<2 | 2<<4 | 3<<6 = 228; 0|0|3<<4 = 48
+    assert pack(codes, 2).tolist() == [[228, 48]]
+    for b in (1, 2, 3, 4, 8):
+        c = torch.randint(0, 2**b, (5, 37), dtype=torch.uint8)
+        p = pack(c, b)
+        assert p.shape[-1] == -(-37 * b // 8) and torch.equal(unpack(p, b, 37), c)
+
+
+def test_yang_calibration_by_hand():
+    # Yang et al.: z' = z + eta*s*(2^B - 1), s' = (1 - 2 eta) s; range [0, 3] at 1 bit: s = 3, z = 0
+    s, z = calibrate(torch.tensor([3.0]), torch.tensor([0.0]), 1, 1 / 6)
+    assert s.item() == pytest.approx(2.0) and z.item() == pytest.approx(0.5)  # levels 0.5 and 2.5
+    s, z = calibrate(torch.tensor([1.0]), torch.tensor([-1.0]), 2, 0.045)
+    assert s.item() == pytest.approx(0.91) and z.item() == pytest.approx(-1 + 0.135)
+    codes, scale, zero = quantize(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), 1, 4, eta=1 / 6)
+    assert dequantize(codes, scale, zero, 4).tolist() == [[0.5, 0.5, 2.5, 2.5]]
+
+
+def test_yang_shared_layer_reuses_codes_keeps_own_scale(tiny):
+    c = specs.SchemeConfig(scheme="xquant_yang", bits=2, group=16, residual=16)
+    e = Engine(tiny, c, seed=3)
+    tokens = torch.randint(0, tiny.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    _, cache = decode(e, tokens)
+    k0, k1 = cache[0]["k"], cache[1]["k"]  # tiny: layer 1 shares layer 0's codes
+    assert k1.t.shared and k1.codes is None and k1.below is k0 and k1.n_quantized == k0.n_quantized == 32
+    assert not torch.equal(k1.scale, k0.scale)
+
+
+@pytest.mark.parametrize("scheme,kw", [
+    ("fp16", {}), ("kivi", {"bits": 2, "group": 16, "residual": 32}), ("kivi", {"bits": 3, "group": 8, "residual": 8}),
+    ("xquant", {"bits": 3, "group": 48}), ("xquant", {"bits": 4, "group": 16, "residual": 5}),
+    ("xquant_cl", {"bits": 2, "group": 32}), ("xquant_gqa", {"bits": 3, "group": 16, "residual": 16, "rank_k": 5,
+                                                              "rank_v": 7, "keep_first_channel": True}),
+    ("xquant_cl_gqa", {"bits": 2, "group": 16}), ("xquant_yang", {"bits": 2, "group": 16, "residual": 16}),
+])
+def test_cache_bytes_allocated_equal_analytic(tiny_gqa, scheme, kw):
+    c = specs.SchemeConfig(scheme=scheme, **kw)
+    e = Engine(tiny_gqa, c, seed=5)
+    B = 3
+    tokens = torch.randint(0, tiny_gqa.vocab_size, (B, 45), generator=torch.Generator().manual_seed(6))
+    cache = e.new_cache()
+    for t in range(45):
+        e.step(tokens[:, t], cache)
+        if t + 1 in (1, 7, 16, 17, 31, 32, 33, 45):
+            analytic = int(memory(tiny_gqa, c.resolved(tiny_gqa), B, np.array([t + 1]))["cache_bytes"][0])
+            assert Engine.cache_bytes(cache) == analytic, f"{c.label} at T={t + 1}"
+
+
+@pytest.mark.parametrize("scheme,kw", [
+    ("fp16", {}), ("kivi", {"bits": 2, "group": 8, "residual": 8}), ("xquant", {"bits": 2}),
+    ("xquant", {"bits": 2, "strategy": "absorb_v", "residual": 4}), ("xquant_cl", {"bits": 3}),
+    ("xquant_gqa", {"bits": 2, "group": 8, "residual": 8, "keep_first_channel": True}),
+    ("xquant_gqa", {"bits": 2, "group": 8, "residual": 8, "strategy": "absorb_v"}),
+    ("xquant_cl_gqa", {"bits": 2, "strategy": "absorb_v"}), ("xquant_yang", {"bits": 2, "group": 8, "residual": 8}),
+])
+def test_engine_ops_equal_analytic_ops(tiny_gqa, scheme, kw):
+    """The same ops (names and classes, each as often as the analytic layer counts say) and the same FLOPs,
+    the engine's taken from the shapes it computed on. Per-channel quantization happens R tokens at a time
+    (the analytic model amortizes it), so FLOPs are compared summed over a window of R steps."""
+    c = specs.SchemeConfig(scheme=scheme, **kw).resolved(tiny_gqa)
+    e = Engine(tiny_gqa, c, seed=7)
+    B, R = 2, max(c.residual or 0, 1)
+    tokens = torch.randint(0, tiny_gqa.vocab_size, (B, 24 + R), generator=torch.Generator().manual_seed(8))
+    cache = e.new_cache()
+    for t in range(24):
+        e.step(tokens[:, t], cache)
+    eng, ana = {}, {}
+    for t in range(24, 24 + R):
+        rec = Recorder()
+        e.step(tokens[:, t], cache, rec)
+        ops = schemes.step_ops(tiny_gqa, c, np.int64(B), np.int64(t + 1))
+        expanded = [(op.name, op.cls) for op in ops for _ in range(op.layers)]
+        assert sorted(expanded) == sorted((n, k) for n, k, _ in rec.ops), f"{c.label}: op names differ"
+        for n, _, f in rec.ops:
+            eng[n] = eng.get(n, 0) + f
+        for op in ops:
+            ana[op.name] = ana.get(op.name, 0) + float(op.flops) * op.layers
+    for name in ana:
+        assert eng[name] == pytest.approx(ana[name], rel=1e-12), f"{c.label} {name}: engine {eng[name]} vs {ana[name]}"

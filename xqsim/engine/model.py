@@ -1,0 +1,255 @@
+"""A Llama-style decoder in torch (RMSNorm, RoPE, MHA/GQA, SwiGLU) that decodes with any scheme's cache.
+
+Each op of a decode step runs inside `rec(name, op_class, flops)`: the FLOPs come from the shapes the op
+really computed on, so a test can hold them against the analytic op list (xqsim.schemes.ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .. import schemes
+from ..schemes.layout import LayerGroup
+from ..schemes.ops import ADD_FLOPS, DEQUANT_FLOPS, NORM_FLOPS, QUANT_FLOPS, ROPE_FLOPS, SWIGLU_FLOPS
+from ..specs import REMAT_SCHEMES, ModelSpec, SchemeConfig
+from .cache import Store
+
+
+class Recorder:
+    """Collects (name, op_class, flops) per op; a subclass may time them."""
+
+    def __init__(self):
+        self.ops: list[tuple[str, str, float]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, cls: str, flops: float = 0.0):
+        yield
+        self.ops.append((name, cls, float(flops)))
+
+
+def init_weights(spec: ModelSpec, seed: int, device, dtype) -> dict[str, torch.Tensor]:
+    """Random weights of the real shapes, seeded (never zeros): N(0, 1/sqrt(fan_in))."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, V = spec.d_model, spec.ffn_dim, spec.vocab_size
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) / math.sqrt(shape[0])).to(device, dtype)
+
+    out = {"embed": w(V, d) * math.sqrt(V), "norm": 1 + 0.1 * w(d) * math.sqrt(d)}
+    out["head"] = out["embed"].T.contiguous() if spec.tie_embeddings else w(d, V)
+    for i in range(spec.n_layers):
+        out |= {f"{i}.wq": w(d, spec.dq), f"{i}.wk": w(d, spec.dkv), f"{i}.wv": w(d, spec.dkv),
+                f"{i}.wo": w(spec.dq, d), f"{i}.w_gate": w(d, f), f"{i}.w_up": w(d, f), f"{i}.w_down": w(f, d),
+                f"{i}.attn_norm": 1 + 0.1 * w(d) * math.sqrt(d), f"{i}.mlp_norm": 1 + 0.1 * w(d) * math.sqrt(d)}
+    return out
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the last axis of x (..., T, hd) at positions pos (T,)."""
+    hd = x.shape[-1]
+    inv = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.to(torch.float32)[:, None] * inv[None, :]  # (T, hd/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class Engine:
+    """Decode with one scheme's cache. store_dtype is the cache's element type (fp16 counts 2 bytes as the
+    analytic model does; float32 storage is for identity tests on CPU)."""
+
+    def __init__(self, spec: ModelSpec, cfg: SchemeConfig, device="cpu", dtype=torch.float32,
+                 store_dtype=torch.float16, seed: int = 0, weights: dict | None = None):
+        self.spec, self.cfg = spec, cfg.resolved(spec)
+        self.device, self.dtype, self.store_dtype = torch.device(device), dtype, store_dtype
+        self.w = weights if weights is not None else init_weights(spec, seed, self.device, dtype)
+        self.groups = schemes.layout(spec, self.cfg)
+        self.group_of: dict[int, LayerGroup] = {i: g for g in self.groups for i in g.layers}
+        self._factorize()
+
+    # ------------------------------------------------------------------ SVD factors (GQA variants)
+    def _factorize(self) -> None:
+        c, s = self.cfg, self.spec
+        self.f: dict[str, torch.Tensor] = {}
+        for i in range(s.n_layers):
+            if c.scheme == "xquant_gqa":
+                for side, r in (("k", c.rank_k), ("v", c.rank_v)):
+                    U, S, Vh = torch.linalg.svd(self.w[f"{i}.w{side}"].double(), full_matrices=False)
+                    self.f[f"{i}.down_{side}"] = U[:, :r].to(self.dtype)  # (d, r)
+                    self.f[f"{i}.up_{side}"] = (S[:r, None] * Vh[:r]).to(self.dtype)  # (r, dkv)
+            elif c.scheme == "xquant_cl_gqa":
+                U, _, _ = torch.linalg.svd(torch.cat([self.w[f"{i}.wk"], self.w[f"{i}.wv"]], 1).double(),
+                                           full_matrices=False)
+                self.f[f"{i}.U"] = U[:, : c.rank_k + c.rank_v].to(self.dtype)  # (d, r)
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self) -> list[dict[str, Store]]:
+        """One dict of Stores per layer, as the analytic layout says."""
+        c = self.cfg
+        layers: list[dict[str, Store]] = []
+        for i in range(self.spec.n_layers):
+            stores = {}
+            for t in self.group_of[i].tensors:
+                eta = (c.eta_k if t.name == "k" else c.eta_v) if c.scheme == "xquant_yang" else 0.0
+                below = layers[i - 1][t.name] if t.shared else None
+                stores[t.name] = Store(t, c.group, c.residual or 0, self.store_dtype, eta or 0.0, below)
+            layers.append(stores)
+        return layers
+
+    @staticmethod
+    def cache_bytes(cache: list[dict[str, Store]]) -> int:
+        """Bytes of the tensors the cache really holds, all layers [B]."""
+        return sum(s.nbytes() for layer in cache for s in layer.values())
+
+    # ------------------------------------------------------------------ one step
+    def step(self, tokens: torch.Tensor, cache: list[dict[str, Store]], rec: Recorder | None = None):
+        """Decode one token per sequence: tokens (B,) -> logits (B, vocab); appends to the cache."""
+        rec = rec or Recorder()
+        s, w, B = self.spec, self.w, tokens.shape[0]
+        d = s.d_model
+        with rec("embedding", "elementwise"):
+            x = w["embed"][tokens][:, None, :]  # (B, 1, d)
+        acc = None
+        for i in range(s.n_layers):
+            with rec("attn_norm", "elementwise", NORM_FLOPS * B * d):
+                h = rms_norm(x, w[f"{i}.attn_norm"], s.norm_eps)  # (B, 1, d)
+            with rec("q_proj", "matmul", 2 * B * d * s.dq):
+                q = h @ w[f"{i}.wq"]  # (B, 1, dq)
+            if self.cfg.scheme in REMAT_SCHEMES:
+                o, acc = self._remat_attention(i, h, q, cache[i], acc, rec)
+            else:
+                o = self._kv_attention(i, h, q, cache[i], rec)
+            with rec("o_proj", "matmul", 2 * B * s.dq * d):
+                o = o @ w[f"{i}.wo"]  # (B, 1, d)
+            with rec("attn_residual", "elementwise", ADD_FLOPS * B * d):
+                x = x + o
+            with rec("mlp_norm", "elementwise", NORM_FLOPS * B * d):
+                h = rms_norm(x, w[f"{i}.mlp_norm"], s.norm_eps)
+            with rec("mlp_gate_up", "matmul", 2 * B * d * 2 * s.ffn_dim):
+                gate, up = h @ w[f"{i}.w_gate"], h @ w[f"{i}.w_up"]  # (B, 1, ffn) each
+            with rec("mlp_act", "elementwise", SWIGLU_FLOPS * B * s.ffn_dim):
+                a = torch.nn.functional.silu(gate) * up
+            with rec("mlp_down", "matmul", 2 * B * s.ffn_dim * d):
+                o = a @ w[f"{i}.w_down"]
+            with rec("mlp_residual", "elementwise", ADD_FLOPS * B * d):
+                x = x + o
+        with rec("final_norm", "elementwise", NORM_FLOPS * B * d):
+            x = rms_norm(x, w["norm"], s.norm_eps)
+        with rec("lm_head", "matmul", 2 * B * d * s.vocab_size):
+            return (x @ w["head"])[:, 0]  # (B, vocab)
+
+    def _store(self, stores: dict[str, Store], values: dict[str, torch.Tensor], rec: Recorder) -> None:
+        """append_<t> and quantize_<t>, in the analytic model's order."""
+        for name, v in values.items():
+            st = stores[name]
+            B, n, width = v.shape
+            if not st.t.quantized or st.R:
+                with rec(f"append_{name}", "elementwise"):
+                    k = st.append(v)
+            else:
+                k = st.append(v)
+            if st.t.quantized:
+                with rec(f"quantize_{name}", "quant", QUANT_FLOPS * B * k * width):
+                    pass  # quantization ran inside append; its FLOPs are those of the k tokens it took
+
+    def _attend(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """q (B, H, 1, hd), K and V (B, Hkv, T, hd) -> (B, 1, H*hd)."""
+        s = self.spec
+        B, H, _, hd = q.shape
+        g = H // s.n_kv_heads
+        qg = q.view(B, s.n_kv_heads, g, hd)  # (B, Hkv, g, hd)
+        p = torch.softmax(qg @ K.transpose(-1, -2) / math.sqrt(hd), dim=-1)  # (B, Hkv, g, T)
+        return (p @ V).reshape(B, 1, H * hd)
+
+    def _kv_attention(self, i, h, q, stores, rec):
+        s, w = self.spec, self.w
+        B, T0 = h.shape[0], stores["k"].tokens
+        hd, H, Hkv = s.hd, s.n_heads, s.n_kv_heads
+        pos = torch.arange(T0, T0 + 1, device=h.device)
+        with rec("kv_proj", "matmul", 2 * B * s.d_model * 2 * s.dkv):
+            k, v = h @ w[f"{i}.wk"], h @ w[f"{i}.wv"]  # (B, 1, dkv)
+        with rec("rope", "elementwise", ROPE_FLOPS * B * (s.dq + s.dkv)):
+            qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos, s.rope_theta)  # (B, H, 1, hd)
+            k = rope(k.view(B, 1, Hkv, hd).transpose(1, 2), pos, s.rope_theta).transpose(1, 2).reshape(B, 1, -1)
+        self._store(stores, {"k": k, "v": v}, rec)
+        kv = self._read(stores, rec)
+        T = stores["k"].tokens
+        with rec("attention", "attention", 4 * B * H * T * hd):
+            K = kv["k"].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            V = kv["v"].view(B, T, Hkv, hd).transpose(1, 2)
+            return self._attend(qh, K, V)
+
+    def _remat_attention(self, i, h, q, stores, acc, rec):
+        """Store this token's X (or latent, or delta), rebuild K and V for all T tokens, attend.
+        acc (B, T, d) is X^ of the CL schemes, carried from layer to layer; returned updated."""
+        s, w, c = self.spec, self.w, self.cfg
+        B, d, dkv, hd, H, Hkv = h.shape[0], s.d_model, s.dkv, s.hd, s.n_heads, s.n_kv_heads
+        role = self.group_of[i].role
+        T = next(iter(stores.values())).tokens + 1
+        pos = torch.arange(T, device=h.device)
+        x_new = h - acc[:, -1:] if role == "delta" else h  # CL: the delta against X^ of layer i-1
+        if c.scheme == "xquant_gqa":
+            with rec("down_proj", "matmul", 2 * B * d * (c.rank_k + c.rank_v)):
+                lk, lv = h @ self.f[f"{i}.down_k"], h @ self.f[f"{i}.down_v"]  # (B, 1, rk), (B, 1, rv)
+            new = ({"xk0": lk[..., :1], "xk": lk[..., 1:]} if c.keep_first_channel else {"xk": lk}) | {"xv": lv}
+        elif c.scheme == "xquant_cl_gqa":
+            U = self.f[f"{i}.U"]  # (d, r)
+            with rec("down_proj", "matmul", 2 * B * d * U.shape[1]):
+                new = {next(iter(stores)): x_new @ U}  # (B, 1, r)
+        else:
+            new = {next(iter(stores)): x_new}  # (B, 1, d)
+        with rec("rope_q", "elementwise", ROPE_FLOPS * B * s.dq):
+            qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos[-1:], s.rope_theta)  # (B, H, 1, hd)
+        self._store(stores, new, rec)
+        vals = self._read(stores, rec)  # name -> (B, T, width)
+        if c.scheme == "xquant_gqa":
+            k_src = torch.cat([vals["xk0"], vals["xk"]], -1) if c.keep_first_channel else vals["xk"]  # (B, T, rk)
+            v_src, wk, wv = vals["xv"], self.f[f"{i}.up_k"], self.f[f"{i}.up_v"]
+        else:
+            x = next(iter(vals.values()))  # (B, T, width)
+            if c.scheme == "xquant_cl_gqa":
+                U = self.f[f"{i}.U"]
+                with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
+                    x = x @ U.T  # (B, T, d)
+            if role != "plain":
+                with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
+                    acc = x if role == "base" else acc + x  # X^ (B, T, d)
+                x = acc
+            k_src = v_src = x
+            wk, wv = w[f"{i}.wk"], w[f"{i}.wv"]
+        with rec("remat_k", "remat", 2 * B * T * k_src.shape[-1] * dkv):
+            K = (k_src @ wk).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        with rec("rope_k", "elementwise", ROPE_FLOPS * B * T * dkv):
+            K = rope(K, pos, s.rope_theta)
+        if c.strategy == "absorb_v":
+            g = H // Hkv
+            with rec("attention_qk", "attention", 2 * B * H * T * hd):
+                p = torch.softmax(qh.view(B, Hkv, g, hd) @ K.transpose(-1, -2) / math.sqrt(hd), -1)  # (B,Hkv,g,T)
+            with rec("attention_px", "attention", 2 * B * H * T * v_src.shape[-1]):
+                px = p @ v_src[:, None]  # (B, Hkv, g, v_width)
+            with rec("v_absorb", "matmul", 2 * B * H * v_src.shape[-1] * hd):
+                o = torch.einsum("bkgw,wkh->bkgh", px, wv.view(-1, Hkv, hd))  # (B, Hkv, g, hd)
+            return o.reshape(B, 1, H * hd), acc
+        with rec("remat_v", "remat", 2 * B * T * v_src.shape[-1] * dkv):
+            V = (v_src @ wv).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        with rec("attention", "attention", 4 * B * H * T * hd):
+            return self._attend(qh, K, V), acc
+
+    def _read(self, stores: dict[str, Store], rec: Recorder) -> dict[str, torch.Tensor]:
+        """dequant_<t> for each quantized tensor (its quantized tokens), then every tensor as values."""
+        out = {}
+        for name, st in stores.items():
+            if st.t.quantized:
+                B = st.fp.shape[0] if st.fp is not None else st.scale.shape[0]
+                with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
+                    out[name] = st.read(self.dtype)
+            else:
+                out[name] = st.read(self.dtype)
+        return out
