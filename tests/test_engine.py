@@ -58,7 +58,8 @@ def test_error_falls_as_bits_rise(setup, scheme, kw):
     for b in (2, 3, 4, 8):
         out, _ = decode(Engine(m, specs.SchemeConfig(scheme=scheme, bits=b, **kw), weights=base.w), tokens)
         errs.append((out - ref).abs().mean().item())
-    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), f"{scheme}: mean |logit error| at 2/3/4/8 bits {errs}"
+    falling = all(a > b for a, b in zip(errs, errs[1:], strict=False))
+    assert falling, f"{scheme}: mean |logit error| at 2/3/4/8 bits {errs}"
 
 
 def test_yang_error_falls_as_bits_rise(setup):
