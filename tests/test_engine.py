@@ -102,7 +102,8 @@ def test_yang_shared_layer_reuses_codes_keeps_own_scale(tiny):
     tokens = torch.randint(0, tiny.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
     _, cache = decode(e, tokens)
     k0, k1 = cache[0]["k"], cache[1]["k"]  # tiny: layer 1 shares layer 0's codes
-    assert k1.t.shared and k1.codes is None and k1.below is k0 and k1.n_quantized == k0.n_quantized == 32
+    assert k1.t.shared and k1._codes.buf is None and k1.below is k0 and k1.n_quantized == k0.n_quantized == 32
+    assert torch.equal(k1.codes, k0.codes) and k1.nbytes() < k0.nbytes()
     assert not torch.equal(k1.scale, k0.scale)
 
 

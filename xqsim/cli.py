@@ -226,6 +226,76 @@ def _print_summary(s, batch: int, context: int) -> None:
     console.print(t)
 
 
+@app.command()
+def measure(
+    grid: Annotated[Path | None, typer.Option(help="measurement grid YAML (see measurements/h100/grid_*.yaml)")] = None,
+    model: Annotated[str | None, typer.Option(help="model name or .yaml (single configuration)")] = None,
+    scheme: Annotated[str | None, typer.Option(help=f"one of {', '.join(specs.SCHEMES)}")] = None,
+    bits: Annotated[int, typer.Option(help="code bits; 16 = unquantized")] = 16,
+    strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,
+    batch: Annotated[str, typer.Option(help="sequences")] = "1",
+    context: Annotated[str, typer.Option(help="tokens, e.g. 4k")] = "1024",
+    layers: Annotated[int | None, typer.Option(help="keep this many layers of the model")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32 (cpu), bf16 or fp16 (cuda)")] = "fp32",
+    repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 20,
+    warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="write rows to OUT.json and OUT.csv")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the (single) result as JSON")] = False,
+) -> None:
+    """Run and time decode steps of the torch engine (CUDA events on a GPU, perf_counter on CPU)."""
+    try:
+        from .engine import measure as m
+    except ImportError as err:
+        raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
+    from .sweep import write_measurements
+
+    dev, dt = m.check_device(device, dtype)
+    if grid is not None:
+        g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid)
+        specs_ = [loading.load_model(x, grid.parent, f"{grid}: field 'models.{i}'") for i, x in enumerate(g.models)]
+        configs = _scenario_configs(g, grid)
+        batches, contexts, n_layers = g.batch, g.context, g.layers
+        repeats, warmup, max_tokens = g.repeats, g.warmup, g.max_tokens
+    else:
+        if model is None or scheme is None:
+            raise UserError("command line: give --grid FILE, or --model and --scheme for one configuration")
+        specs_ = [loading.load_model(model)]
+        configs = [loading.scheme_config(scheme=scheme, bits=bits, strategy=strategy)]
+        batches, contexts, n_layers, max_tokens = [_count(batch, "batch")], [_count(context, "context")], layers, 2**62
+    if n_layers:
+        specs_ = [x.model_copy(update={"n_layers": min(n_layers, x.n_layers)}) for x in specs_]
+    if grid is None:
+        loading.resolve_for(configs[0], specs_[0])
+    info = m.device_info(dev)
+    paths = [out.with_suffix(".json"), out.with_suffix(".csv")] if out else []
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]}: already exists; choose another --out or pass --force")
+    rows: list[dict] = []
+    total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
+
+    def on_row(row: dict) -> None:
+        rows.append(row)
+        if out:
+            write_measurements(out, info, rows)
+        if not as_json:
+            what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
+            took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]
+            console.print(f"[{len(rows)}/{total}] {what}: {took}")
+
+    console.print(f"measuring {total} configurations on {info['device_name']} (torch {info['torch']})") \
+        if not as_json else None
+    try:
+        m.run_grid(specs_, configs, batches, contexts, dev, dt, repeats, warmup, max_tokens, on_row)
+    except KeyboardInterrupt:
+        print(f"xqsim: interrupted; {len(rows)} rows kept" + (f" in {paths[0]}" if out else ""), file=sys.stderr)
+        sys.exit(130)
+    if as_json:
+        print(json.dumps({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows}), indent=1))
+
+
 @hw_app.command("list")
 def hw_list() -> None:
     """Shipped hardware profiles with their spec figures."""

@@ -204,3 +204,11 @@ def list_models() -> list[ModelSpec]:
 def scheme_config(path: Path | str = "command line", **fields: Any) -> SchemeConfig:
     """Build a SchemeConfig from keyword fields, errors phrased for `path`."""
     return parse(SchemeConfig, {k: v for k, v in fields.items() if v is not None}, path)
+
+
+def resolve_for(cfg: SchemeConfig, model: ModelSpec) -> SchemeConfig:
+    """cfg with the model's defaults filled, or a UserError naming the model."""
+    try:
+        return cfg.resolved(model)
+    except UserError as err:
+        raise UserError(f"{cfg.label} on {model.name}: {err}") from None

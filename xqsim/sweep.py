@@ -177,3 +177,13 @@ def write_inputs(out: Path, scenario_path: Path, scenario: Scenario, hws, models
         "op_classes": list(OP_CLASSES),
     }
     (out / "inputs.json").write_text(json.dumps(inputs, indent=1))
+
+
+def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
+    """Measured rows as OUT.json (device, software, every row with its config and ops) and OUT.csv (flat)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"device": info, "rows": rows}, indent=1))
+    flat = [{k: v for k, v in r.items() if k not in ("config", "ops")}
+            | {f"t_{n}_s": o["time_s"] for n, o in r.get("ops", {}).items()} for r in rows]
+    pd.DataFrame(flat).assign(**{k: v for k, v in info.items() if not isinstance(v, dict)}).to_csv(
+        out.with_suffix(".csv"), index=False)

@@ -53,6 +53,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.contiguous()
     n = codes.shape[-1]
+    if 8 % bits == 0:  # whole codes per byte: no bit planes
+        per = 8 // bits
+        pad = -n % per
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], dim=-1)
+        c = codes.view(*codes.shape[:-1], -1, per)  # (..., nbytes, per)
+        out = c[..., 0].clone()
+        for j in range(1, per):
+            out |= c[..., j] << (j * bits)
+        return out
     shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
     bitplane = (codes[..., None] >> shifts) & 1  # (..., n, b)
     flat = bitplane.reshape(*codes.shape[:-1], n * bits)
@@ -67,6 +77,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack: (..., ceil(n*bits/8)) uint8 -> (..., n) uint8 codes."""
     if bits == 8:
         return packed[..., :n]
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        vals = (packed[..., None] >> shifts) & (2**bits - 1)  # (..., nbytes, 8/b)
+        return vals.reshape(*packed.shape[:-1], -1)[..., :n]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     flat = ((packed[..., None] >> shifts) & 1).reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., : n * bits]
     weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))

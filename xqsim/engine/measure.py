@@ -1,0 +1,185 @@
+"""Time decode steps of the engine: every op and the whole step, CUDA events on a GPU (perf_counter on
+CPU), warm-up, then the median of the repeats. The cache is filled with random data to the context
+asked for; each timed step is rolled back so every repeat decodes at the same context.
+
+CUDA graphs are not used: the caches grow and the steps branch in Python, so a captured graph would not
+replay the same work. Fused strategies need fused kernels the engine does not have: it runs them unfused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..capacity import memory
+from ..specs import ModelSpec, ScenarioScheme, SchemeConfig, UserError
+from .model import Engine, Recorder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MeasureGrid(BaseModel):
+    """A measurement grid: models (with the number of layers kept) x schemes x batch x context."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    models: list[str] = Field(min_length=1)
+    layers: int = Field(2, gt=0, description="layers kept of each model (per-layer costs are what we fit)")
+    schemes: list[ScenarioScheme] = Field(min_length=1)
+    batch: list[int] = Field(min_length=1)
+    context: list[int] = Field(min_length=1)
+    max_tokens: int = Field(2**20, gt=0, description="skip batch x context above this many tokens")
+    repeats: int = Field(20, ge=1)
+    warmup: int = Field(3, ge=0)
+    dtype: str = "bf16"
+
+
+class Timer(Recorder):
+    """Records each op between two clock readings: CUDA events on a GPU, perf_counter on CPU."""
+
+    def __init__(self, cuda: bool):
+        super().__init__()
+        self.cuda, self.marks = cuda, []
+
+    def _mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, cls: str, flops: float = 0.0) -> Iterator[None]:
+        start = self._mark()
+        yield
+        self.marks.append((name, cls, float(flops), start, self._mark()))
+
+    def seconds(self) -> list[tuple[str, str, float, float]]:
+        """(name, class, flops, seconds) per op; call after synchronizing."""
+        if self.cuda:
+            return [(n, c, f, a.elapsed_time(b) / 1e3) for n, c, f, a, b in self.marks]
+        return [(n, c, f, b - a) for n, c, f, a, b in self.marks]
+
+
+def fill(engine: Engine, cache, batch: int, tokens: int, seed: int = 0, chunk_values: int = 2**25) -> None:
+    """Append `tokens` random tokens to every store (values of unit scale), in chunks of ~32M values."""
+    g = torch.Generator(device=engine.device).manual_seed(seed)
+    for layer in cache:
+        for st in layer.values():
+            st.reserve(tokens + 1, batch, engine.device)
+            chunk = max(st.R or 1, chunk_values // (batch * st.t.width) // max(st.R, 1) * max(st.R, 1))
+            done = 0
+            while done < tokens:
+                n = min(chunk, tokens - done)
+                st.append(torch.randn(batch, n, st.t.width, generator=g, device=engine.device, dtype=engine.dtype))
+                done += n
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "host_cpu": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info |= {"device_name": p.name, "device_memory_bytes": p.total_memory,
+                 "driver": torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None,
+                 "sm_count": p.multi_processor_count}
+    else:
+        info["device_name"] = "cpu"
+    return info
+
+
+def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, device, dtype,
+                repeats: int = 20, warmup: int = 3, seed: int = 0, weights=None) -> dict:
+    """Time one configuration at `context` tokens (the step's own token included)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    engine = Engine(spec, cfg, device=dev, dtype=dtype, store_dtype=torch.float16, seed=seed, weights=weights)
+    cache = engine.new_cache()
+    fill(engine, cache, batch, context - 1, seed)
+    tokens = torch.randint(0, spec.vocab_size, (batch,), device=dev)
+    snaps = [[st.snapshot() for st in layer.values()] for layer in cache]
+
+    def one(rec: Recorder) -> None:
+        engine.step(tokens, cache, rec)
+        for layer, snap in zip(cache, snaps, strict=True):
+            for st, s in zip(layer.values(), snap, strict=True):
+                st.rollback(s)
+
+    for _ in range(warmup):
+        one(Recorder())
+    timers, steps = [], []
+    for _ in range(repeats):
+        t = Timer(cuda)
+        with t("step", "step"):
+            one(t)
+        timers.append(t)
+    if cuda:
+        torch.cuda.synchronize(dev)
+    per_op: dict[str, list[float]] = {}
+    flops: dict[str, tuple[str, float]] = {}
+    for t in timers:
+        rows = t.seconds()
+        steps.append(rows[-1][3])
+        sums: dict[str, float] = {}
+        for n, c, f, s in rows[:-1]:
+            sums[n] = sums.get(n, 0.0) + s
+            flops[n] = (c, flops.get(n, (c, 0.0))[1] + f / repeats)
+        for n, s in sums.items():
+            per_op.setdefault(n, []).append(s)
+    engine.step(tokens, cache)  # once more, kept: the cache now holds `context` tokens
+    analytic = memory(spec, engine.cfg, batch, np.array([context]))
+    return {
+        "cache_bytes_allocated": Engine.cache_bytes(cache),
+        "cache_bytes_analytic": int(analytic["cache_bytes"][0]),
+        "step_time_s": statistics.median(steps),
+        "step_time_p10_s": float(np.percentile(steps, 10)), "step_time_p90_s": float(np.percentile(steps, 90)),
+        "ops": {n: {"op_class": flops[n][0], "flops": flops[n][1], "time_s": statistics.median(v)}
+                for n, v in per_op.items()},
+    }
+
+
+def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list[int], contexts: list[int],
+             device, dtype, repeats: int, warmup: int, max_tokens: int,
+             on_row: Callable[[dict], None]) -> None:
+    """Measure every configuration; an out-of-memory one becomes a row with status 'oom'."""
+    for spec in specs_:
+        for cfg in configs:
+            for b in batches:
+                for t in contexts:
+                    if b * t > max_tokens:
+                        continue
+                    row = {"model": spec.name, "layers": spec.n_layers, "scheme": cfg.scheme, "label": cfg.label,
+                           "bits": cfg.bits, "strategy": cfg.strategy or "remat", "fused": cfg.fused,
+                           "batch": b, "context": t, "config": cfg.model_dump(mode="json")}
+                    try:
+                        row |= {"status": "ok"} | measure_one(spec, cfg, b, t, device, dtype, repeats, warmup)
+                    except torch.cuda.OutOfMemoryError:
+                        row["status"] = "oom"
+                    except UserError as err:
+                        row |= {"status": "invalid", "error": str(err)}
+                    finally:
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                    on_row(row)
+
+
+def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype asked for, or a UserError saying why not."""
+    if dtype not in DTYPES:
+        raise UserError(f"command line: field 'dtype': '{dtype}' is not allowed; allowed: {', '.join(DTYPES)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("command line: field 'device': cuda asked for, but torch sees no CUDA device here; "
+                        "use --device cpu")
+    if dev.type == "cpu" and dtype != "fp32":
+        raise UserError(f"command line: field 'dtype': {dtype} on cpu is not supported; use fp32 on cpu")
+    return dev, DTYPES[dtype]
