@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..capacity import memory
 from ..specs import ModelSpec, ScenarioScheme, SchemeConfig, UserError
-from .model import Engine, Recorder
+from .model import Engine, Recorder, init_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -152,6 +152,7 @@ def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list
              on_row: Callable[[dict], None]) -> None:
     """Measure every configuration; an out-of-memory one becomes a row with status 'oom'."""
     for spec in specs_:
+        weights = init_weights(spec, 0, torch.device(device), dtype)  # once per model: shared by its configs
         for cfg in configs:
             for b in batches:
                 for t in contexts:
@@ -161,7 +162,8 @@ def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list
                            "bits": cfg.bits, "strategy": cfg.strategy or "remat", "fused": cfg.fused,
                            "batch": b, "context": t, "config": cfg.model_dump(mode="json")}
                     try:
-                        row |= {"status": "ok"} | measure_one(spec, cfg, b, t, device, dtype, repeats, warmup)
+                        row |= {"status": "ok"} | measure_one(spec, cfg, b, t, device, dtype, repeats, warmup,
+                                                              weights=weights)
                     except torch.cuda.OutOfMemoryError:
                         row["status"] = "oom"
                     except UserError as err:

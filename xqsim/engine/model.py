@@ -32,11 +32,11 @@ class Recorder:
 
 def init_weights(spec: ModelSpec, seed: int, device, dtype) -> dict[str, torch.Tensor]:
     """Random weights of the real shapes, seeded (never zeros): N(0, 1/sqrt(fan_in))."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     d, f, V = spec.d_model, spec.ffn_dim, spec.vocab_size
 
-    def w(*shape):
-        return (torch.randn(*shape, generator=g) / math.sqrt(shape[0])).to(device, dtype)
+    def w(*shape):  # drawn on the device: the same seed gives other values on CPU and GPU
+        return (torch.randn(*shape, generator=g, device=device) / math.sqrt(shape[0])).to(dtype)
 
     out = {"embed": w(V, d) * math.sqrt(V), "norm": 1 + 0.1 * w(d) * math.sqrt(d)}
     out["head"] = out["embed"].T.contiguous() if spec.tie_embeddings else w(d, V)
