@@ -158,3 +158,61 @@ def test_engine_ops_equal_analytic_ops(tiny_gqa, scheme, kw):
             ana[op.name] = ana.get(op.name, 0) + float(op.flops) * op.layers
     for name in ana:
         assert eng[name] == pytest.approx(ana[name], rel=1e-12), f"{c.label} {name}: engine {eng[name]} vs {ana[name]}"
+
+
+def run_cli(monkeypatch, *args):
+    import sys
+
+    from xqsim.cli import main
+    monkeypatch.setattr(sys, "argv", ["xqsim", *args])
+    main()
+
+
+def test_measure_json_reports_allocated_bytes(monkeypatch, capsys):
+    import json
+
+    run_cli(monkeypatch, "measure", "--model", "tiny", "--scheme", "kivi", "--bits", "2", "--batch", "2",
+            "--context", "300", "--repeats", "3", "--warmup", "1", "--json")
+    r = json.loads(capsys.readouterr().out)
+    m = loading.load_model("tiny")
+    c = specs.SchemeConfig(scheme="kivi", bits=2).resolved(m)
+    assert r["status"] == "ok" and r["device"]["device_name"] == "cpu" and r["step_time_s"] > 0
+    assert r["cache_bytes_allocated"] == int(memory(m, c, 2, np.array([300]))["cache_bytes"][0])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--model", "tiny", "--scheme", "kivii"], "did you mean 'kivi'"),
+    (["--model", "tiny", "--scheme", "kivi", "--device", "cuda"], "torch sees no CUDA device"),
+    (["--model", "tiny", "--scheme", "kivi", "--dtype", "bf16"], "bf16 on cpu is not supported"),
+    (["--model", "tiny", "--scheme", "kivi", "--bits", "5"], "bits=5 is not supported by kivi"),
+])
+def test_measure_bad_input(monkeypatch, capsys, args, fragment):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "measure", *args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_measure_interrupted_keeps_rows(monkeypatch, tmp_path, capsys):
+    import json
+
+    from xqsim.engine import measure as m
+    real, calls = m.measure_one, []
+
+    def flaky(*a, **k):  # the third configuration is interrupted with Ctrl-C
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(m, "measure_one", flaky)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\nmodels: [tiny]\nschemes: [{scheme: fp16}, {scheme: xquant, bits: 2}]\n"
+                    "batch: [1]\ncontext: [64, 128]\nrepeats: 2\nwarmup: 0\ndtype: fp32\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "measure", "--grid", str(grid), "-o", str(tmp_path / "out"))
+    assert e.value.code == 130 and "2 rows kept" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["label"], r["context"], r["status"]) for r in rows] == [("fp16", 64, "ok"), ("fp16", 128, "ok")]
