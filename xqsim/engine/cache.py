@@ -78,18 +78,29 @@ class Store:
 
     def append(self, x: torch.Tensor) -> int:
         """Add n tokens (B, n, width); returns how many tokens were quantized now."""
+        self.push(x)
+        return self.flush()
+
+    def push(self, x: torch.Tensor) -> None:
+        """Write n tokens (B, n, width) into the fp16 part."""
         self._fp.append(x.to(self.dtype))
-        if not self.t.quantized:
-            return 0
-        n_fp = self._fp.n
-        if self.t.axis == "token":
-            k = max(n_fp - self.R, 0)  # sliding window: keep the last R tokens in fp16
-        else:
-            k = n_fp - n_fp % self.R  # per channel: quantize whole windows of R tokens
+
+    def flush(self) -> int:
+        """Quantize what leaves the residual window (per token) or fills it (per channel); returns the count."""
+        k = self.pending()
         if k:
             self._quantize(self.fp[:, :k])
             self._fp.drop_front(k)
         return k
+
+    def pending(self) -> int:
+        """How many fp16 tokens the next flush quantizes."""
+        if not self.t.quantized:
+            return 0
+        n_fp = self._fp.n
+        if self.t.axis == "token":
+            return max(n_fp - self.R, 0)  # sliding window: keep the last R tokens in fp16
+        return n_fp - n_fp % self.R  # per channel: quantize whole windows of R tokens
 
     def _quantize(self, x: torch.Tensor) -> None:
         B, k, w = x.shape

@@ -150,14 +150,15 @@ class Engine:
         for name, v in values.items():
             st = stores[name]
             B, n, width = v.shape
-            if not st.t.quantized or st.R:
-                with rec(f"append_{name}", "elementwise"):
-                    k = st.append(v)
-            else:
-                k = st.append(v)
-            if st.t.quantized:
-                with rec(f"quantize_{name}", "quant", QUANT_FLOPS * B * k * width):
-                    pass  # quantization ran inside append; its FLOPs are those of the k tokens it took
+            if st.t.quantized and not st.R:  # no residual window: the new token goes straight to codes
+                with rec(f"quantize_{name}", "quant", QUANT_FLOPS * B * n * width):
+                    st.append(v)
+                continue
+            with rec(f"append_{name}", "elementwise"):
+                st.push(v)
+            if st.t.quantized:  # FLOPs of the tokens it really quantizes now (R at a time per channel)
+                with rec(f"quantize_{name}", "quant", QUANT_FLOPS * B * st.pending() * width):
+                    st.flush()
 
     def _attend(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """q (B, H, 1, hd), K and V (B, Hkv, T, hd) -> (B, 1, H*hd)."""
