@@ -185,6 +185,7 @@ def test_measure_json_reports_allocated_bytes(monkeypatch, capsys):
     (["--model", "tiny", "--scheme", "kivi", "--device", "cuda"], "torch sees no CUDA device"),
     (["--model", "tiny", "--scheme", "kivi", "--dtype", "bf16"], "bf16 on cpu is not supported"),
     (["--model", "tiny", "--scheme", "kivi", "--bits", "5"], "bits=5 is not supported by kivi"),
+    (["--model", "llama-3.1-70b", "--scheme", "fp16", "--batch", "64", "--context", "1M"], "GB free; use --layers"),
 ])
 def test_measure_bad_input(monkeypatch, capsys, args, fragment):
     if "cuda" in args and torch.cuda.is_available():

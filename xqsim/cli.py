@@ -268,6 +268,7 @@ def measure(
         specs_ = [x.model_copy(update={"n_layers": min(n_layers, x.n_layers)}) for x in specs_]
     if grid is None:
         loading.resolve_for(configs[0], specs_[0])
+        m.check_fits(specs_[0], configs[0], batches[0], contexts[0], dev, dt)
     info = m.device_info(dev)
     paths = [out.with_suffix(".json"), out.with_suffix(".csv")] if out else []
     existing = [p for p in paths if p.exists()]

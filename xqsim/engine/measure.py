@@ -174,6 +174,27 @@ def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list
                     on_row(row)
 
 
+def check_fits(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, device: torch.device,
+               dtype: torch.dtype) -> None:
+    """A UserError if the analytic memory of this run (weights at the engine's dtype, cache, transient
+    buffers) exceeds the device's free memory."""
+    c = cfg.resolved(spec)
+    m = memory(spec, c, batch, np.array([context]))
+    scale = torch.finfo(dtype).bits / 8 / 2  # analytic weights and activations are 2-byte
+    need = m["weights_bytes"] * 2 * scale / spec.weight_bytes + m["cache_bytes"][0] + m["transient_bytes"][0] * scale
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import os
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free:
+        raise UserError(f"command line: {cfg.label} on {spec.name} ({spec.n_layers} layers) at batch {batch}, "
+                        f"context {context} needs about {need / 1e9:,.1f} GB (weights "
+                        f"{m['weights_bytes'] * 2 * scale / spec.weight_bytes / 1e9:,.1f}, cache "
+                        f"{m['cache_bytes'][0] / 1e9:,.1f}, transient {m['transient_bytes'][0] * scale / 1e9:,.1f}) "
+                        f"but {device.type} has {free / 1e9:,.1f} GB free; use --layers, a smaller batch or context")
+
+
 def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The device and dtype asked for, or a UserError saying why not."""
     if dtype not in DTYPES:
