@@ -29,3 +29,16 @@ def test_measured_cache_bytes_equal_analytic(path):
 def test_at_least_200_configurations_measured():
     ok = sum(r["status"] == "ok" for p in FILES for r in json.loads(p.read_text())["rows"])
     assert ok >= 200, f"{ok} measured configurations"
+
+
+def test_achieved_rates_stay_under_the_peak():
+    """Every measured op has its analytic counterpart, and no op beats the H100's spec FLOP rate: the
+    analytic FLOPs are not overcounted. Remat GEMMs run near the measured GEMM rate (~79% of 989 TFLOP/s)."""
+    from xqsim.calibrate import load_rows, op_rates, rates_by_class
+
+    _, rows = load_rows(FILES)
+    df = op_rates(rows, loading.load_hardware("h100_sxm"))
+    assert len(df) == sum(len(r["ops"]) for r in rows)
+    assert df["flops_of_peak"].max() < 1.0, df.nlargest(3, "flops_of_peak").to_string()
+    by = rates_by_class(df).set_index("op_class")
+    assert 0.6 < by.loc["remat", "flops_of_peak_median"] < 0.9, by.to_string()
