@@ -217,3 +217,43 @@ def test_measure_interrupted_keeps_rows(monkeypatch, tmp_path, capsys):
     assert e.value.code == 130 and "2 rows kept" in capsys.readouterr().err
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [(r["label"], r["context"], r["status"]) for r in rows] == [("fp16", 64, "ok"), ("fp16", 128, "ok")]
+
+
+@pytest.mark.parametrize("scheme,kw", [
+    ("kivi", {"bits": 3, "group": 8, "residual": 8}), ("xquant", {"bits": 3, "group": 16}),
+    ("xquant", {"bits": 3, "group": 16, "strategy": "absorb_v"}), ("xquant_cl", {"bits": 3, "group": 16}),
+    ("xquant_gqa", {"bits": 3, "group": 8, "residual": 8, "strategy": "absorb_v"}),
+    ("xquant_cl_gqa", {"bits": 3, "group": 16}), ("xquant_yang", {"bits": 2, "group": 8, "residual": 8}),
+])
+def test_fused_tiles_equal_unfused(setup, scheme, kw):
+    """Fused (tiles of 7 tokens, online softmax) decodes the same logits as unfused, with the same FLOPs."""
+    m, base, tokens, _ = setup
+    outs, flops = [], []
+    for fused in (False, True):
+        rec = Recorder()
+        e = Engine(m, specs.SchemeConfig(scheme=scheme, fused=fused, **kw), weights=base.w, tile=7)
+        outs.append(decode(e, tokens, rec)[0])
+        flops.append(sum(f for _, _, f in rec.ops))
+    err = (outs[0] - outs[1]).abs().max().item()
+    assert err < 1e-4 * outs[0].abs().max().item(), f"{scheme} fused vs unfused: {err:.2e}"
+    assert flops[0] == pytest.approx(flops[1], rel=1e-12)
+
+
+def test_fused_ops_equal_analytic_flops(tiny_gqa):
+    c = specs.SchemeConfig(scheme="xquant_gqa", bits=2, group=8, residual=8, fused=True).resolved(tiny_gqa)
+    e = Engine(tiny_gqa, c, seed=7, tile=5)
+    tokens = torch.randint(0, tiny_gqa.vocab_size, (2, 40), generator=torch.Generator().manual_seed(8))
+    cache = e.new_cache()
+    for t in range(32):
+        e.step(tokens[:, t], cache)
+    eng, ana = {}, {}
+    for t in range(32, 40):  # one window of R = 8 steps
+        rec = Recorder()
+        e.step(tokens[:, t], cache, rec)
+        for n, _, f in rec.ops:
+            eng[n] = eng.get(n, 0) + f
+        for op in schemes.step_ops(tiny_gqa, c, np.int64(2), np.int64(t + 1)):
+            ana[op.name] = ana.get(op.name, 0) + float(op.flops) * op.layers
+    assert eng.keys() == ana.keys()
+    for name in ana:
+        assert eng[name] == pytest.approx(ana[name], rel=1e-12), name

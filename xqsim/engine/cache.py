@@ -158,6 +158,28 @@ class Store:
             parts.append(self.fp.to(dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def read_range(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Tokens [start, end) as values (B, end-start, width), dequantizing only what they need."""
+        nq, parts = self.n_quantized, []
+        if start < nq:
+            e = min(end, nq)
+            t = self.t
+            if t.axis == "token":
+                c = unpack(self.codes[:, start:e], t.bits, t.row)  # (B, n, rows, row)
+                parts.append(dequantize(c, self.scale[:, start:e], self.zero[:, start:e], self.G, dtype).flatten(2))
+            else:
+                b0, b1 = start // self.G, -(-e // self.G)
+                c = unpack(self.codes[:, :, b0:b1], t.bits, self.G)  # (B, width, nb, G)
+                v = dequantize(c, self.scale[:, :, b0:b1, None], self.zero[:, :, b0:b1, None], self.G, dtype)
+                parts.append(v.flatten(2).transpose(1, 2)[:, start - b0 * self.G: e - b0 * self.G])
+        if end > nq:
+            parts.append(self.fp[:, max(start, nq) - nq: end - nq].to(dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def quantized_in(self, start: int, end: int) -> int:
+        """How many of tokens [start, end) are held as codes."""
+        return max(0, min(end, self.n_quantized) - start)
+
     def read_quantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The quantized tokens dequantized (B, Tq, width)."""
         t, codes = self.t, self.codes

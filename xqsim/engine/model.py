@@ -63,11 +63,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Engine:
     """Decode with one scheme's cache. store_dtype is the cache's element type (fp16 counts 2 bytes as the
-    analytic model does; float32 storage is for identity tests on CPU)."""
+    analytic model does; float32 storage is for identity tests on CPU). A fused config attends in tiles of
+    `tile` tokens (dequantize, rematerialize and attend one tile at a time, online softmax)."""
 
     def __init__(self, spec: ModelSpec, cfg: SchemeConfig, device="cpu", dtype=torch.float32,
-                 store_dtype=torch.float16, seed: int = 0, weights: dict | None = None):
-        self.spec, self.cfg = spec, cfg.resolved(spec)
+                 store_dtype=torch.float16, seed: int = 0, weights: dict | None = None, tile: int = 4096):
+        self.spec, self.cfg, self.tile = spec, cfg.resolved(spec), tile
         self.device, self.dtype, self.store_dtype = torch.device(device), dtype, store_dtype
         self.w = weights if weights is not None else init_weights(spec, seed, self.device, dtype)
         self.groups = schemes.layout(spec, self.cfg)
@@ -160,15 +161,6 @@ class Engine:
                 with rec(f"quantize_{name}", "quant", QUANT_FLOPS * B * st.pending() * width):
                     st.flush()
 
-    def _attend(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """q (B, H, 1, hd), K and V (B, Hkv, T, hd) -> (B, 1, H*hd)."""
-        s = self.spec
-        B, H, _, hd = q.shape
-        g = H // s.n_kv_heads
-        qg = q.view(B, s.n_kv_heads, g, hd)  # (B, Hkv, g, hd)
-        p = torch.softmax(qg @ K.transpose(-1, -2) / math.sqrt(hd), dim=-1)  # (B, Hkv, g, T)
-        return (p @ V).reshape(B, 1, H * hd)
-
     def _kv_attention(self, i, h, q, stores, rec):
         s, w = self.spec, self.w
         B, T0 = h.shape[0], stores["k"].tokens
@@ -180,12 +172,12 @@ class Engine:
             qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos, s.rope_theta)  # (B, H, 1, hd)
             k = rope(k.view(B, 1, Hkv, hd).transpose(1, 2), pos, s.rope_theta).transpose(1, 2).reshape(B, 1, -1)
         self._store(stores, {"k": k, "v": v}, rec)
-        kv = self._read(stores, rec)
-        T = stores["k"].tokens
-        with rec("attention", "attention", 4 * B * H * T * hd):
-            K = kv["k"].view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-            V = kv["v"].view(B, T, Hkv, hd).transpose(1, 2)
-            return self._attend(qh, K, V)
+
+        def make_tile(t0: int, t1: int):
+            kv = self._read_tile(stores, t0, t1, rec)  # (B, n, dkv) each
+            return tuple(kv[x].view(B, t1 - t0, Hkv, hd).transpose(1, 2) for x in ("k", "v"))  # (B, Hkv, n, hd)
+
+        return self._attend_tiles(qh, stores["k"].tokens, make_tile, rec)
 
     def _remat_attention(self, i, h, q, stores, acc, rec):
         """Store this token's X (or latent, or delta), rebuild K and V for all T tokens, attend.
@@ -209,48 +201,90 @@ class Engine:
         with rec("rope_q", "elementwise", ROPE_FLOPS * B * s.dq):
             qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos[-1:], s.rope_theta)  # (B, H, 1, hd)
         self._store(stores, new, rec)
-        vals = self._read(stores, rec)  # name -> (B, T, width)
-        if c.scheme == "xquant_gqa":
-            k_src = torch.cat([vals["xk0"], vals["xk"]], -1) if c.keep_first_channel else vals["xk"]  # (B, T, rk)
-            v_src, wk, wv = vals["xv"], self.f[f"{i}.up_k"], self.f[f"{i}.up_v"]
-        else:
-            x = next(iter(vals.values()))  # (B, T, width)
-            if c.scheme == "xquant_cl_gqa":
-                U = self.f[f"{i}.U"]
-                with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
-                    x = x @ U.T  # (B, T, d)
-            if role != "plain":
-                with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
-                    acc = x if role == "base" else acc + x  # X^ (B, T, d)
-                x = acc
-            k_src = v_src = x
-            wk, wv = w[f"{i}.wk"], w[f"{i}.wv"]
-        with rec("remat_k", "remat", 2 * B * T * k_src.shape[-1] * dkv):
-            K = (k_src @ wk).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        with rec("rope_k", "elementwise", ROPE_FLOPS * B * T * dkv):
-            K = rope(K, pos, s.rope_theta)
-        if c.strategy == "absorb_v":
-            g = H // Hkv
-            with rec("attention_qk", "attention", 2 * B * H * T * hd):
-                p = torch.softmax(qh.view(B, Hkv, g, hd) @ K.transpose(-1, -2) / math.sqrt(hd), -1)  # (B,Hkv,g,T)
-            with rec("attention_px", "attention", 2 * B * H * T * v_src.shape[-1]):
-                px = p @ v_src[:, None]  # (B, Hkv, g, v_width)
-            with rec("v_absorb", "matmul", 2 * B * H * v_src.shape[-1] * hd):
-                o = torch.einsum("bkgw,wkh->bkgh", px, wv.view(-1, Hkv, hd))  # (B, Hkv, g, hd)
-            return o.reshape(B, 1, H * hd), acc
-        with rec("remat_v", "remat", 2 * B * T * v_src.shape[-1] * dkv):
-            V = (v_src @ wv).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        with rec("attention", "attention", 4 * B * H * T * hd):
-            return self._attend(qh, K, V), acc
+        absorb = c.strategy == "absorb_v"
+        if role == "base":
+            acc = torch.empty(B, T, d, device=h.device, dtype=self.dtype)  # X^ (B, T, d), filled tile by tile
 
-    def _read(self, stores: dict[str, Store], rec: Recorder) -> dict[str, torch.Tensor]:
-        """dequant_<t> for each quantized tensor (its quantized tokens), then every tensor as values."""
+        def make_tile(t0: int, t1: int):
+            n = t1 - t0
+            vals = self._read_tile(stores, t0, t1, rec)  # name -> (B, n, width)
+            if c.scheme == "xquant_gqa":
+                k_src = torch.cat([vals["xk0"], vals["xk"]], -1) if c.keep_first_channel else vals["xk"]  # (B,n,rk)
+                v_src, wk, wv = vals["xv"], self.f[f"{i}.up_k"], self.f[f"{i}.up_v"]
+            else:
+                x = next(iter(vals.values()))  # (B, n, width)
+                if c.scheme == "xquant_cl_gqa":
+                    U = self.f[f"{i}.U"]
+                    with rec("up_proj", "remat", 2 * B * n * U.shape[1] * d):
+                        x = x @ U.T  # (B, n, d)
+                if role != "plain":
+                    with rec("accumulate", "elementwise", ADD_FLOPS * B * n * d * (role == "delta")):
+                        if role == "base":
+                            acc[:, t0:t1] = x
+                        else:
+                            acc[:, t0:t1] += x
+                    x = acc[:, t0:t1]
+                k_src = v_src = x
+                wk, wv = w[f"{i}.wk"], w[f"{i}.wv"]
+            with rec("remat_k", "remat", 2 * B * n * k_src.shape[-1] * dkv):
+                K = (k_src @ wk).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
+            with rec("rope_k", "elementwise", ROPE_FLOPS * B * n * dkv):
+                K = rope(K, pos[t0:t1], s.rope_theta)
+            if absorb:
+                return K, v_src
+            with rec("remat_v", "remat", 2 * B * n * v_src.shape[-1] * dkv):
+                return K, (v_src @ wv).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
+
+        wv = self.f[f"{i}.up_v"] if c.scheme == "xquant_gqa" else w[f"{i}.wv"]
+        return self._attend_tiles(qh, T, make_tile, rec, wv if absorb else None), acc
+
+    def _read_tile(self, stores: dict[str, Store], t0: int, t1: int, rec: Recorder) -> dict[str, torch.Tensor]:
+        """Tokens [t0, t1) of every tensor as values; dequant_<t> for the quantized ones."""
         out = {}
         for name, st in stores.items():
             if st.t.quantized:
                 B = st.fp.shape[0] if st.fp is not None else st.scale.shape[0]
-                with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
-                    out[name] = st.read(self.dtype)
+                flops = DEQUANT_FLOPS * B * st.quantized_in(t0, t1) * st.t.width
+                with rec(f"dequant_{name}", "dequant", flops):
+                    out[name] = st.read_range(t0, t1, self.dtype)
             else:
-                out[name] = st.read(self.dtype)
+                out[name] = st.read_range(t0, t1, self.dtype)
         return out
+
+    def _attend_tiles(self, qh: torch.Tensor, T: int, make_tile, rec: Recorder, wv_absorb=None) -> torch.Tensor:
+        """Attention of q (B, H, 1, hd) over T tokens, tile by tile with an online softmax.
+
+        Unfused, one tile spans the context (every intermediate exists whole, as the analytic model says);
+        fused, tiles of `self.tile` tokens: no intermediate is larger than a tile. make_tile(t0, t1) gives
+        K (B, Hkv, n, hd) and V (B, Hkv, n, hd), or with absorb_v the value source (B, n, width)."""
+        s = self.spec
+        B, H, _, hd = qh.shape
+        Hkv, g = s.n_kv_heads, H // s.n_kv_heads
+        qg = qh.view(B, Hkv, g, hd) / math.sqrt(hd)  # (B, Hkv, g, hd)
+        tile = self.tile if self.cfg.fused else T
+        m = l = o = None
+        for t0 in range(0, T, tile):
+            t1 = min(T, t0 + tile)
+            n = t1 - t0
+            K, V = make_tile(t0, t1)
+            absorb = wv_absorb is not None
+            with rec("attention_qk" if absorb else "attention", "attention", (2 if absorb else 4) * B * H * n * hd):
+                sc = qg @ K.transpose(-1, -2)  # (B, Hkv, g, n)
+                m_new = sc.amax(-1, keepdim=True) if m is None else torch.maximum(m, sc.amax(-1, keepdim=True))
+                p = torch.exp(sc - m_new)
+                alpha = None if m is None else torch.exp(m - m_new)
+                l = p.sum(-1, keepdim=True) if l is None else l * alpha + p.sum(-1, keepdim=True)
+                if not absorb:
+                    pv = p @ V  # (B, Hkv, g, hd)
+                    o = pv if o is None else o * alpha + pv
+            if absorb:
+                with rec("attention_px", "attention", 2 * B * H * n * V.shape[-1]):
+                    pv = p @ V[:, None]  # (B, Hkv, g, width)
+                    o = pv if o is None else o * alpha + pv
+            m = m_new
+        o = o / l
+        if wv_absorb is not None:
+            with rec("v_absorb", "matmul", 2 * B * H * o.shape[-1] * hd):
+                o = torch.einsum("bkgw,wkh->bkgh", o, wv_absorb.view(-1, Hkv, hd))  # (B, Hkv, g, hd)
+        return o.reshape(B, 1, H * hd)
+
