@@ -257,3 +257,27 @@ def test_fused_ops_equal_analytic_flops(tiny_gqa):
     assert eng.keys() == ana.keys()
     for name in ana:
         assert eng[name] == pytest.approx(ana[name], rel=1e-12), name
+
+
+@pytest.mark.parametrize("scheme,kw", [
+    ("fp16", {}), ("kivi", {"bits": 16}), ("xquant", {"bits": 16}), ("xquant_cl", {"bits": 16, "first_layers": 1}),
+    ("xquant_gqa", {"bits": 16, "keep_first_channel": True}), ("xquant_cl_gqa", {"bits": 16}),
+])
+def test_prefill_then_decode_equals_decoding_from_scratch(setup, scheme, kw):
+    """Unquantized, a prompt run in one pass leaves the cache that token-by-token decoding leaves."""
+    m, base, tokens, (ref, _) = setup
+    e = Engine(m, specs.SchemeConfig(scheme=scheme, **kw), store_dtype=torch.float32, weights=base.w)
+    cache = e.new_cache()
+    last = e.prefill(tokens[:, :12], cache)
+    assert all(st.tokens == 12 for layer in cache for st in layer.values())
+    out = torch.stack([last] + [e.step(tokens[:, t], cache) for t in range(12, STEPS)], 1)
+    err = (out - ref[:, 11:]).abs().max().item()
+    assert err < 1e-4 * ref.abs().max().item(), f"{scheme}: {err:.2e}"
+
+
+def test_prefill_fills_the_quantized_cache_exactly(tiny):
+    c = specs.SchemeConfig(scheme="xquant_cl", bits=2, group=16, residual=8)
+    e = Engine(tiny, c, seed=1)
+    cache = e.new_cache()
+    e.prefill(torch.randint(0, tiny.vocab_size, (3, 50), generator=torch.Generator().manual_seed(0)), cache)
+    assert Engine.cache_bytes(cache) == int(memory(tiny, c.resolved(tiny), 3, np.array([50]))["cache_bytes"][0])

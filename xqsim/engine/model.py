@@ -146,6 +146,55 @@ class Engine:
         with rec("lm_head", "matmul", 2 * B * d * s.vocab_size):
             return (x @ w["head"])[:, 0]  # (B, vocab)
 
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, cache: list[dict[str, Store]]) -> torch.Tensor:
+        """Run a prompt (B, T0) through the model at full precision (causal attention over its own K and V,
+        as KIVI and XQuant do), fill the cache with what each layer stores, return the last logits (B, vocab)."""
+        s, w = self.spec, self.w
+        B, T0 = tokens.shape
+        H, Hkv, hd = s.n_heads, s.n_kv_heads, s.hd
+        pos = torch.arange(T0, device=tokens.device)
+        x = w["embed"][tokens]  # (B, T0, d)
+        acc = None
+        for i in range(s.n_layers):
+            h = rms_norm(x, w[f"{i}.attn_norm"], s.norm_eps)  # (B, T0, d)
+            q = rope((h @ w[f"{i}.wq"]).view(B, T0, H, hd).transpose(1, 2), pos, s.rope_theta)  # (B, H, T0, hd)
+            k = rope((h @ w[f"{i}.wk"]).view(B, T0, Hkv, hd).transpose(1, 2), pos, s.rope_theta)  # (B, Hkv, T0, hd)
+            v = (h @ w[f"{i}.wv"]).view(B, T0, Hkv, hd).transpose(1, 2)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), is_causal=True)
+            x = x + o.transpose(1, 2).reshape(B, T0, H * hd) @ w[f"{i}.wo"]
+            hm = rms_norm(x, w[f"{i}.mlp_norm"], s.norm_eps)
+            x = x + (torch.nn.functional.silu(hm @ w[f"{i}.w_gate"]) * (hm @ w[f"{i}.w_up"])) @ w[f"{i}.w_down"]
+            acc = self._prefill_store(i, h, k, v, cache[i], acc)
+        return rms_norm(x[:, -1], w["norm"], s.norm_eps) @ w["head"]
+
+    def _prefill_store(self, i, h, k, v, stores, acc):
+        """What layer i caches for the prompt; the CL schemes rebuild X^ from what they stored."""
+        c, role = self.cfg, self.group_of[i].role
+        B, T0, _ = h.shape
+        if c.scheme not in REMAT_SCHEMES:
+            stores["k"].append(k.transpose(1, 2).reshape(B, T0, -1))  # post-RoPE keys (B, T0, dkv)
+            stores["v"].append(v.transpose(1, 2).reshape(B, T0, -1))
+            return acc
+        if c.scheme == "xquant_gqa":
+            lk, lv = h @ self.f[f"{i}.down_k"], h @ self.f[f"{i}.down_v"]
+            if c.keep_first_channel:
+                stores["xk0"].append(lk[..., :1])
+                lk = lk[..., 1:]
+            stores["xk"].append(lk)
+            stores["xv"].append(lv)
+            return acc
+        st = next(iter(stores.values()))
+        U = self.f.get(f"{i}.U")
+        x = h - acc if role == "delta" else h  # (B, T0, d)
+        st.append(x @ U if U is not None else x)
+        if role == "plain":
+            return acc
+        back = st.read(self.dtype)
+        back = back @ U.T if U is not None else back  # (B, T0, d)
+        return back if role == "base" else acc + back
+
     def _store(self, stores: dict[str, Store], values: dict[str, torch.Tensor], rec: Recorder) -> None:
         """append_<t> and quantize_<t>, in the analytic model's order."""
         for name, v in values.items():
