@@ -249,8 +249,6 @@ def measure(
         from .engine import measure as m
     except ImportError as err:
         raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
-    from .sweep import write_measurements
-
     dev, dt = m.check_device(device, dtype)
     if grid is not None:
         g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid)
@@ -280,7 +278,7 @@ def measure(
     def on_row(row: dict) -> None:
         rows.append(row)
         if out:
-            write_measurements(out, info, rows)
+            m.write_measurements(out, info, rows)
         if not as_json:
             what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
             took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]

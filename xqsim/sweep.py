@@ -22,8 +22,6 @@ from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfi
 
 # Column order of the result table (snake_case, unit-suffixed).
 KEY_COLUMNS = ["hardware", "model", "scheme", "label", "bits", "strategy", "fused", "batch", "context"]
-MEMORY_COLUMNS = ["weights_bytes", "cache_bytes", "cache_codes_bytes", "cache_metadata_bytes",
-                  "cache_residual_bytes", "transient_bytes", "total_bytes", "capacity_bytes", "paper_cache_bytes"]
 
 
 def hardware_rates(hws: list[HardwareProfile], fitted: bool = True) -> dict[str, np.ndarray]:
@@ -178,12 +176,3 @@ def write_inputs(out: Path, scenario_path: Path, scenario: Scenario, hws, models
     }
     (out / "inputs.json").write_text(json.dumps(inputs, indent=1))
 
-
-def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
-    """Measured rows as OUT.json (device, software, every row with its config and ops) and OUT.csv (flat)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"device": info, "rows": rows}, indent=1))
-    flat = [{k: v for k, v in r.items() if k not in ("config", "ops")}
-            | {f"t_{n}_s": o["time_s"] for n, o in r.get("ops", {}).items()} for r in rows]
-    pd.DataFrame(flat).assign(**{k: v for k, v in info.items() if not isinstance(v, dict)}).to_csv(
-        out.with_suffix(".csv"), index=False)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -206,3 +209,13 @@ def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if dev.type == "cpu" and dtype != "fp32":
         raise UserError(f"command line: field 'dtype': {dtype} on cpu is not supported; use fp32 on cpu")
     return dev, DTYPES[dtype]
+
+
+def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
+    """Measured rows as OUT.json (device, software, every row with its config and ops) and OUT.csv (flat)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"device": info, "rows": rows}, indent=1))
+    flat = [{k: v for k, v in r.items() if k not in ("config", "ops")}
+            | {f"t_{n}_s": o["time_s"] for n, o in r.get("ops", {}).items()} for r in rows]
+    pd.DataFrame(flat).assign(**{k: v for k, v in info.items() if not isinstance(v, dict)}).to_csv(
+        out.with_suffix(".csv"), index=False)
