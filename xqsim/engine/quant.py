@@ -43,6 +43,9 @@ def calibrate(scale: torch.Tensor, zero: torch.Tensor, bits: int, eta: float):
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype=torch.float32):
     """codes (..., n) uint8 with scale/zero (..., ceil(n/group)) -> values (..., n) in dtype."""
     n = codes.shape[-1]
+    if n % group == 0:  # whole groups: broadcast (..., ng, 1) over (..., ng, G), no expanded copies
+        g = codes.view(*codes.shape[:-1], n // group, group).to(dtype)
+        return torch.addcmul(zero.to(dtype)[..., None], g, scale.to(dtype)[..., None]).view(codes.shape)
     s = scale.to(dtype).repeat_interleave(group, dim=-1)[..., :n]
     z = zero.to(dtype).repeat_interleave(group, dim=-1)[..., :n]
     return codes.to(dtype) * s + z
