@@ -9,7 +9,8 @@ from xqsim.roofline import BOUNDS, op_table, step_time
 from xqsim.schemes.ops import Op
 
 RATES = {"mem_bytes_per_s": 1e12, "kernel_overhead_s": 1e-6,
-         **{f"{c}_flops_per_s": (100e12 if c in specs.TENSOR_CLASSES else 10e12) for c in specs.OP_CLASSES}}
+         **{f"{c}_flops_per_s": (100e12 if c in specs.TENSOR_CLASSES else 10e12) for c in specs.OP_CLASSES},
+         **{f"{c}_bytes_per_s": 1e12 for c in specs.OP_CLASSES}}
 
 
 def test_single_op_by_hand():
@@ -78,11 +79,12 @@ def test_remat_is_compute_bound_and_fp16_memory_bound_at_long_context(h100):
 
 
 def test_fitted_block_scales_rates(h100):
-    fitted = h100.model_copy(update={"fitted": specs.Fitted(source="test", mem_efficiency=0.5,
+    fitted = h100.model_copy(update={"fitted": specs.Fitted(source="test", mem_efficiency={"attention": 0.5},
                                                             compute_efficiency={"remat": 0.25},
                                                             kernel_overhead_s=7e-6)})
     r, spec = fitted.rates(), fitted.rates(fitted=False)
-    assert r["mem_bytes_per_s"] == 0.5 * spec["mem_bytes_per_s"] == 0.5 * 3.35e12
+    assert r["attention_bytes_per_s"] == 0.5 * spec["attention_bytes_per_s"] == 0.5 * 3.35e12
+    assert r["matmul_bytes_per_s"] == spec["matmul_bytes_per_s"] == r["mem_bytes_per_s"] == 3.35e12
     assert r["remat_flops_per_s"] == 0.25 * spec["remat_flops_per_s"]
     assert r["matmul_flops_per_s"] == spec["matmul_flops_per_s"]
     assert r["kernel_overhead_s"] == 7e-6 and spec["kernel_overhead_s"] == h100.kernel_overhead_s.value

@@ -2,7 +2,8 @@
 
 A kernel is one op, or the consecutive ops of a layer that share a `kernel` name (fused). Its time is
 max(compute time, memory time) + one per-kernel overhead, where compute time = sum of FLOPs / the
-achieved rate of each op's class and memory time = bytes / achieved bandwidth. Its bound is
+achieved FLOP rate of each op's class and memory time = sum of bytes / the achieved bandwidth of each
+op's class (spec peak x fitted efficiency). Its bound is
 'overhead' when the overhead exceeds the busy time, else 'compute' or 'memory', whichever is longer.
 The step's bound is the one that accounts for most of its time.
 """
@@ -30,7 +31,7 @@ def kernels(ops: list[Op]) -> list[list[Op]]:
 
 
 def _busy(op: Op, rates: dict) -> tuple:
-    return op.flops / rates[f"{op.cls}_flops_per_s"], op.bytes / rates["mem_bytes_per_s"]
+    return op.flops / rates[f"{op.cls}_flops_per_s"], op.bytes / rates[f"{op.cls}_bytes_per_s"]
 
 
 def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, np.ndarray]:

@@ -43,11 +43,12 @@ class Figure(BaseModel):
 
 
 class Fitted(BaseModel):
-    """Efficiencies fitted by calibration against measurements; absent means spec roofline (1.0)."""
+    """Efficiencies fitted by calibration against measurements; absent means the spec roofline (1.0)."""
 
     model_config = Frozen
     source: str = Field(description="measurements and date the fit comes from")
-    mem_efficiency: float = Field(1.0, gt=0, le=1.5, description="achieved / spec bandwidth")
+    mem_efficiency: dict[OpClass, Annotated[float, Field(gt=0, le=1.5)]] = Field(
+        default_factory=dict, description="achieved / spec bandwidth per op class")
     compute_efficiency: dict[OpClass, Annotated[float, Field(gt=0, le=1.5)]] = Field(
         default_factory=dict, description="achieved / spec FLOP rate per op class")
     kernel_overhead_s: float | None = Field(None, ge=0, description="fitted per-kernel overhead [s]")
@@ -101,10 +102,12 @@ class HardwareProfile(BaseModel):
         """Achieved rates used by the roofline: bandwidth, per-class FLOP/s and overhead."""
         fit = self.fitted if fitted else None
         eff = fit.compute_efficiency if fit else {}
-        out = {"mem_bytes_per_s": self.mem_bytes_per_s.value * (fit.mem_efficiency if fit else 1.0)}
+        mem = fit.mem_efficiency if fit else {}
+        out = {"mem_bytes_per_s": self.mem_bytes_per_s.value}  # the spec roof, for plots
         for cls in OP_CLASSES:
             peak = self.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
             out[f"{cls}_flops_per_s"] = peak * eff.get(cls, 1.0)
+            out[f"{cls}_bytes_per_s"] = self.mem_bytes_per_s.value * mem.get(cls, 1.0)
         overhead = fit.kernel_overhead_s if fit and fit.kernel_overhead_s is not None else None
         out["kernel_overhead_s"] = self.kernel_overhead_s.value if overhead is None else overhead
         return out
