@@ -10,7 +10,8 @@ from xqsim.schemes.ops import Op
 
 RATES = {"mem_bytes_per_s": 1e12, "kernel_overhead_s": 1e-6,
          **{f"{c}_flops_per_s": (100e12 if c in specs.TENSOR_CLASSES else 10e12) for c in specs.OP_CLASSES},
-         **{f"{c}_bytes_per_s": 1e12 for c in specs.OP_CLASSES}}
+         **{f"{c}_bytes_per_s": 1e12 for c in specs.OP_CLASSES},
+         **{f"{c}_overhead_s": 1e-6 for c in specs.OP_CLASSES}}
 
 
 def test_single_op_by_hand():

@@ -68,21 +68,19 @@ def rates_by_class(df: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- the fit
 
-def _predict(theta: np.ndarray, F, Bt, peak, bw, cls_idx, tensor_mask, n_cls: int):
-    """Op times [s]: max(F / (peak * e_c), bytes / (bw * e_m)) + overhead; theta = log of
-    (overhead, e_m per class, e_c per class); vector classes keep e_c = 1."""
-    o = np.exp(theta[0])
-    e_m = np.exp(theta[1:1 + n_cls])[cls_idx]
-    e_c = np.where(tensor_mask, np.exp(theta[1 + n_cls:1 + 2 * n_cls])[cls_idx], 1.0)
-    return np.maximum(F / (peak * e_c), Bt / (bw * e_m)) + o
+def _split(theta: np.ndarray, n: int):
+    """log-parameters -> (overhead per class, bandwidth efficiency per class, FLOP-rate efficiency per class)."""
+    return np.exp(theta[:n]), np.exp(theta[n:2 * n]), np.exp(theta[2 * n:])
 
 
-def fit(df: pd.DataFrame, hw: HardwareProfile, source: str, iterations: int = 200, min_bound: int = 3):
-    """Least squares on log time over measured ops (op_rates rows): the per-kernel overhead, the bandwidth
-    efficiency of each op class and the FLOP-rate efficiency of each tensor-core class.
+def fit(df: pd.DataFrame, hw: HardwareProfile, source: str, iterations: int = 300, min_bound: int = 3):
+    """Least squares on log time over measured ops (op_rates rows). Per op class: the overhead of one of its
+    kernels, its bandwidth efficiency and (tensor-core classes) its FLOP-rate efficiency:
+    t = max(flops / (peak * e_c), bytes / (bandwidth * e_m)) + overhead.
 
-    Returns (Fitted, report). An efficiency that binds fewer than `min_bound` ops is not determined by
-    the data: it stays at 1.0, out of the Fitted block, and the report says so."""
+    Returns (Fitted, report). A parameter that binds fewer than `min_bound` ops (never the larger term, or an
+    overhead never above the busy time) is not determined by the data: it is left out of the Fitted block
+    (the spec value or the common overhead applies) and the report names it."""
     classes = sorted(df["op_class"].unique())
     n = len(classes)
     idx = df["op_class"].map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -90,15 +88,20 @@ def fit(df: pd.DataFrame, hw: HardwareProfile, source: str, iterations: int = 20
     peak = np.where(tensor, hw.flops_per_s["bf16"].value, hw.flops_per_s["fp32"].value)
     F, Bt, t = (df[c].to_numpy(dtype=float) for c in ("flops", "bytes", "time_s"))
     bw = hw.mem_bytes_per_s.value
-    theta = np.concatenate([[np.log(max(np.median(t) * 0.1, 1e-7))], np.zeros(2 * n)])
-    used = np.ones(1 + 2 * n, dtype=bool)
-    used[1 + n:] = [c in TENSOR_CLASSES for c in classes]
+
+    def terms(th):
+        o, e_m, e_c = _split(th, n)
+        comp = F / (peak * np.where(tensor, e_c[idx], 1.0))
+        return comp, Bt / (bw * e_m[idx]), o[idx]
 
     def resid(th):
-        return np.log(_predict(th, F, Bt, peak, bw, idx, tensor, n)) - np.log(t)
+        comp, mem, o = terms(th)
+        return np.log(np.maximum(comp, mem) + o) - np.log(t)
 
-    lam = 1e-2
-    r = resid(theta)
+    theta = np.concatenate([np.full(n, np.log(max(float(np.min(t)), 1e-7))), np.zeros(2 * n)])
+    used = np.ones(3 * n, dtype=bool)
+    used[2 * n:] = [c in TENSOR_CLASSES for c in classes]
+    lam, r = 1e-2, resid(theta)
     for _ in range(iterations):  # Levenberg-Marquardt, finite-difference Jacobian in log-parameters
         J = np.zeros((len(r), used.sum()))
         for j, k in enumerate(np.nonzero(used)[0]):
@@ -109,7 +112,7 @@ def fit(df: pd.DataFrame, hw: HardwareProfile, source: str, iterations: int = 20
         step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
         trial = theta.copy()
         trial[used] += step
-        trial[1:] = np.minimum(trial[1:], np.log(1.5))  # efficiencies at most 1.5 of spec
+        trial[n:] = np.minimum(trial[n:], np.log(1.5))  # efficiencies at most 1.5 of spec
         rt = resid(trial)
         if rt @ rt < r @ r:
             theta, r, lam = trial, rt, lam / 3
@@ -117,22 +120,23 @@ def fit(df: pd.DataFrame, hw: HardwareProfile, source: str, iterations: int = 20
                 break
         else:
             lam *= 5
-    e_m = dict(zip(classes, np.exp(theta[1:1 + n]), strict=True))
-    e_c = dict(zip(classes, np.exp(theta[1 + n:]), strict=True))
-    o = float(np.exp(theta[0]))
-    comp_t = F / (peak * np.where(tensor, np.exp(theta[1 + n:])[idx], 1.0))
-    mem_t = Bt / (bw * np.exp(theta[1:1 + n])[idx])
-    bound = pd.Series(np.where(comp_t > mem_t, "compute", "memory"))
-    counts = pd.crosstab(df["op_class"].to_numpy(), bound)
-    binds = {(c, b): int(counts.loc[c, b]) if b in counts.columns else 0
-             for c in classes for b in ("compute", "memory")}
-    mem = {c: round(float(e_m[c]), 6) for c in classes if binds[(c, "memory")] >= min_bound}
-    comp = {c: round(float(e_c[c]), 6) for c in classes if c in TENSOR_CLASSES and binds[(c, "compute")] >= min_bound}
+    o, e_m, e_c = _split(theta, n)
+    comp, mem, over = terms(theta)
+    cls = df["op_class"].to_numpy()
+    binding = (("compute", comp > mem), ("memory", mem >= comp), ("overhead", over > np.maximum(comp, mem)))
+    count = {(c, kind): int(np.sum((cls == c) & m)) for c in classes for kind, m in binding}
+    keep = {kind: [c for c in classes if count[(c, kind)] >= min_bound and (kind != "compute" or c in TENSOR_CLASSES)]
+            for kind in ("compute", "memory", "overhead")}
+    overhead = {c: float(o[i]) for i, c in enumerate(classes) if c in keep["overhead"]}
+    fitted = Fitted(source=source,
+                    mem_efficiency={c: round(float(e_m[i]), 6) for i, c in enumerate(classes) if c in keep["memory"]},
+                    compute_efficiency={c: round(float(e_c[i]), 6) for i, c in enumerate(classes)
+                                        if c in keep["compute"]},
+                    kernel_overhead_s=min(overhead.values()) if overhead else None, overhead_s=overhead)
     err = np.exp(r) - 1
     report = {"n_ops": len(df), "median_abs_pct": float(100 * np.median(np.abs(err))),
-              "p90_abs_pct": float(100 * np.percentile(np.abs(err), 90)), "kernel_overhead_s": o,
-              "mem_efficiency": mem, "compute_efficiency": comp,
-              "ops_bound": {f"{c}/{b}": v for (c, b), v in binds.items()},
-              "not_determined": sorted({f"mem:{c}" for c in classes if c not in mem}
-                                       | {f"compute:{c}" for c in classes if c in TENSOR_CLASSES and c not in comp})}
-    return Fitted(source=source, mem_efficiency=mem, compute_efficiency=comp, kernel_overhead_s=o), report
+              "p90_abs_pct": float(100 * np.percentile(np.abs(err), 90)),
+              "ops_bound": {f"{c}/{k}": v for (c, k), v in count.items()},
+              "not_determined": [f"{k}:{c}" for k in ("overhead", "memory", "compute") for c in classes
+                                 if c not in keep[k] and (k != "compute" or c in TENSOR_CLASSES)]}
+    return fitted, report

@@ -1,7 +1,7 @@
 """Ops -> time on a hardware profile: the roofline, kernel by kernel, and the bound of each.
 
 A kernel is one op, or the consecutive ops of a layer that share a `kernel` name (fused). Its time is
-max(compute time, memory time) + one per-kernel overhead, where compute time = sum of FLOPs / the
+max(compute time, memory time) + one overhead (that of its first op's class), where compute time = sum of FLOPs / the
 achieved FLOP rate of each op's class and memory time = sum of bytes / the achieved bandwidth of each
 op's class (spec peak x fitted efficiency). Its bound is
 'overhead' when the overhead exceeds the busy time, else 'compute' or 'memory', whichever is longer.
@@ -36,7 +36,6 @@ def _busy(op: Op, rates: dict) -> tuple:
 
 def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, np.ndarray]:
     """Totals of one decode step; every value broadcasts over the inputs' arrays."""
-    overhead = rates["kernel_overhead_s"]
     zero = 0.0
     tot = {"flops": zero, "bytes_moved": zero, "t_compute_s": zero, "t_mem_s": zero, "t_overhead_s": zero,
            "step_time_s": zero}
@@ -44,6 +43,7 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
     by_class = dict.fromkeys(OP_CLASSES, zero)
     for kern in kernels(ops):
         n = kern[0].layers
+        overhead = rates[f"{kern[0].cls}_overhead_s"]
         parts = [_busy(op, rates) for op in kern]
         tc = sum(p[0] for p in parts)
         tm = sum(p[1] for p in parts)
@@ -81,9 +81,9 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
 
 def op_table(ops: list[Op], rates: dict) -> list[dict]:
     """One row per op (scalars): FLOPs, bytes, its own roofline time and bound, per layer and in total."""
-    overhead = float(rates["kernel_overhead_s"])
     rows = []
     for op in ops:
+        overhead = float(rates[f"{op.cls}_overhead_s"])
         tc, tm = (float(x) for x in _busy(op, rates))
         busy = max(tc, tm)
         bound = "overhead" if overhead > busy else ("compute" if tc > tm else "memory")

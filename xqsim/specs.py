@@ -52,6 +52,8 @@ class Fitted(BaseModel):
     compute_efficiency: dict[OpClass, Annotated[float, Field(gt=0, le=1.5)]] = Field(
         default_factory=dict, description="achieved / spec FLOP rate per op class")
     kernel_overhead_s: float | None = Field(None, ge=0, description="fitted per-kernel overhead [s]")
+    overhead_s: dict[OpClass, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="fitted overhead of a kernel per op class (else kernel_overhead_s) [s]")
 
 
 FlopKey = Literal["bf16", "fp16", "fp8", "int8", "tf32", "fp32"]
@@ -110,6 +112,8 @@ class HardwareProfile(BaseModel):
             out[f"{cls}_bytes_per_s"] = self.mem_bytes_per_s.value * mem.get(cls, 1.0)
         overhead = fit.kernel_overhead_s if fit and fit.kernel_overhead_s is not None else None
         out["kernel_overhead_s"] = self.kernel_overhead_s.value if overhead is None else overhead
+        for cls in OP_CLASSES:
+            out[f"{cls}_overhead_s"] = (fit.overhead_s if fit else {}).get(cls, out["kernel_overhead_s"])
         return out
 
 
