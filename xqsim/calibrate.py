@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import loading, schemes
-from .specs import TENSOR_CLASSES, Fitted, HardwareProfile, SchemeConfig
+from .specs import TENSOR_CLASSES, Fitted, HardwareProfile, SchemeConfig, UserError
 
 
 def load_rows(paths: list[Path]) -> tuple[list[dict], list[dict]]:
@@ -140,3 +140,109 @@ def fit(df: pd.DataFrame, hw: HardwareProfile, source: str, iterations: int = 30
               "not_determined": [f"{k}:{c}" for k in ("overhead", "memory", "compute") for c in classes
                                  if c not in keep[k] and (k != "compute" or c in TENSOR_CLASSES)]}
     return fitted, report
+
+
+# ----------------------------------------------------------------------------- validation
+
+REQUIRED = ("model", "layers", "config", "batch", "context", "status", "step_time_s", "ops")
+
+
+def read_measurements(paths: list[Path], device: str | None = None) -> tuple[list[dict], list[dict]]:
+    """load_rows with checks: every file a measurement file of the same device, with rows; else UserError."""
+    infos, rows = [], []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise UserError(f"{p}: file not found")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{p}: not a JSON measurement file ({err.msg} at line {err.lineno})") from None
+        if not isinstance(data, dict) or "device" not in data or "rows" not in data:
+            raise UserError(f"{p}: not an `xqsim measure` file: expected keys 'device' and 'rows'")
+        ok = [r for r in data["rows"] if r.get("status") == "ok"]
+        if not ok:
+            raise UserError(f"{p}: no measured rows (status 'ok')")
+        missing = [k for k in REQUIRED if k not in ok[0]]
+        if missing:
+            raise UserError(f"{p}: field 'rows.0': missing {', '.join(missing)}")
+        name = data["device"].get("device_name", "?")
+        if device and name != device:
+            raise UserError(f"{p}: field 'device.device_name': '{name}', but the other files are from '{device}'; "
+                            f"calibrate one device at a time")
+        device = name
+        infos.append(data["device"])
+        rows += [r | {"file": p.name} for r in ok]
+    return infos, rows
+
+
+def _family(label: str) -> str:
+    return label.split("-")[0]
+
+
+def step_predictions(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
+    """Measured vs predicted step time of every row on hw (its fitted block if any), with the predicted bound."""
+    from .roofline import BOUNDS, step_time
+
+    rates, out = hw.rates(), []
+    for r in rows:
+        model = loading.load_model(r["model"]).model_copy(update={"n_layers": r["layers"]})
+        cfg = SchemeConfig(**{k: v for k, v in r["config"].items() if v is not None}).resolved(model)
+        t = step_time(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"])), rates, False)
+        out.append({"model": r["model"], "label": r["label"], "scheme": _family(r["label"]), "batch": r["batch"],
+                    "context": r["context"], "measured_s": r["step_time_s"], "predicted_s": float(t["step_time_s"]),
+                    "regime": BOUNDS[int(t["bound_code"])]})
+    df = pd.DataFrame(out)
+    df["error_pct"] = 100 * (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
+    return df
+
+
+def error_report(df: pd.DataFrame) -> dict:
+    """n, median / p90 / max absolute % error, overall, per regime and per scheme."""
+    def stats(e: pd.Series) -> dict:
+        a = e.abs()
+        return {"n": int(len(a)), "median_abs_pct": float(a.median()), "p90_abs_pct": float(a.quantile(0.9)),
+                "max_abs_pct": float(a.max())}
+
+    return stats(df["error_pct"]) | {
+        "per_regime": {k: stats(g["error_pct"]) for k, g in df.groupby("regime")},
+        "per_scheme": {k: stats(g["error_pct"]) for k, g in df.groupby("scheme")}}
+
+
+def held_out(rows: list[dict], hw: HardwareProfile, by: str) -> pd.DataFrame:
+    """Predictions of each block of rows (one context length, or one scheme) by a fit that never saw it."""
+    key = (lambda r: r["context"]) if by == "context" else (lambda r: _family(r["label"]))
+    parts = []
+    for value in sorted({key(r) for r in rows}, key=str):
+        train = [r for r in rows if key(r) != value]
+        test = [r for r in rows if key(r) == value]
+        fitted, _ = fit(op_rates(train, hw), hw, f"held-out fit without {by}={value}")
+        parts.append(step_predictions(test, hw.model_copy(update={"fitted": fitted})).assign(held_out=f"{by}={value}"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def plot_validation(df: pd.DataFrame, path: Path) -> list[Path]:
+    """Predicted vs measured step time and error vs context, coloured by scheme (PNG and SVG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
+    for scheme, g in df.groupby("scheme"):
+        a.scatter(g["measured_s"] * 1e3, g["predicted_s"] * 1e3, s=12, label=scheme)
+        b.scatter(g["context"], g["error_pct"], s=12, label=scheme)
+    lim = [df[["measured_s", "predicted_s"]].min().min() * 1e3, df[["measured_s", "predicted_s"]].max().max() * 1e3]
+    a.plot(lim, lim, "k--", lw=1)
+    a.set(xscale="log", yscale="log", xlabel="measured step [ms]", ylabel="predicted step [ms]",
+          title="Predicted vs measured decode step")
+    b.axhline(0, color="k", lw=1)
+    b.set(xscale="log", xlabel="context [tokens]", ylabel="(predicted - measured) / measured [%]",
+          title="Error vs context")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    out = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    for p in out:
+        fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return out

@@ -295,6 +295,90 @@ def measure(
         print(json.dumps({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows}), indent=1))
 
 
+@app.command()
+def calibrate(
+    measurements: Annotated[list[Path], typer.Argument(help="`xqsim measure` JSON files of one device")],
+    hardware: Annotated[str, typer.Option(help="the profile whose spec figures the fit scales")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="profile YAML to write (default "
+                                                                  "hardware/<name>_fitted.yaml)")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
+) -> None:
+    """Fit per-class overhead and efficiencies to measured ops; write a new profile with a `fitted:` block."""
+    import datetime
+
+    import yaml
+
+    from . import calibrate as cal
+
+    hw = loading.load_hardware(hardware)
+    infos, rows = cal.read_measurements(measurements)
+    source = (f"xqsim calibrate on {len(rows)} configurations from {', '.join(p.name for p in measurements)} "
+              f"({infos[0]['device_name']}, torch {infos[0]['torch']}), {datetime.date.today().isoformat()}")
+    fitted, report = cal.fit(cal.op_rates(rows, hw), hw, source)
+    out = out or loading.HARDWARE_DIR / f"{hw.name}_fitted.yaml"
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
+    data = hw.model_copy(update={"name": out.stem, "fitted": fitted}).model_dump(mode="json", exclude_none=True)
+    out.write_text(f"# {hw.display_name} with efficiencies fitted by xqsim calibrate; spec figures unchanged\n"
+                   + yaml.safe_dump(data, sort_keys=False, width=120))
+    t = Table(title=f"Fitted on {report['n_ops']:,} measured ops: per-op median error "
+                    f"{report['median_abs_pct']:.1f}%, p90 {report['p90_abs_pct']:.1f}%", title_justify="left")
+    for c in ("op class", "overhead per kernel", "bandwidth / spec", "FLOP rate / spec"):
+        t.add_column(c)
+    for c in specs.OP_CLASSES:
+        o, m, f = fitted.overhead_s.get(c), fitted.mem_efficiency.get(c), fitted.compute_efficiency.get(c)
+        t.add_row(c, f"{o * 1e6:.1f} µs" if o else "—", f"{m:.3f}" if m else "—", f"{f:.3f}" if f else "—")
+    console.print(t)
+    if report["not_determined"]:
+        console.print(f"not determined by these measurements (spec value kept): {', '.join(report['not_determined'])}")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def validate(
+    measurements: Annotated[list[Path], typer.Argument(help="`xqsim measure` JSON files of one device")],
+    hardware: Annotated[str, typer.Option(help="profile to predict with (its fitted block if any)")],
+    transfer_from: Annotated[str | None, typer.Option(help="use this profile's fitted efficiencies on "
+                                                          "--hardware's spec figures")] = None,
+    held_out: Annotated[str | None, typer.Option(help="refit without each block: context or scheme")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="folder for the table and plots")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Predict every measured configuration; report the error overall, per regime and per scheme."""
+    from . import calibrate as cal
+
+    hw = loading.load_hardware(hardware)
+    if transfer_from:
+        src = loading.load_hardware(transfer_from)
+        if src.fitted is None:
+            raise UserError(f"command line: field 'transfer_from': {src.name} has no fitted block; "
+                            f"run xqsim calibrate first")
+        hw = hw.model_copy(update={"fitted": src.fitted.model_copy(
+            update={"source": f"transferred from {src.name}: {src.fitted.source}"})})
+    _, rows = cal.read_measurements(measurements)
+    if held_out not in (None, "context", "scheme"):
+        raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: context, scheme")
+    df = cal.held_out(rows, hw, held_out) if held_out else cal.step_predictions(rows, hw)
+    report = {"hardware": hw.name, "profile": "held-out fits" if held_out else "fitted" if hw.fitted else "spec",
+              "held_out": held_out or "none"} | cal.error_report(df)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out / "validation.csv", index=False)
+        cal.plot_validation(df, out / "validation")
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    t = Table(title=f"{len(df)} configurations on {hw.name} ({report['profile']} rates, held out: "
+                    f"{report['held_out']})", title_justify="left")
+    for c in ("", "n", "median |error|", "p90", "max"):
+        t.add_column(c, justify="left" if not c else "right")
+    blocks = [("all", report)] + [(f"regime {k}", v) for k, v in report["per_regime"].items()] + \
+        [(f"scheme {k}", v) for k, v in report["per_scheme"].items()]
+    for name, r in blocks:
+        t.add_row(name, str(r["n"]), *(f"{r[k]:.1f}%" for k in ("median_abs_pct", "p90_abs_pct", "max_abs_pct")))
+    console.print(t)
+
+
 @hw_app.command("list")
 def hw_list() -> None:
     """Shipped hardware profiles with their spec figures."""
