@@ -105,7 +105,9 @@ def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, de
     """Time one configuration at `context` tokens (the step's own token included)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    engine = Engine(spec, cfg, device=dev, dtype=dtype, store_dtype=torch.float16, seed=seed, weights=weights)
+    # cache elements in the compute dtype when it is 16-bit (bf16 on the GPU): no cast of the cache per step
+    store = dtype if torch.finfo(dtype).bits == 16 else torch.float16
+    engine = Engine(spec, cfg, device=dev, dtype=dtype, store_dtype=store, seed=seed, weights=weights)
     cache = engine.new_cache()
     fill(engine, cache, batch, context - 1, seed)
     tokens = torch.randint(0, spec.vocab_size, (batch,), device=dev)
