@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from xqsim import loading
-from xqsim.calibrate import load_rows, op_rates, rates_by_class
+from xqsim.calibrate import op_rates, rates_by_class, read_measurements
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     files = sorted((ROOT / "measurements/h100").glob("h100_*.json"))
-    infos, rows = load_rows(files)
+    infos, rows = read_measurements(files)
     hw = loading.load_hardware("h100_sxm")
     table = rates_by_class(op_rates(rows, hw))
     table.to_csv(ROOT / "measurements/h100/achieved_by_class.csv", index=False, float_format="%.4g")

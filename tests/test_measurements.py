@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xqsim import loading, specs
+from xqsim import loading
+from xqsim.calibrate import row_model_config
 from xqsim.capacity import memory
 
 FILES = sorted(Path(__file__).parent.parent.glob("measurements/h100/h100_*.json"))
@@ -19,8 +20,7 @@ def test_measured_cache_bytes_equal_analytic(path):
     rows = [r for r in data["rows"] if r["status"] == "ok"]
     assert rows and all(r["status"] in ("ok", "oom") for r in data["rows"])
     for r in rows:
-        model = loading.load_model(r["model"]).model_copy(update={"n_layers": r["layers"]})
-        cfg = specs.SchemeConfig(**{k: v for k, v in r["config"].items() if v is not None}).resolved(model)
+        model, cfg = row_model_config(r)
         expect = int(memory(model, cfg, r["batch"], np.array([r["context"]]))["cache_bytes"][0])
         assert r["cache_bytes_allocated"] == expect, f"{path.name} {r['label']} B={r['batch']} T={r['context']}"
         assert r["step_time_s"] > 0 and r["ops"]["lm_head"]["time_s"] > 0
@@ -34,9 +34,9 @@ def test_at_least_200_configurations_measured():
 def test_achieved_rates_stay_under_the_peak():
     """Every measured op has its analytic counterpart, and no op beats the H100's spec FLOP rate: the
     analytic FLOPs are not overcounted. Remat GEMMs run near the measured GEMM rate (~79% of 989 TFLOP/s)."""
-    from xqsim.calibrate import load_rows, op_rates, rates_by_class
+    from xqsim.calibrate import op_rates, rates_by_class, read_measurements
 
-    _, rows = load_rows(FILES)
+    _, rows = read_measurements(FILES)
     df = op_rates(rows, loading.load_hardware("h100_sxm"))
     assert len(df) == sum(len(r["ops"]) for r in rows)
     assert df["flops_of_peak"].max() < 1.0, df.nlargest(3, "flops_of_peak").to_string()

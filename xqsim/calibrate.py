@@ -1,9 +1,11 @@
-"""Measurements against the analytic model: achieved FLOP rate and bandwidth of each op, as a fraction
-of a profile's spec peak. (The fit of the `fitted:` block is issue 5; this is what it will stand on.)
+"""Measurements against the analytic model: the achieved FLOP rate and bandwidth of each measured op
+against a profile's spec peak, the fit of a profile's `fitted:` block, and the model's error per
+configuration, in-sample or held out.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -14,27 +16,24 @@ from . import loading, schemes
 from .specs import TENSOR_CLASSES, Fitted, HardwareProfile, SchemeConfig, UserError
 
 
-def load_rows(paths: list[Path]) -> tuple[list[dict], list[dict]]:
-    """(device info per file, measured rows with status 'ok') from `xqsim measure` JSON files."""
-    infos, rows = [], []
-    for p in paths:
-        data = json.loads(Path(p).read_text())
-        infos.append(data["device"])
-        rows += [r | {"file": Path(p).name} for r in data["rows"] if r["status"] == "ok"]
-    return infos, rows
+def row_model_config(r: dict) -> tuple:
+    """The (model with the measured number of layers, resolved SchemeConfig) a measured row ran."""
+    return _row_model_config(r["model"], r["layers"], json.dumps(r["config"], sort_keys=True))
+
+
+@functools.cache
+def _row_model_config(name: str, layers: int, config: str):
+    model = loading.load_model(name).model_copy(update={"n_layers": layers})
+    cfg = SchemeConfig(**{k: v for k, v in json.loads(config).items() if v is not None}).resolved(model)
+    return model, cfg
 
 
 def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
     """One row per measured op: its time, the analytic FLOPs and bytes, achieved rates and their share
     of the spec peak (bf16 tensor peak for matmul/attention/remat, fp32 vector peak for the rest)."""
     out = []
-    models: dict[tuple[str, int], object] = {}
     for r in rows:
-        key = (r["model"], r["layers"])
-        if key not in models:
-            models[key] = loading.load_model(r["model"]).model_copy(update={"n_layers": r["layers"]})
-        model = models[key]
-        cfg = SchemeConfig(**{k: v for k, v in r["config"].items() if v is not None}).resolved(model)
+        model, cfg = row_model_config(r)
         ops = schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"]))
         analytic: dict[str, list[float]] = {}
         for op in ops:
@@ -148,7 +147,8 @@ REQUIRED = ("model", "layers", "config", "batch", "context", "status", "step_tim
 
 
 def read_measurements(paths: list[Path], device: str | None = None) -> tuple[list[dict], list[dict]]:
-    """load_rows with checks: every file a measurement file of the same device, with rows; else UserError."""
+    """(device info per file, rows with status 'ok') from `xqsim measure` JSON files, all of one device;
+    a file that is missing, not a measurement file, empty or of another device is a UserError."""
     infos, rows = [], []
     for p in paths:
         p = Path(p)
@@ -186,8 +186,7 @@ def step_predictions(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
 
     rates, out = hw.rates(), []
     for r in rows:
-        model = loading.load_model(r["model"]).model_copy(update={"n_layers": r["layers"]})
-        cfg = SchemeConfig(**{k: v for k, v in r["config"].items() if v is not None}).resolved(model)
+        model, cfg = row_model_config(r)
         t = step_time(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"])), rates, False)
         out.append({"model": r["model"], "label": r["label"], "scheme": _family(r["label"]), "batch": r["batch"],
                     "context": r["context"], "measured_s": r["step_time_s"], "predicted_s": float(t["step_time_s"]),
