@@ -237,7 +237,8 @@ def measure(
     context: Annotated[str, typer.Option(help="tokens, e.g. 4k")] = "1024",
     layers: Annotated[int | None, typer.Option(help="keep this many layers of the model")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32 (cpu), bf16 or fp16 (cuda)")] = "fp32",
+    dtype: Annotated[str | None, typer.Option(help="fp32 (cpu), bf16 or fp16 (cuda); default: the grid's, "
+                                                  "else fp32")] = None,
     repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 20,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write rows to OUT.json and OUT.csv")] = None,
@@ -249,9 +250,9 @@ def measure(
         from .engine import measure as m
     except ImportError as err:
         raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
-    dev, dt = m.check_device(device, dtype)
-    if grid is not None:
-        g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid)
+    g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid) if grid is not None else None
+    dev, dt = m.check_device(device, dtype or (g.dtype if g else "fp32"))
+    if g is not None:
         specs_ = [loading.load_model(x, grid.parent, f"{grid}: field 'models.{i}'") for i, x in enumerate(g.models)]
         configs = _scenario_configs(g, grid)
         batches, contexts, n_layers = g.batch, g.context, g.layers

@@ -2,8 +2,9 @@
 CPU), warm-up, then the median of the repeats. The cache is filled with random data to the context
 asked for; each timed step is rolled back so every repeat decodes at the same context.
 
-CUDA graphs are not used: the caches grow and the steps branch in Python, so a captured graph would not
-replay the same work. Fused strategies need fused kernels the engine does not have: it runs them unfused.
+CUDA graphs are not used: every op is bracketed by its own event pair from Python, and the step
+branches in Python on the cache's state. A fused configuration runs as tiles (xqsim.engine.model), not as
+one fused kernel.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class MeasureGrid(BaseModel):
     max_tokens: int = Field(2**20, gt=0, description="skip batch x context above this many tokens")
     repeats: int = Field(20, ge=1)
     warmup: int = Field(3, ge=0)
-    dtype: str = "bf16"
+    dtype: str = Field("bf16", description="compute dtype; the command line's --dtype overrides it")
 
 
 class Timer(Recorder):
