@@ -283,6 +283,8 @@ def measure(
         if not as_json:
             what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
             took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]
+            if "step_time_graph_s" in row:
+                took += f" (graph {row['step_time_graph_s'] * 1e3:.3f} ms)"
             console.print(f"[{len(rows)}/{total}] {what}: {took}")
 
     console.print(f"measuring {total} configurations on {info['device_name']} (torch {info['torch']})") \

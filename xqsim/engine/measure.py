@@ -2,9 +2,13 @@
 CPU), warm-up, then the median of the repeats. The cache is filled with random data to the context
 asked for; each timed step is rolled back so every repeat decodes at the same context.
 
-CUDA graphs are not used: every op is bracketed by its own event pair from Python, and the step
-branches in Python on the cache's state. A fused configuration runs as tiles (xqsim.engine.model), not as
-one fused kernel.
+On a GPU the step is timed twice. Eager: every op and the whole step bracketed by CUDA event pairs from
+Python (`step_time_s`, per-op times), so the CPU's launch cost is in it, as in an eager server. Graph: the
+same step (and its rollback) captured once as a CUDA graph and replayed (`step_time_graph_s`): the GPU's
+own time, as a server that captures its decode step (vLLM, TensorRT-LLM) sees it. The capture applies
+because a rolled-back step at a fixed context does the same work at the same addresses every time (the
+cache is reserved up front, so nothing reallocates); where capture fails the row says why and keeps the
+eager figures. A fused configuration runs as tiles (xqsim.engine.model), not as one fused kernel.
 """
 
 from __future__ import annotations
@@ -94,11 +98,22 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info |= {"device_name": p.name, "device_memory_bytes": p.total_memory,
-                 "driver": torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None,
+                 "driver": _driver_version(),
                  "sm_count": p.multi_processor_count}
     else:
         info["device_name"] = "cpu"
     return info
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver's version, as nvidia-smi reports it (torch does not expose it)."""
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
 
 
 def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, device, dtype,
@@ -141,6 +156,7 @@ def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, de
             flops[n] = (c, flops.get(n, (c, 0.0))[1] + f / repeats)
         for n, s in sums.items():
             per_op.setdefault(n, []).append(s)
+    graph = time_graph(lambda: one(Recorder()), repeats, warmup) if cuda else {}
     engine.step(tokens, cache)  # once more, kept: the cache now holds `context` tokens
     analytic = memory(spec, engine.cfg, batch, np.array([context]))
     return {
@@ -150,7 +166,40 @@ def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, de
         "step_time_p10_s": float(np.percentile(steps, 10)), "step_time_p90_s": float(np.percentile(steps, 90)),
         "ops": {n: {"op_class": flops[n][0], "flops": flops[n][1], "time_s": statistics.median(v)}
                 for n, v in per_op.items()},
-    }
+    } | graph
+
+
+def time_graph(step: Callable[[], None], repeats: int, warmup: int) -> dict:
+    """Capture step() as a CUDA graph and time `repeats` replays: {graph: ok, step_time_graph_s, p10, p90},
+    or {graph: <why not>} when it cannot be captured (the eager figures stand alone)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants (cuBLAS workspaces)
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            step()
+    except torch.cuda.OutOfMemoryError:
+        return {"graph": "oom"}
+    except RuntimeError as err:  # an op that cannot be captured
+        torch.cuda.synchronize()
+        return {"graph": f"not captured: {str(err).splitlines()[0][:160]}"}
+    for _ in range(warmup):
+        g.replay()
+    marks = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        marks.append((a, b))
+    torch.cuda.synchronize()
+    t = [a.elapsed_time(b) / 1e3 for a, b in marks]
+    del g
+    return {"graph": "ok", "step_time_graph_s": statistics.median(t),
+            "step_time_graph_p10_s": float(np.percentile(t, 10)), "step_time_graph_p90_s": float(np.percentile(t, 90))}
 
 
 def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list[int], contexts: list[int],

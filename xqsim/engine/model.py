@@ -328,7 +328,9 @@ class Engine:
                     o = pv if o is None else o * alpha + pv
             if absorb:
                 with rec("attention_px", "attention", 2 * B * H * n * V.shape[-1]):
-                    pv = p @ V[:, None]  # (B, Hkv, g, width)
+                    # one batched matmul over the H query rows: p (B, H, n) @ X (B, n, width); broadcasting
+                    # X over the heads (p @ V[:, None]) would copy it H_kv times
+                    pv = (p.reshape(B, H, n) @ V).view(B, Hkv, g, -1)  # (B, Hkv, g, width)
                     o = pv if o is None else o * alpha + pv
             m = m_new
         o = o / l
