@@ -1,6 +1,8 @@
-"""The model's error on held-out H100 decode-step measurements: calibrate on all but one block (one
-context length, then one scheme), predict that block, for every block in turn. Prints the report; the
-last line is the median absolute error over both splits. Goal (issue 5): median <= 5%, p90 <= 12%."""
+"""The model's error on held-out H100 decode-step measurements (CUDA-graph step times, unfused
+configurations): calibrate on all but one block (one context length, then one scheme), predict that
+block, for every block in turn. Then the transfer: the fit on all H100 rows applied to the H200's spec
+figures, against the H200 set it never saw. The last line is the median absolute error over both H100
+splits. Goal (issue 5): median <= 5%, p90 <= 12%."""
 
 from __future__ import annotations
 
@@ -9,22 +11,36 @@ from pathlib import Path
 import pandas as pd
 
 from xqsim import loading
-from xqsim.calibrate import error_report, held_out, read_measurements
+from xqsim.calibrate import error_report, fit, held_out, op_errors, read_measurements, stats, step_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def line(name: str, r: dict) -> str:
+    regimes = ", ".join(f"{k} {v['median_abs_pct']:.1f}% (n={v['n']})" for k, v in r.get("per_regime", {}).items())
+    return (f"{name}: n={r['n']} median {r['median_abs_pct']:.1f}% p90 {r['p90_abs_pct']:.1f}% "
+            f"max {r['max_abs_pct']:.1f}%" + (f"; per regime: {regimes}" if regimes else ""))
+
+
 def main() -> None:
     _, rows = read_measurements(sorted((ROOT / "measurements/h100").glob("h100_*.json")))
-    hw = loading.load_hardware("h100_sxm")
+    hw = loading.load_hardware("h100_sxm").model_copy(update={"fitted": None})
     parts = []
     for by in ("context", "scheme"):
         df = held_out(rows, hw, by)
-        r = error_report(df)
-        regimes = ", ".join(f"{k} {v['median_abs_pct']:.1f}% (n={v['n']})" for k, v in r["per_regime"].items())
-        print(f"held out by {by}: n={r['n']} median {r['median_abs_pct']:.1f}% p90 {r['p90_abs_pct']:.1f}% "
-              f"max {r['max_abs_pct']:.1f}%; per regime: {regimes}")
+        print(line(f"H100 held out by {by}", error_report(df)))
         parts.append(df)
+    fitted, _ = fit(rows, hw, "all H100 rows")
+    h100 = hw.model_copy(update={"fitted": fitted})
+    r = error_report(step_predictions(rows, h100))
+    print(line("H100 in sample", r))
+    print(line("H100 fused (tiled torch) rows, in sample", r["fused_tiled"]))
+    print(line("H100 per op (eager, ops >= 50 us), in sample", stats(op_errors(rows, h100)["error_pct"])))
+    _, h200_rows = read_measurements(sorted((ROOT / "measurements/h200").glob("h200_*.json")))
+    h200 = loading.load_hardware("h200")
+    print(line("H200 spec roofline", error_report(step_predictions(h200_rows, h200, "graph"))))
+    print(line("H200 transfer of the H100 fit",
+               error_report(step_predictions(h200_rows, h200.model_copy(update={"fitted": fitted})))))
     print(f"median_abs_pct: {error_report(pd.concat(parts))['median_abs_pct']:.2f}")
 
 

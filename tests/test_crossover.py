@@ -54,7 +54,7 @@ def test_real_sweep_capacity_limited_throughput_crossovers():
     configs = [specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2, fused=True),
                specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]
     ctx = [int(x) for x in np.geomspace(1024, 2**20, 41)]
-    df = sweep.run([hw], [model], configs, [1, 16, 64, 256], ctx)
+    df = sweep.run([hw], [model], configs, [1, 16, 64, 256], ctx, fitted=False)  # the spec roofline
     cr = crossovers(df)
     tp = cr[cr["metric"] == "throughput_cap_tokens_per_s"].set_index(["scheme_a", "scheme_b"])
     assert ("fp16", "kivi-2b-fused") not in tp.index
@@ -86,7 +86,7 @@ def test_ridge_point_decides_where_remat_pays():
                specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]
     ctx = [int(x) for x in np.geomspace(1024, 2**19, 37)]
     for gpu, expect in (("h100_sxm", (1024, 10_000)), ("a100_80gb", None)):
-        df = sweep.run([loading.load_hardware(gpu)], [model], configs, [1, 256], ctx)
+        df = sweep.run([loading.load_hardware(gpu)], [model], configs, [1, 256], ctx, fitted=False)
         cr = crossovers(df)
         tp = cr[cr["metric"] == "throughput_cap_tokens_per_s"]
         if expect:

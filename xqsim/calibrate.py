@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import loading, schemes
-from .specs import TENSOR_CLASSES, Fitted, HardwareProfile, SchemeConfig, UserError
+from .specs import OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, SchemeConfig, UserError
 
 
 def row_model_config(r: dict) -> tuple:
@@ -67,78 +67,174 @@ def rates_by_class(df: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- the fit
 
-def _split(theta: np.ndarray, n: int):
-    """log-parameters -> (overhead per class, bandwidth efficiency per class, FLOP-rate efficiency per class)."""
-    return np.exp(theta[:n]), np.exp(theta[n:2 * n]), np.exp(theta[2 * n:])
+TARGETS = {"graph": "step_time_graph_s", "eager": "step_time_s"}
+# quantization and dequantization kernels come in pairs (one of each per quantized tensor and layer), so
+# their per-kernel overheads cannot be told apart from step times: one parameter serves both
+OVERHEAD_OF = {"quant": "dequant"}
 
 
-def fit(df: pd.DataFrame, hw: HardwareProfile, source: str, iterations: int = 300, min_bound: int = 3):
-    """Least squares on log time over measured ops (op_rates rows). Per op class: the overhead of one of its
-    kernels, its bandwidth efficiency and (tensor-core classes) its FLOP-rate efficiency:
-    t = max(flops / (peak * e_c), bytes / (bandwidth * e_m)) + overhead.
+def measured_step(r: dict, target: str) -> float:
+    if TARGETS[target] not in r:
+        raise UserError(f"{r.get('file', 'measurements')}: field '{TARGETS[target]}' is missing (measured without "
+                        f"CUDA graphs, e.g. on CPU); use --target eager")
+    return r[TARGETS[target]]
 
-    Returns (Fitted, report). A parameter that binds fewer than `min_bound` ops (never the larger term, or an
-    overhead never above the busy time) is not determined by the data: it is left out of the Fitted block
-    (the spec value or the common overhead applies) and the report names it."""
-    classes = sorted(df["op_class"].unique())
-    n = len(classes)
-    idx = df["op_class"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    tensor = df["op_class"].isin(TENSOR_CLASSES).to_numpy()
-    peak = np.where(tensor, hw.flops_per_s["bf16"].value, hw.flops_per_s["fp32"].value)
-    F, Bt, t = (df[c].to_numpy(dtype=float) for c in ("flops", "bytes", "time_s"))
-    bw = hw.mem_bytes_per_s.value
 
-    def terms(th):
-        o, e_m, e_c = _split(th, n)
-        comp = F / (peak * np.where(tensor, e_c[idx], 1.0))
-        return comp, Bt / (bw * e_m[idx]), o[idx]
+def default_target(rows: list[dict]) -> str:
+    """'graph' when every row has a CUDA-graph time, else 'eager'."""
+    return "graph" if all(TARGETS["graph"] in r for r in rows) else "eager"
 
-    def resid(th):
-        comp, mem, o = terms(th)
-        return np.log(np.maximum(comp, mem) + o) - np.log(t)
 
-    theta = np.concatenate([np.full(n, np.log(max(float(np.min(t)), 1e-7))), np.zeros(2 * n)])
-    used = np.ones(3 * n, dtype=bool)
-    used[2 * n:] = [c in TENSOR_CLASSES for c in classes]
-    lam, r = 1e-2, resid(theta)
-    for _ in range(iterations):  # Levenberg-Marquardt, finite-difference Jacobian in log-parameters
-        J = np.zeros((len(r), used.sum()))
-        for j, k in enumerate(np.nonzero(used)[0]):
-            d = np.zeros_like(theta)
-            d[k] = 1e-6
-            J[:, j] = (resid(theta + d) - r) / 1e-6
-        A, g = J.T @ J, J.T @ r
-        step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
-        trial = theta.copy()
-        trial[used] += step
-        trial[n:] = np.minimum(trial[n:], np.log(1.5))  # efficiencies at most 1.5 of spec
-        rt = resid(trial)
-        if rt @ rt < r @ r:
-            theta, r, lam = trial, rt, lam / 3
-            if np.abs(step).max() < 1e-9:
-                break
-        else:
-            lam *= 5
-    o, e_m, e_c = _split(theta, n)
-    comp, mem, over = terms(theta)
-    cls = df["op_class"].to_numpy()
-    binding = (("compute", comp > mem), ("memory", mem >= comp), ("overhead", over > np.maximum(comp, mem)))
-    count = {(c, kind): int(np.sum((cls == c) & m)) for c in classes for kind, m in binding}
-    keep = {kind: [c for c in classes if count[(c, kind)] >= min_bound and (kind != "compute" or c in TENSOR_CLASSES)]
-            for kind in ("compute", "memory", "overhead")}
-    overhead = {c: float(o[i]) for i, c in enumerate(classes) if c in keep["overhead"]}
-    fitted = Fitted(source=source,
-                    mem_efficiency={c: round(float(e_m[i]), 6) for i, c in enumerate(classes) if c in keep["memory"]},
-                    compute_efficiency={c: round(float(e_c[i]), 6) for i, c in enumerate(classes)
-                                        if c in keep["compute"]},
-                    kernel_overhead_s=min(overhead.values()) if overhead else None, overhead_s=overhead)
-    err = np.exp(r) - 1
-    report = {"n_ops": len(df), "median_abs_pct": float(100 * np.median(np.abs(err))),
-              "p90_abs_pct": float(100 * np.percentile(np.abs(err), 90)),
-              "ops_bound": {f"{c}/{k}": v for (c, k), v in count.items()},
-              "not_determined": [f"{k}:{c}" for k in ("overhead", "memory", "compute") for c in classes
-                                 if c not in keep[k] and (k != "compute" or c in TENSOR_CLASSES)]}
+def _design(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Every op of every row's decode step, flattened: row, kernel, class index, FLOPs, bytes, times per
+    step, bit-plane flag, and whether it is the first op of its kernel (which pays the overhead)."""
+    from .roofline import kernels
+
+    ci = {c: i for i, c in enumerate(OP_CLASSES)}
+    cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "flops", "bytes", "n", "bitplane", "first")}
+    kid = 0
+    for i, r in enumerate(rows):
+        model, cfg = row_model_config(r)
+        for kern in kernels(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"]))):
+            for j, op in enumerate(kern):
+                for k, v in (("row", i), ("kern", kid), ("cls", ci[op.cls]), ("flops", float(op.flops)),
+                             ("bytes", float(op.bytes)), ("n", op.layers), ("bitplane", op.bitplane),
+                             ("first", j == 0)):
+                    cols[k].append(v)
+            kid += 1
+    d = {k: np.asarray(v) for k, v in cols.items()}
+    d["kern_row"] = np.bincount(d["kern"], d["row"], minlength=kid) / np.maximum(
+        np.bincount(d["kern"], minlength=kid), 1)
+    d["kern_n"] = np.bincount(d["kern"], d["n"] * d["first"], minlength=kid)
+    return d
+
+
+class _Model:
+    """Step times of many rows as a function of log-parameters: per class an overhead (quant shares
+    dequant's), a bandwidth efficiency and, for tensor-core classes, a FLOP-rate efficiency; one bit-plane
+    factor. Same formula as roofline.step_time."""
+
+    def __init__(self, d: dict[str, np.ndarray], n_rows: int, hw: HardwareProfile):
+        self.d, self.n_rows = d, n_rows
+        nc = len(OP_CLASSES)
+        self.tensor = np.array([c in TENSOR_CLASSES for c in OP_CLASSES])
+        self.peak = np.array([hw.flops_per_s["bf16" if c in TENSOR_CLASSES else "fp32"].value for c in OP_CLASSES])
+        self.bw = hw.mem_bytes_per_s.value
+        over = [c for c in OP_CLASSES if c not in OVERHEAD_OF]
+        self.names = ([f"overhead:{c}" for c in over] + [f"memory:{c}" for c in OP_CLASSES]
+                      + [f"compute:{c}" for c in OP_CLASSES if c in TENSOR_CLASSES] + ["bitplane"])
+        self.o_index = np.array([over.index(OVERHEAD_OF.get(c, c)) for c in OP_CLASSES])
+        self.n_o, self.nc = len(over), nc
+
+    def unpack(self, th: np.ndarray):
+        e = np.exp(th)
+        o = e[: self.n_o][self.o_index]
+        em = e[self.n_o: self.n_o + self.nc]
+        ec = np.ones(self.nc)
+        ec[self.tensor] = e[self.n_o + self.nc: -1]
+        return o, em, ec, e[-1]
+
+    def terms(self, th: np.ndarray):
+        """Per kernel: compute time, memory time, overhead (per run) and the kernel's class."""
+        d = self.d
+        o, em, ec, bp = self.unpack(th)
+        nk = len(d["kern_n"])
+        tc = np.bincount(d["kern"], d["flops"] / (self.peak[d["cls"]] * ec[d["cls"]]), minlength=nk)
+        tm = np.bincount(d["kern"], d["bytes"] / (self.bw * em[d["cls"]]) * np.where(d["bitplane"], bp, 1.0),
+                         minlength=nk)
+        ov = np.bincount(d["kern"], o[d["cls"]] * d["first"], minlength=nk)
+        return tc, tm, ov
+
+    def step(self, th: np.ndarray) -> np.ndarray:
+        tc, tm, ov = self.terms(th)
+        t = self.d["kern_n"] * (np.maximum(tc, tm) + ov)
+        return np.bincount(self.d["kern_row"].astype(int), t, minlength=self.n_rows)
+
+    def shares(self, th: np.ndarray) -> dict[str, np.ndarray]:
+        """Per parameter, per row: the share of the predicted step its term accounts for (0 when it does not
+        bind), so a parameter no row depends on can be told apart."""
+        d, tc, tm, ov = self.d, *self.terms(th)
+        step = self.step(th)
+        kr = d["kern_row"].astype(int)
+        first = d["first"]
+        kcls = np.zeros(len(tc), dtype=int)
+        kcls[d["kern"][first]] = d["cls"][first]
+        kbp = np.bincount(d["kern"], d["bitplane"], minlength=len(tc)) > 0
+        out = {}
+        for i, c in enumerate(OP_CLASSES):
+            sel = kcls == i
+            out[f"memory:{c}"] = np.bincount(kr, d["kern_n"] * tm * (sel & (tm >= tc)), minlength=self.n_rows) / step
+            out[f"compute:{c}"] = np.bincount(kr, d["kern_n"] * tc * (sel & (tc > tm)), minlength=self.n_rows) / step
+            cls_o = [k for k in OP_CLASSES if OVERHEAD_OF.get(k, k) == c]
+            osel = np.isin(kcls, [OP_CLASSES.index(k) for k in cls_o])
+            out[f"overhead:{c}"] = np.bincount(kr, d["kern_n"] * ov * osel, minlength=self.n_rows) / step
+        out["bitplane"] = np.bincount(kr, d["kern_n"] * tm * (kbp & (tm >= tc)), minlength=self.n_rows) / step
+        return out
+
+
+def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None = None, min_rows: int = 3,
+        min_share: float = 0.005):
+    """Least squares on log step time over measured configurations (unfused ones: the engine's fused path
+    is tiles of ordinary kernels, not the fused kernel the model describes). A kernel takes
+    max(flops / (peak * e_c), bytes / (bandwidth * e_m) [* bit-plane factor]) + the overhead of its class.
+
+    Returns (Fitted, report). A parameter whose term is at least `min_share` of the predicted step in fewer
+    than `min_rows` configurations is not determined by the data: it is left out of the Fitted block (the
+    spec value applies) and the report names it."""
+    from scipy.optimize import least_squares
+
+    target = target or default_target(rows)
+    rows = [r for r in rows if not r.get("fused")]
+    if not rows:
+        raise UserError("calibrate: no unfused configurations to fit")
+    t = np.array([measured_step(r, target) for r in rows])
+    m = _Model(_design(rows), len(rows), hw)
+    n = len(m.names)
+    x0 = np.concatenate([np.full(m.n_o, np.log(5e-6)), np.zeros(n - m.n_o - 1), [0.0]])
+    lo = np.concatenate([np.full(m.n_o, np.log(1e-8)), np.full(n - m.n_o - 1, np.log(1e-3)), [0.0]])
+    hi = np.concatenate([np.full(m.n_o, np.log(1e-2)), np.full(n - m.n_o - 1, np.log(1.5)), [np.log(100.0)]])
+    sol = least_squares(lambda th: np.log(m.step(th)) - np.log(t), x0, bounds=(lo, hi), x_scale=1.0,
+                        xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=500)
+    th = sol.x
+    o, em, ec, bp = m.unpack(th)
+    shares = m.shares(th)
+    bound = {k: int(np.sum(v >= min_share)) for k, v in shares.items()}
+    keep = {k for k, v in bound.items() if v >= min_rows}
+    ci = {c: i for i, c in enumerate(OP_CLASSES)}
+    overhead = {c: float(o[ci[c]]) for c in OP_CLASSES if f"overhead:{OVERHEAD_OF.get(c, c)}" in keep}
+    fitted = Fitted(
+        source=source, target=target,
+        mem_efficiency={c: round(float(em[ci[c]]), 6) for c in OP_CLASSES if f"memory:{c}" in keep},
+        compute_efficiency={c: round(float(ec[ci[c]]), 6) for c in OP_CLASSES if f"compute:{c}" in keep},
+        kernel_overhead_s=min(overhead.values()) if overhead else None, overhead_s=overhead,
+        bitplane_factor=round(float(bp), 6) if "bitplane" in keep else None)
+    err = np.exp(sol.fun) - 1
+    report = {"n": len(rows), "target": target, "median_abs_pct": float(100 * np.median(np.abs(err))),
+              "p90_abs_pct": float(100 * np.percentile(np.abs(err), 90)), "rows_bound": bound,
+              "not_determined": [k for k in m.names if k not in keep]}
     return fitted, report
+
+
+def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = 50e-6) -> pd.DataFrame:
+    """Measured (eager, per op) vs predicted time of every op of at least `min_time_s`: below that an eager
+    op's events also time the CPU launching it. Unfused rows; predicted = own roofline time + overhead."""
+    from .roofline import op_table
+
+    rates, out = hw.rates(), []
+    for r in rows:
+        if r.get("fused"):
+            continue
+        model, cfg = row_model_config(r)
+        pred: dict[str, float] = {}
+        for o in op_table(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"])), rates):
+            pred[o["name"]] = pred.get(o["name"], 0.0) + o["time_s"] * o["layers"]
+        for name, m in r["ops"].items():
+            if m["time_s"] >= min_time_s and pred.get(name, 0) > 0:
+                out.append({"label": r["label"], "batch": r["batch"], "context": r["context"], "op": name,
+                            "op_class": m["op_class"], "measured_s": m["time_s"], "predicted_s": pred[name]})
+    df = pd.DataFrame(out)
+    df["error_pct"] = 100 * (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
+    return df
 
 
 # ----------------------------------------------------------------------------- validation
@@ -180,43 +276,56 @@ def _family(label: str) -> str:
     return label.split("-")[0]
 
 
-def step_predictions(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
-    """Measured vs predicted step time of every row on hw (its fitted block if any), with the predicted bound."""
+def step_predictions(rows: list[dict], hw: HardwareProfile, target: str | None = None) -> pd.DataFrame:
+    """Measured (`target`: the CUDA-graph or the eager step; default the fitted block's, else graph where
+    measured) vs predicted step time of every row on hw (its fitted block if any), with the predicted bound."""
     from .roofline import BOUNDS, step_time
 
+    target = target or (hw.fitted.target if hw.fitted else default_target(rows))
     rates, out = hw.rates(), []
     for r in rows:
         model, cfg = row_model_config(r)
         t = step_time(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"])), rates, False)
         out.append({"model": r["model"], "label": r["label"], "scheme": _family(r["label"]), "batch": r["batch"],
-                    "context": r["context"], "measured_s": r["step_time_s"], "predicted_s": float(t["step_time_s"]),
+                    "context": r["context"], "fused": bool(r.get("fused")), "target": target,
+                    "measured_s": measured_step(r, target), "predicted_s": float(t["step_time_s"]),
                     "regime": BOUNDS[int(t["bound_code"])]})
     df = pd.DataFrame(out)
     df["error_pct"] = 100 * (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
     return df
 
 
+def stats(e: pd.Series) -> dict:
+    """n, median, p90 and max of the absolute % errors."""
+    a = e.abs()
+    return {"n": int(len(a)), "median_abs_pct": float(a.median()), "p90_abs_pct": float(a.quantile(0.9)),
+            "max_abs_pct": float(a.max())}
+
+
 def error_report(df: pd.DataFrame) -> dict:
-    """n, median / p90 / max absolute % error, overall, per regime and per scheme."""
-    def stats(e: pd.Series) -> dict:
-        a = e.abs()
-        return {"n": int(len(a)), "median_abs_pct": float(a.median()), "p90_abs_pct": float(a.quantile(0.9)),
-                "max_abs_pct": float(a.max())}
+    """n, median / p90 / max absolute % error over the unfused rows, per regime and per scheme; the fused rows
+    (tiles of torch kernels, not the fused kernel the model describes) apart under `fused_tiled`."""
+    fused = df["fused"] if "fused" in df else pd.Series(False, index=df.index)
+    main, tiled = df[~fused], df[fused]
+    out = stats(main["error_pct"]) | {
+        "per_regime": {k: stats(g["error_pct"]) for k, g in main.groupby("regime")},
+        "per_scheme": {k: stats(g["error_pct"]) for k, g in main.groupby("scheme")}}
+    if len(tiled):
+        out["fused_tiled"] = stats(tiled["error_pct"])
+    return out
 
-    return stats(df["error_pct"]) | {
-        "per_regime": {k: stats(g["error_pct"]) for k, g in df.groupby("regime")},
-        "per_scheme": {k: stats(g["error_pct"]) for k, g in df.groupby("scheme")}}
 
-
-def held_out(rows: list[dict], hw: HardwareProfile, by: str) -> pd.DataFrame:
+def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None = None) -> pd.DataFrame:
     """Predictions of each block of rows (one context length, or one scheme) by a fit that never saw it."""
     key = (lambda r: r["context"]) if by == "context" else (lambda r: _family(r["label"]))
+    target = target or default_target(rows)
     parts = []
     for value in sorted({key(r) for r in rows}, key=str):
         train = [r for r in rows if key(r) != value]
         test = [r for r in rows if key(r) == value]
-        fitted, _ = fit(op_rates(train, hw), hw, f"held-out fit without {by}={value}")
-        parts.append(step_predictions(test, hw.model_copy(update={"fitted": fitted})).assign(held_out=f"{by}={value}"))
+        fitted, _ = fit(train, hw, f"held-out fit without {by}={value}", target)
+        parts.append(step_predictions(test, hw.model_copy(update={"fitted": fitted}), target)
+                     .assign(held_out=f"{by}={value}"))
     return pd.concat(parts, ignore_index=True)
 
 

@@ -305,8 +305,10 @@ def calibrate(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="profile YAML to write (default "
                                                                   "hardware/<name>_fitted.yaml)")] = None,
     force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
+    target: Annotated[str | None, typer.Option(help="fit the CUDA-graph step (graph, the default where "
+                                                    "measured) or the eager step (eager)")] = None,
 ) -> None:
-    """Fit per-class overhead and efficiencies to measured ops; write a new profile with a `fitted:` block."""
+    """Fit per-class overheads and efficiencies to measured steps; write a new profile with a `fitted:` block."""
     import datetime
 
     import yaml
@@ -315,23 +317,27 @@ def calibrate(
 
     hw = loading.load_hardware(hardware)
     infos, rows = cal.read_measurements(measurements)
-    source = (f"xqsim calibrate on {len(rows)} configurations from {', '.join(p.name for p in measurements)} "
+    n_fit = sum(1 for r in rows if not r.get("fused"))
+    source = (f"xqsim calibrate on {n_fit} unfused configurations from {', '.join(p.name for p in measurements)} "
               f"({infos[0]['device_name']}, torch {infos[0]['torch']}), {datetime.date.today().isoformat()}")
-    fitted, report = cal.fit(cal.op_rates(rows, hw), hw, source)
+    fitted, report = cal.fit(rows, hw, source, _target(target))
     out = out or loading.HARDWARE_DIR / f"{hw.name}_fitted.yaml"
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
     data = hw.model_copy(update={"name": out.stem, "fitted": fitted}).model_dump(mode="json", exclude_none=True)
     out.write_text(f"# {hw.display_name} with efficiencies fitted by xqsim calibrate; spec figures unchanged\n"
                    + yaml.safe_dump(data, sort_keys=False, width=120))
-    t = Table(title=f"Fitted on {report['n_ops']:,} measured ops: per-op median error "
-                    f"{report['median_abs_pct']:.1f}%, p90 {report['p90_abs_pct']:.1f}%", title_justify="left")
+    t = Table(title=f"Fitted on {report['n']:,} measured {report['target']} steps: median error "
+                    f"{report['median_abs_pct']:.1f}%, p90 {report['p90_abs_pct']:.1f}% (in sample)",
+              title_justify="left")
     for c in ("op class", "overhead per kernel", "bandwidth / spec", "FLOP rate / spec"):
         t.add_column(c)
     for c in specs.OP_CLASSES:
         o, m, f = fitted.overhead_s.get(c), fitted.mem_efficiency.get(c), fitted.compute_efficiency.get(c)
         t.add_row(c, f"{o * 1e6:.1f} µs" if o else "—", f"{m:.3f}" if m else "—", f"{f:.3f}" if f else "—")
     console.print(t)
+    if fitted.bitplane_factor:
+        console.print(f"(de)quantization of 3/5/6/7-bit codes (bit planes): x{fitted.bitplane_factor:.2f} time")
     if report["not_determined"]:
         console.print(f"not determined by these measurements (spec value kept): {', '.join(report['not_determined'])}")
     console.print(f"wrote {out}")
@@ -346,11 +352,16 @@ def validate(
     held_out: Annotated[str | None, typer.Option(help="refit without each block: context or scheme")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="folder for the table and plots")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    target: Annotated[str | None, typer.Option(help="judge against the CUDA-graph step (graph) or the eager "
+                                                    "step (eager); default: the fitted block's")] = None,
+    spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore the profile's fitted block")] = False,
 ) -> None:
     """Predict every measured configuration; report the error overall, per regime and per scheme."""
     from . import calibrate as cal
 
     hw = loading.load_hardware(hardware)
+    if spec_only or held_out:  # a held-out fit starts from the spec figures
+        hw = hw.model_copy(update={"fitted": None})
     if transfer_from:
         src = loading.load_hardware(transfer_from)
         if src.fitted is None:
@@ -361,9 +372,12 @@ def validate(
     _, rows = cal.read_measurements(measurements)
     if held_out not in (None, "context", "scheme"):
         raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: context, scheme")
-    df = cal.held_out(rows, hw, held_out) if held_out else cal.step_predictions(rows, hw)
+    target = _target(target)
+    df = cal.held_out(rows, hw, held_out, target) if held_out else cal.step_predictions(rows, hw, target)
     report = {"hardware": hw.name, "profile": "held-out fits" if held_out else "fitted" if hw.fitted else "spec",
-              "held_out": held_out or "none"} | cal.error_report(df)
+              "held_out": held_out or "none", "target": df["target"].iloc[0]} | cal.error_report(df)
+    if hw.fitted and not held_out:
+        report["per_op"] = cal.stats(cal.op_errors(rows, hw)["error_pct"])
     if out:
         out.mkdir(parents=True, exist_ok=True)
         df.to_csv(out / "validation.csv", index=False)
@@ -371,15 +385,22 @@ def validate(
     if as_json:
         print(json.dumps(report, indent=1))
         return
-    t = Table(title=f"{len(df)} configurations on {hw.name} ({report['profile']} rates, held out: "
-                    f"{report['held_out']})", title_justify="left")
+    t = Table(title=f"{len(df)} configurations on {hw.name} ({report['profile']} rates, {report['target']} "
+                    f"steps, held out: {report['held_out']})", title_justify="left")
     for c in ("", "n", "median |error|", "p90", "max"):
         t.add_column(c, justify="left" if not c else "right")
     blocks = [("all", report)] + [(f"regime {k}", v) for k, v in report["per_regime"].items()] + \
-        [(f"scheme {k}", v) for k, v in report["per_scheme"].items()]
+        [(f"scheme {k}", v) for k, v in report["per_scheme"].items()] + \
+        [(k.replace("_", " "), report[k]) for k in ("fused_tiled", "per_op") if k in report]
     for name, r in blocks:
         t.add_row(name, str(r["n"]), *(f"{r[k]:.1f}%" for k in ("median_abs_pct", "p90_abs_pct", "max_abs_pct")))
     console.print(t)
+
+
+def _target(target: str | None) -> str | None:
+    if target not in (None, "graph", "eager"):
+        raise UserError(f"command line: field 'target': '{target}' is not allowed; allowed: graph, eager")
+    return target
 
 
 @hw_app.command("list")

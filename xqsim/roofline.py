@@ -3,7 +3,8 @@
 A kernel is one op, or the consecutive ops of a layer that share a `kernel` name (fused). Its time is
 max(compute time, memory time) + one overhead (that of its first op's class), where compute time = sum of FLOPs / the
 achieved FLOP rate of each op's class and memory time = sum of bytes / the achieved bandwidth of each
-op's class (spec peak x fitted efficiency). Its bound is
+op's class (spec peak x fitted efficiency; x the fitted bit-plane factor for (de)quantization of code widths
+that do not divide 8). Its bound is
 'overhead' when the overhead exceeds the busy time, else 'compute' or 'memory', whichever is longer.
 The step's bound is the one that accounts for most of its time.
 """
@@ -31,7 +32,8 @@ def kernels(ops: list[Op]) -> list[list[Op]]:
 
 
 def _busy(op: Op, rates: dict) -> tuple:
-    return op.flops / rates[f"{op.cls}_flops_per_s"], op.bytes / rates[f"{op.cls}_bytes_per_s"]
+    mem = op.bytes / rates[f"{op.cls}_bytes_per_s"]
+    return op.flops / rates[f"{op.cls}_flops_per_s"], mem * rates["bitplane_factor"] if op.bitplane else mem
 
 
 def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, np.ndarray]:

@@ -54,6 +54,10 @@ class Fitted(BaseModel):
     kernel_overhead_s: float | None = Field(None, ge=0, description="fitted per-kernel overhead [s]")
     overhead_s: dict[OpClass, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict, description="fitted overhead of a kernel per op class (else kernel_overhead_s) [s]")
+    bitplane_factor: float | None = Field(None, ge=1, description="time multiplier of (de)quantization when the "
+                                                                  "code width does not divide 8 (bit planes)")
+    target: Literal["graph", "eager"] = Field("graph", description="what the fit predicts: the GPU time of a "
+                                                                   "CUDA-graph step, or an eager step")
 
 
 FlopKey = Literal["bf16", "fp16", "fp8", "int8", "tf32", "fp32"]
@@ -114,6 +118,7 @@ class HardwareProfile(BaseModel):
         out["kernel_overhead_s"] = self.kernel_overhead_s.value if overhead is None else overhead
         for cls in OP_CLASSES:
             out[f"{cls}_overhead_s"] = (fit.overhead_s if fit else {}).get(cls, out["kernel_overhead_s"])
+        out["bitplane_factor"] = fit.bitplane_factor if fit and fit.bitplane_factor else 1.0
         return out
 
 

@@ -45,6 +45,7 @@ class Op:
     write: np.ndarray | float  # bytes written
     layers: int = 1  # times it runs per step
     kernel: str = ""  # ops of one layer with the same non-empty kernel run as one fused kernel
+    bitplane: bool = False  # (de)quantization of codes whose width does not divide 8 (packed across bytes)
 
     @property
     def bytes(self) -> np.ndarray | float:
@@ -85,7 +86,8 @@ def store_ops(cfg: SchemeConfig, group: LayerGroup, B, T) -> list[Op]:
             # token leaving it once T > R; per channel, R tokens every R steps once T >= R (amortized).
             active = 1 if not R else (T > R) if t.axis == "token" else (T >= R)
             ops.append(Op(f"quantize_{t.name}", "quant", flops=QUANT_FLOPS * B * t.width * active,
-                          read=B * t.width * ELEM_BYTES * active, write=B * per_tok * active))
+                          read=B * t.width * ELEM_BYTES * active, write=B * per_tok * active,
+                          bitplane=8 % t.bits != 0))
     return ops
 
 
@@ -99,7 +101,8 @@ def dequant_ops(cfg: SchemeConfig, group: LayerGroup, B, T, fused: bool, kernel:
         q = quantized_tokens(t, T, R)
         ops.append(Op(f"dequant_{t.name}", "dequant", flops=DEQUANT_FLOPS * B * q * t.width,
                       read=B * (codes_bytes(t, T, G, R, stored=False) + meta_bytes(t, T, G, R)),
-                      write=0 if fused else B * q * t.width * ELEM_BYTES, kernel=kernel))
+                      write=0 if fused else B * q * t.width * ELEM_BYTES, kernel=kernel,
+                      bitplane=8 % t.bits != 0))
     return ops
 
 
