@@ -1,4 +1,4 @@
-"""`xqsim`: estimate one configuration, sweep a scenario, list hardware and models."""
+"""`xqsim`: estimate one configuration, sweep a scenario, list hardware and models, open the dashboard."""
 
 from __future__ import annotations
 
@@ -378,6 +378,22 @@ def validate(
     for name, r in blocks:
         t.add_row(name, str(r["n"]), *(f"{r[k]:.1f}%" for k in ("median_abs_pct", "p90_abs_pct", "max_abs_pct")))
     console.print(t)
+
+
+@app.command()
+def dashboard(
+    port: Annotated[int, typer.Option(help="port to serve the page on")] = 8501,
+    headless: Annotated[bool, typer.Option(help="do not open a browser")] = False,
+) -> None:
+    """Open the Streamlit dashboard (streamlit run app.py; needs pip install -e '.[app]')."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise UserError("the dashboard needs streamlit: pip install -e '.[app]'")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(loading.ROOT / "app.py"), "--server.port", str(port),
+           "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
+    sys.exit(subprocess.run(cmd).returncode)
 
 
 @hw_app.command("list")

@@ -19,6 +19,7 @@ CTX = alt.X("context:Q", scale=alt.Scale(type="log", nice=False), axis=alt.Axis(
 MARKERS = ["memory wall (last context that fits)", "crossover"]
 WALL_SHAPE = "M-1,-1L1,1M-1,1L1,-1"  # an x
 TABLE = alt.NamedData(name="table")
+PALETTE = alt.Scale(scheme="tableau10")  # distinct hues per scheme (the Streamlit theme shades one blue)
 
 
 def compose(template: dict, title: str, **datasets: pd.DataFrame) -> dict:
@@ -42,6 +43,11 @@ def image(spec: dict, fmt: str) -> bytes:
     return vlc.vegalite_to_png(full, scale=2) if fmt == "png" else vlc.vegalite_to_svg(full).encode()
 
 
+def _scheme_color(field: str = "label", columns: int = 2) -> alt.Color:
+    return alt.Color(f"{field}:N", title="scheme", scale=PALETTE,
+                     legend=alt.Legend(orient="bottom", columns=columns, labelLimit=320))
+
+
 def _facet(layers: alt.LayerChart, panels: int, field: str = "hardware") -> dict:
     """One panel per value of field, two to a row, sized for a laptop's wide layout."""
     return (layers.properties(width=880 if panels == 1 else 430, height=300)
@@ -52,6 +58,7 @@ def _facet(layers: alt.LayerChart, panels: int, field: str = "hardware") -> dict
 
 def short_tokens(x: float) -> str:
     """32768 -> '32.8k' (a context as written on a chart)."""
+    x = round(x)
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
@@ -77,13 +84,14 @@ def curves_table(curves: pd.DataFrame, y: str, walls: pd.DataFrame | None = None
 
 
 @functools.lru_cache(maxsize=32)
-def context_curves(y_title: str, panels: int) -> dict:
+def context_curves(y_title: str, panels: int, marks: tuple[str, ...] = ()) -> dict:
     """Template: y vs context per scheme, one panel per GPU; an x where a scheme hits its memory wall and a
-    diamond where one scheme passes another, with the context written beside each (data: curves_table)."""
+    diamond where one scheme passes another, with the context written beside each (data: curves_table);
+    `marks`: which of MARKERS the legend lists."""
     base = alt.Chart()
-    color = alt.Color("label:N", title="scheme", legend=alt.Legend(orient="bottom", columns=2, labelLimit=320))
+    color = _scheme_color()
     shape = alt.Shape("marker:N", title="mark", scale=alt.Scale(domain=MARKERS, range=[WALL_SHAPE, "diamond"]),
-                      legend=alt.Legend(orient="bottom"))
+                      legend=alt.Legend(orient="bottom", values=list(marks)) if marks else None)
     yenc = alt.Y("y:Q", scale=alt.Scale(type="log"), title=y_title)
     tip = [alt.Tooltip("hardware:N", title="GPU"), alt.Tooltip("label:N", title="scheme"),
            alt.Tooltip("context:Q", title="context [tokens]", format=",.0f"),
@@ -114,7 +122,8 @@ def memory_bars(parts: tuple[str, ...]) -> dict:
     bars = alt.Chart(alt.NamedData(name="parts")).mark_bar().encode(
         alt.X("label:N", title="scheme", axis=alt.Axis(labelAngle=-20, labelLimit=260)),
         alt.Y("gb:Q", title="memory [GB]", stack="zero"),
-        alt.Color("part:N", title="part", sort=list(parts), legend=alt.Legend(orient="right")),
+        alt.Color("part:N", title="part", sort=list(parts), scale=PALETTE,
+                  legend=alt.Legend(orient="right", labelLimit=320)),
         alt.Order("order:Q"),
         tooltip=[alt.Tooltip("label:N", title="scheme"), alt.Tooltip("part:N"),
                  alt.Tooltip("gb:Q", title="GB", format=",.3f"), alt.Tooltip("fits:N", title="fits the first GPU")])
@@ -143,7 +152,7 @@ def roofline(panels: int) -> dict:
                  alt.Tooltip("tflops:Q", title="TFLOP/s", format=",.4g")])
     pts = alt.Chart().transform_filter(alt.datum.kind == "op").mark_point(size=70, filled=True, opacity=0.8).encode(
         x, alt.Y("achieved_tflops:Q"),
-        alt.Color("label:N", title="scheme", legend=alt.Legend(orient="bottom", columns=2, labelLimit=320)),
+        _scheme_color(),
         alt.Shape("bound:N", title="bound", scale=alt.Scale(domain=["memory", "compute", "overhead"]),
                   legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("label:N", title="scheme"), "op:N", alt.Tooltip("op_class:N", title="class"),
@@ -164,7 +173,8 @@ def compare_ratio() -> dict:
     line = alt.Chart(TABLE).transform_filter("isValid(datum.ratio) && datum.ratio > 0").mark_line(
         strokeWidth=2).encode(
         CTX, alt.Y("ratio:Q", scale=alt.Scale(type="log"), title="throughput vs fp16 [×]"),
-        alt.Color("gpu:N", title="GPU (ridge = bf16 peak / bandwidth)", legend=alt.Legend(labelLimit=360)),
+        alt.Color("gpu:N", title="GPU (ridge = bf16 peak / bandwidth)", scale=PALETTE,
+                  legend=alt.Legend(labelLimit=360)),
         tooltip=[alt.Tooltip("gpu:N", title="GPU"), alt.Tooltip("context:Q", format=",.0f"),
                  alt.Tooltip("ratio:Q", title="× fp16", format=".3g"),
                  alt.Tooltip("scheme_tokens_per_s:Q", title="scheme tokens/s", format=",.0f"),
@@ -212,7 +222,7 @@ def calibration_scatter(panels: int) -> dict:
     line = alt.Chart().transform_filter(alt.datum.kind == "diag").mark_line(color="black", strokeDash=[4, 3]).encode(
         x, y)
     pts = alt.Chart().transform_filter(alt.datum.kind == "point").mark_point(size=30, filled=True, opacity=0.7).encode(
-        x, y, alt.Color("scheme:N", title="scheme", legend=alt.Legend(orient="bottom")),
+        x, y, _scheme_color("scheme"),
         alt.Shape("regime:N", title="predicted regime", legend=alt.Legend(orient="bottom")),
         tooltip=["label:N", "model:N", "batch:Q", alt.Tooltip("context:Q", format=","), "regime:N",
                  alt.Tooltip("measured_ms:Q", format=",.3f"), alt.Tooltip("predicted_ms:Q", format=",.3f"),
@@ -224,14 +234,13 @@ def calibration_scatter(panels: int) -> dict:
 def error_bars() -> dict:
     """Template: median |error| per regime and per scheme, a bar per set of rates (data: data.error_table
     without the 'all' rows)."""
-    return alt.Chart(TABLE).mark_bar().encode(
-        alt.X("group:N", title=None, axis=alt.Axis(labelAngle=-20)), alt.XOffset("rates:N"),
-        alt.Y("median_abs_pct:Q", title="median |predicted − measured| / measured [%]"),
-        alt.Color("rates:N", title="rates"),
+    return alt.Chart(TABLE).transform_calculate(group=alt.datum.by + ": " + alt.datum.group).mark_bar().encode(
+        alt.X("group:N", title="predicted regime, scheme", axis=alt.Axis(labelAngle=-30, labelLimit=200)),
+        alt.XOffset("rates:N"), alt.Y("median_abs_pct:Q", title="median |predicted − measured| / measured [%]"),
+        alt.Color("rates:N", title="rates", scale=alt.Scale(domain=["spec", "fitted"], range=["#9e9e9e", "#1f77b4"])),
         tooltip=["by:N", "group:N", "rates:N", "n:Q", alt.Tooltip("median_abs_pct:Q", format=".1f"),
                  alt.Tooltip("p90_abs_pct:Q", format=".1f"), alt.Tooltip("max_abs_pct:Q", format=".1f")],
-    ).properties(width=420, height=260).facet(column=alt.Column("by:N", title=None)).resolve_scale(
-        x="independent").properties(title="-").to_dict()
+    ).properties(height=280, title="-").to_dict()
 
 
 @functools.lru_cache(maxsize=4)
@@ -243,7 +252,7 @@ def accuracy(panels: int) -> dict:
     tip = ["model:N", "label:N", alt.Tooltip("mem_ratio:Q", format=".4f"), alt.Tooltip("ppl:Q", format=".3f"),
            alt.Tooltip("delta_ppl:Q", format="+.3f"), "pareto:N", "file:N"]
     pts = alt.Chart().mark_point(size=80, filled=True).encode(
-        x, y, alt.Color("label:N", title="scheme", legend=alt.Legend(orient="bottom", columns=3)), tooltip=tip)
+        x, y, _scheme_color(columns=3), tooltip=tip)
     front = alt.Chart().transform_filter(alt.datum.pareto).mark_line(color="black", strokeDash=[5, 3]).encode(
         x, y, order="mem_ratio:Q")
     rings = alt.Chart().transform_filter(alt.datum.pareto).mark_point(size=260, color="black", strokeWidth=1.5).encode(

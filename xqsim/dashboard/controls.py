@@ -227,12 +227,13 @@ def sidebar() -> Controls:
                 ss["model"] = spec.name
     unknown = [h for h in ss["hw"] if h not in hw_by_name]
     if unknown:
-        errors.append(f"URL: field 'hw': unknown hardware '{unknown[0]}'"
-                      f"{loading.suggest(unknown[0], list(hw_by_name))}")
+        errors.append(f"URL: field 'hw': unknown hardware '{unknown[0]}'{loading.suggest(unknown[0], list(hw_by_name))}"
+                      f"; known: {', '.join(hw_by_name)}")
         ss["hw"] = [h for h in ss["hw"] if h in hw_by_name]
     if ss["model"] not in model_by_name:
         errors.append(f"URL: field 'model': unknown model '{ss['model']}'"
-                      f"{loading.suggest(ss['model'], list(model_by_name))}; using {DEFAULTS['model']}")
+                      f"{loading.suggest(ss['model'], list(model_by_name))}; known: {', '.join(model_by_name)}; "
+                      f"using {DEFAULTS['model']}")
         ss["model"] = DEFAULTS["model"]
     box.multiselect("GPUs", list(hw_by_name), key="hw", format_func=lambda n: f"{n}: {hw_by_name[n].display_name}")
     box.selectbox("Model", list(model_by_name), key="model",

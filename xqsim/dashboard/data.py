@@ -232,8 +232,8 @@ def read_accuracy(folder: Path) -> pd.DataFrame | None:
         parts.append(d.assign(file=f.name))
     df = pd.concat(parts, ignore_index=True)
     strategy = df["strategy"].fillna("").astype(str)
-    df["label"] = (df["scheme"].astype(str) + "-" + df["bits"].astype(str) + "b"
-                   + np.where(strategy.isin(["", "none", "remat"]), "", "-" + strategy))
+    df["label"] = np.where(df["scheme"] == "fp16", "fp16", df["scheme"].astype(str) + "-" + df["bits"].astype(str)
+                           + "b" + np.where(strategy.isin(["", "none", "remat"]), "", "-" + strategy))
     df["pareto"] = pareto_front(df)
     return df
 

@@ -16,7 +16,7 @@ def main(measurements: Path = MEASUREMENTS, accuracy: Path = MEASUREMENTS / "acc
     """Draw the page; `measurements` holds one folder of `xqsim measure` JSON files per device and
     `accuracy` the accuracy CSV files."""
     st.set_page_config(page_title="xqsim: KV-cache schemes vs GPUs", layout="wide")
-    st.title("Which KV-cache scheme wins, on which GPU, and where it flips")
+    st.header("xqsim: which KV-cache scheme wins, on which GPU, and where it flips")
     c = controls.sidebar()
     view = controls.view_picker()
     for err in c.errors:

@@ -10,7 +10,7 @@ import streamlit as st
 
 from ..crossover import crossovers
 from ..loading import ROOT
-from ..specs import HardwareProfile, SchemeConfig, UserError
+from ..specs import REMAT_SCHEMES, HardwareProfile, SchemeConfig, UserError
 from . import charts, data
 from .controls import Controls
 
@@ -92,7 +92,7 @@ def render_crossovers(c: Controls) -> None:
     metric = st.radio("Show", ["step time [ms]", "tokens/s"], key="metric", horizontal=True)
     y = "step_time_ms" if metric == "step time [ms]" else "tokens_per_s"
     df = v["df"]
-    show("crossovers", charts.context_curves(metric, len(c.hws)),
+    show("crossovers", charts.context_curves(metric, len(c.hws), tuple(charts.MARKERS)),
          f"{c.model.name}, batch {c.batch}: {metric} per scheme (curves end at the memory wall)",
          frame=df[["hardware", "label", "context", "batch", "fits", "step_time_ms", "tokens_per_s", "bound"]],
          table=charts.curves_table(df[df["fits"]], y, v["walls"], v["step"]))
@@ -111,7 +111,8 @@ def render_capacity(c: Controls) -> None:
     df = v["df"]
     st.subheader(f"Capacity: {c.model.name}, up to {c.batch} sequences")
     tp = df[df["throughput_cap_tokens_per_s"] > 0]
-    show("throughput_cap", charts.context_curves("tokens/s at the largest batch that fits", len(c.hws)),
+    show("throughput_cap", charts.context_curves("tokens/s at the largest batch that fits", len(c.hws),
+                                                 (charts.MARKERS[1],)),
          f"Capacity-limited throughput: tokens/s at the largest batch that fits, at most {c.batch}",
          frame=df[["hardware", "label", "context", "batch_cap", "throughput_cap_tokens_per_s"]],
          table=charts.curves_table(tp, "throughput_cap_tokens_per_s", cross=v["tput"]))
@@ -137,7 +138,8 @@ def render_roofline(c: Controls) -> None:
 
 
 def render_compare(c: Controls) -> None:
-    options = [cfg for cfg in c.configs if cfg.scheme != "fp16"]
+    # rematerializing schemes first: the view asks which GPU's ridge makes rematerialization pay
+    options = sorted((cfg for cfg in c.configs if cfg.scheme != "fp16"), key=lambda o: o.scheme not in REMAT_SCHEMES)
     if not options:
         st.info("Select a scheme other than fp16 to compare it with fp16 across GPUs.")
         return
