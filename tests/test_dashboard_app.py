@@ -84,8 +84,7 @@ def test_default_view_curves_walls_and_the_step_time_crossover():
     lo, hi = diff.index[diff.index <= x].max(), diff.index[diff.index >= x].min()
     assert diff[lo] > 0 > diff[hi], (x, lo, hi, diff[lo], diff[hi])
     marks = charts(at)[0][1]["table"].query("kind == 'marker'")
-    assert sorted(marks["marker"].value_counts().items()) == [("crossover", 1),
-                                                             ("memory wall (last context that fits)", 6)]
+    assert sorted(marks["marker"].value_counts().items()) == [("crossover", 1), ("memory wall", 6)]
     assert at.query_params["schemes"] == "fp16,kivi-2b-fused," + XQ
 
 

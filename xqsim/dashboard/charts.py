@@ -16,7 +16,7 @@ import pandas as pd
 
 CTX = alt.X("context:Q", scale=alt.Scale(type="log", nice=False), axis=alt.Axis(format="~s"),
             title="context [tokens]")
-MARKERS = ["memory wall (last context that fits)", "crossover"]
+MARKERS = ["memory wall", "crossover"]
 WALL_SHAPE = "M-1,-1L1,1M-1,1L1,-1"  # an x
 TABLE = alt.NamedData(name="table")
 PALETTE = alt.Scale(scheme="tableau10")  # distinct hues per scheme (the Streamlit theme shades one blue)
@@ -234,13 +234,14 @@ def calibration_scatter(panels: int) -> dict:
 def error_bars() -> dict:
     """Template: median |error| per regime and per scheme, a bar per set of rates (data: data.error_table
     without the 'all' rows)."""
-    return alt.Chart(TABLE).transform_calculate(group=alt.datum.by + ": " + alt.datum.group).mark_bar().encode(
-        alt.X("group:N", title="predicted regime, scheme", axis=alt.Axis(labelAngle=-30, labelLimit=200)),
-        alt.XOffset("rates:N"), alt.Y("median_abs_pct:Q", title="median |predicted − measured| / measured [%]"),
+    bars = alt.Chart(TABLE).transform_calculate(group=alt.datum.by + ": " + alt.datum.group).mark_bar().encode(
+        alt.X("group:N", title="predicted regime, scheme", axis=alt.Axis(labelAngle=-40, labelLimit=200,
+                                                                          labelOverlap=False)),
+        alt.XOffset("rates:N"), alt.Y("median_abs_pct:Q", title="median |error| [%]"),
         alt.Color("rates:N", title="rates", scale=alt.Scale(domain=["spec", "fitted"], range=["#9e9e9e", "#1f77b4"])),
         tooltip=["by:N", "group:N", "rates:N", "n:Q", alt.Tooltip("median_abs_pct:Q", format=".1f"),
-                 alt.Tooltip("p90_abs_pct:Q", format=".1f"), alt.Tooltip("max_abs_pct:Q", format=".1f")],
-    ).properties(height=280, title="-").to_dict()
+                 alt.Tooltip("p90_abs_pct:Q", format=".1f"), alt.Tooltip("max_abs_pct:Q", format=".1f")])
+    return alt.layer(bars).properties(height=420, title="-").to_dict()  # a layer: Streamlit sizes it like the others
 
 
 @functools.lru_cache(maxsize=4)

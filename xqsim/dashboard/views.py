@@ -188,7 +188,8 @@ def render_calibration(c: Controls, root: Path) -> None:
                     f"max {r.max_abs_pct:.1f}% over {r.n} configurations")
     show("calibration", charts.calibration_scatter(pred["rates"].nunique()),
          "Predicted vs measured decode step (dashed: exact)", frame=pred, table=charts.calibration_table(pred))
-    show("calibration_error", charts.error_bars(), "Median |error| by predicted regime and by scheme", frame=err,
+    show("calibration_error", charts.error_bars(),
+         "Median |predicted − measured| / measured, by predicted regime and by scheme", frame=err,
          table=err[err["by"] != "all"])
     st.dataframe(err, hide_index=True)
 
