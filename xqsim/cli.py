@@ -393,7 +393,7 @@ def dashboard(
         raise UserError("the dashboard needs streamlit: pip install -e '.[app]'")
     cmd = [sys.executable, "-m", "streamlit", "run", str(loading.ROOT / "app.py"), "--server.port", str(port),
            "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
-    sys.exit(subprocess.run(cmd).returncode)
+    sys.exit(subprocess.run(cmd, cwd=loading.ROOT).returncode)  # cwd: streamlit reads .streamlit/config.toml
 
 
 @hw_app.command("list")

@@ -16,10 +16,12 @@ from .data import with_budget
 VIEWS = {"crossovers": "Crossovers", "capacity": "Capacity", "roofline": "Roofline", "compare": "Compare GPUs",
          "calibration": "Calibration", "accuracy": "Accuracy"}
 CONTEXTS = [2**k for k in range(8, 23)]  # 256 .. 4M tokens: the context slider's stops
+MAX_BATCH = 1 << 16
 DEFAULTS = {"view": "crossovers", "hw": ["h100_sxm", "b200"], "model": "llama-3.1-8b",
             "schemes": ["fp16", "kivi-2b-fused", "xquant_gqa-2b-absorb_v-fused"], "batch": 16,
             "ctx": (1024, 2**20), "at": 32768, "budget": 0.0}
 URL_KEYS = ("view", "hw", "model", "schemes", "batch", "ctx", "at", "budget")
+VIEW_KEYS = ("metric", "cmp", "mset", "calhw")  # the views' own controls, in the URL while their view is shown
 
 
 def tokens(v: int) -> str:
@@ -94,7 +96,8 @@ def _labels(state) -> list[str]:
 
 def _from_url(qp: dict[str, str]) -> tuple[dict, list[str]]:
     """Session-state values from URL query parameters, and one warning per value that was not usable."""
-    state, warnings = {}, []
+    warnings = []
+    state = {k: qp[k] for k in VIEW_KEYS if qp.get(k)}  # checked against their options when drawn (keep_valid)
     for key in URL_KEYS:
         raw = qp.get(key)
         if raw is None:
@@ -112,8 +115,8 @@ def _from_url(qp: dict[str, str]) -> tuple[dict, list[str]]:
                 state |= _scheme_state([x for x in raw.split(",") if x])
             elif key in ("batch", "at"):
                 v = specs.parse_count(raw)
-                if not isinstance(v, int) or v <= 0:
-                    raise UserError(f"'{raw}' is not a positive count like 16, 32k or 1M")
+                if not isinstance(v, int) or not 0 < v <= MAX_BATCH:
+                    raise UserError(f"'{raw}' is not a count from 1 to {MAX_BATCH:,} like 16, 32k or 1M")
                 state[key] = v if key == "batch" else min(CONTEXTS, key=lambda c: abs(c - v))
             elif key == "ctx":
                 lo, _, hi = raw.partition("-")
@@ -123,8 +126,8 @@ def _from_url(qp: dict[str, str]) -> tuple[dict, list[str]]:
                 state[key] = tuple(min(CONTEXTS, key=lambda c, v=v: abs(c - v)) for v in (lo, hi))
             elif key == "budget":
                 state[key] = float(raw)
-                if state[key] < 0:
-                    raise UserError(f"'{raw}' is negative; 0 means each GPU's usable memory")
+                if not 0 <= state[key] < float("inf"):
+                    raise UserError(f"'{raw}' is not a size in GB; 0 means each GPU's usable memory")
         except (UserError, ValueError) as err:
             state.pop(key, None)
             warnings.append(f"URL: field '{key}': {err}; using the default")
@@ -135,7 +138,8 @@ def _to_url(state, ctx: tuple[int, int]) -> dict[str, str]:
     lo, hi = ctx
     return {"view": state["view"], "hw": ",".join(state["hw"]), "model": state["model"],
             "schemes": ",".join(_labels(state)), "batch": str(state["batch"]), "ctx": f"{tokens(lo)}-{tokens(hi)}",
-            "at": tokens(state["at"]), "budget": f"{state['budget']:g}"}
+            "at": tokens(state["at"]), "budget": f"{state['budget']:g}",
+            **{k: state[k] for k in VIEW_KEYS if k in state}}
 
 
 def init_state() -> list[str]:
@@ -150,6 +154,14 @@ def init_state() -> list[str]:
             ss["_ctx_default" if k == "ctx" else k] = v  # a range slider learns it is one from its value=
         ss["_init"], ss["_url_warnings"], ss["_uploads_seen"] = True, warnings, set()
     return ss["_url_warnings"]
+
+
+def keep_valid(key: str, options: list[str]) -> None:
+    """Before a view's widget is drawn: drop a value (from the URL) that is not one of its options, saying so."""
+    ss = st.session_state
+    if key in ss and ss[key] not in options:
+        st.error(f"URL: field '{key}': '{ss[key]}' is not allowed; allowed: {', '.join(options)}")
+        del ss[key]
 
 
 def write_url(c: Controls) -> None:
@@ -240,7 +252,7 @@ def sidebar() -> Controls:
                   format_func=lambda n: f"{n}: {model_by_name[n].display_name}")
     box.multiselect("Schemes", list(specs.SCHEMES), key="schemes")
     _scheme_widgets(box.expander("Bits, strategy and fusion per scheme", expanded=True))
-    box.number_input("Batch [sequences]", min_value=1, max_value=1 << 16, step=1, key="batch",
+    box.number_input("Batch [sequences]", min_value=1, max_value=MAX_BATCH, step=1, key="batch",
                      help="step time is at this batch; the capacity views run the largest batch that fits, up to it")
     ctx = box.select_slider("Context range [tokens]", options=CONTEXTS, value=ss["_ctx_default"], key="ctx",
                             format_func=tokens)

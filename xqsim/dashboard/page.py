@@ -21,18 +21,12 @@ def main(measurements: Path = MEASUREMENTS, accuracy: Path = MEASUREMENTS / "acc
     view = controls.view_picker()
     for err in c.errors:
         st.error(err)
+    render = {"crossovers": views.render_crossovers, "capacity": views.render_capacity,
+              "roofline": views.render_roofline, "compare": views.render_compare,
+              "calibration": lambda c: views.render_calibration(c, Path(measurements)),
+              "accuracy": lambda c: views.render_accuracy(c, Path(accuracy))}
     if view not in ("calibration", "accuracy") and (not c.hws or not c.configs):
         st.warning("Select at least one GPU and one scheme in the sidebar.")
-    elif view == "crossovers":
-        views.render_crossovers(c)
-    elif view == "capacity":
-        views.render_capacity(c)
-    elif view == "roofline":
-        views.render_roofline(c)
-    elif view == "compare":
-        views.render_compare(c)
-    elif view == "calibration":
-        views.render_calibration(c, Path(measurements))
     else:
-        views.render_accuracy(c, Path(accuracy))
+        render[view](c)
     controls.write_url(c)

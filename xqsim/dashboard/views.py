@@ -12,7 +12,7 @@ from ..crossover import crossovers
 from ..loading import ROOT
 from ..specs import REMAT_SCHEMES, HardwareProfile, SchemeConfig, UserError
 from . import charts, data
-from .controls import Controls
+from .controls import Controls, keep_valid
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -89,7 +89,9 @@ def render_crossovers(c: Controls) -> None:
     v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts)
     _skipped(v)
     st.subheader(f"Step time vs context: {c.model.name}, batch {c.batch}")
-    metric = st.radio("Show", ["step time [ms]", "tokens/s"], key="metric", horizontal=True)
+    shown = {"step": "step time [ms]", "tokens": "tokens/s"}
+    keep_valid("metric", list(shown))
+    metric = shown[st.radio("Show", list(shown), format_func=shown.get, key="metric", horizontal=True)]
     y = "step_time_ms" if metric == "step time [ms]" else "tokens_per_s"
     df = v["df"]
     show("crossovers", charts.context_curves(metric, len(c.hws), tuple(charts.MARKERS)),
@@ -143,6 +145,7 @@ def render_compare(c: Controls) -> None:
     if not options:
         st.info("Select a scheme other than fp16 to compare it with fp16 across GPUs.")
         return
+    keep_valid("cmp", [o.label for o in options])
     label = st.selectbox("Scheme to compare with fp16", [o.label for o in options], key="cmp")
     cfg = next(o for o in options if o.label == label)
     tp, table = _compare(c.all_hws, c.model, cfg, c.batch, c.contexts, c.at)
@@ -159,7 +162,8 @@ def render_compare(c: Controls) -> None:
                  "does not pass fp16 in this context range" if not r.better_after else
                  f"falls behind fp16 at {r.passes_fp16_at_context:,.0f} tokens")
         st.markdown(f"**{r.hardware}** (ridge {r.ridge_flop_per_byte:.0f} FLOP/B): {where}")
-    st.dataframe(table, hide_index=True)
+    st.dataframe(table.round({"ridge_flop_per_byte": 0, "extra_flop_per_byte_saved": 0, "passes_fp16_at_context": 0}),
+                 hide_index=True)
 
 
 def render_calibration(c: Controls, root: Path) -> None:
@@ -167,8 +171,10 @@ def render_calibration(c: Controls, root: Path) -> None:
     if not sets:
         st.info(f"No measurements yet: {_where(root)} holds no folder of `xqsim measure` JSON files.")
         return
+    keep_valid("mset", list(sets))
     name = st.selectbox("Measurements", list(sets), key="mset")
     by_name = {h.name: h for h in c.all_hws}
+    keep_valid("calhw", list(by_name))
     fitted = [n for n, h in by_name.items() if h.fitted and n.startswith(name)]
     st.session_state.setdefault("calhw", (fitted or [n for n in by_name if n.startswith(name)] or list(by_name))[0])
     hw = by_name[st.selectbox("Profile that predicts them", list(by_name), key="calhw")]
