@@ -86,6 +86,10 @@ def test_default_view_curves_walls_and_the_step_time_crossover():
     marks = charts(at)[0][1]["table"].query("kind == 'marker'")
     assert sorted(marks["marker"].value_counts().items()) == [("crossover", 1), ("memory wall", 6)]
     assert at.query_params["schemes"] == "fp16,kivi-2b-fused," + XQ
+    at.radio(key="view").set_value("capacity")
+    ok(at.run())
+    assert at.subheader[0].value == "Capacity: llama-3.1-8b, up to 16 sequences"
+    assert at.query_params["view"] == "capacity"
 
 
 def test_capacity_crossover_is_fp16s_memory_wall_at_batch_1():
@@ -136,7 +140,9 @@ def test_model_batch_context_budget_and_metric():
     assert np.allclose(both["y_y"], 4 / (both["y_x"] / 1e3)), "tokens/s = batch / step time"
     # a 40 GB budget: fp16 KV of Llama-3.1-8B is 131,072 B per token and sequence, the weights 16.06 GB, so 16
     # sequences fit about (40 - 16.06) GB / 16 / 131,072 B = 11,400 tokens, a little less with transient buffers
-    at = ok(app(budget="40"))
+    at = ok(app())
+    at.sidebar.number_input(key="budget").set_value(40.0)
+    ok(at.run())
     walls = table(at, "scheme").set_index(["GPU", "scheme"]).iloc[:, 0]
     assert 10_500 < walls[("h100_sxm", "fp16")] < 11_420, walls
 
@@ -259,6 +265,13 @@ def test_accuracy_view_and_its_empty_and_bad_states(tmp_path):
     assert [e.value for e in at.error] == [
         f"{DATA / 'accuracy_bad' / 'no_delta.csv'}: field 'delta_ppl': column missing; expected columns model, "
         f"scheme, bits, strategy, mem_ratio, ppl, delta_ppl"]
+
+
+def test_a_model_that_does_not_fit_is_said_so():
+    at = ok(app(model="llama-3.1-70b", hw="h100_sxm,b200", schemes="fp16"))  # 141 GB of bf16 weights
+    assert [i.value for i in at.info] == [
+        "fp16 on h100_sxm does not fit 16 sequences of 1,024 tokens (longest context at this batch: 0 tokens)"]
+    assert list(curves(at)["hardware"].unique()) == ["b200"]
 
 
 def test_nothing_selected_is_a_warning_not_an_error():

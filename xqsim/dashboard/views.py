@@ -26,7 +26,7 @@ def sweep_views(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeCo
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _roofline(hws, model, configs, batch: int, at: int) -> pd.DataFrame:
+def _roofline(hws, model, configs, batch: int, at: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     ops = data.roofline_ops(list(hws), model, list(configs), batch, at)
     hi = max(1e5, 2 * ops["intensity_flop_per_byte"].max()) if len(ops) else 1e5
     return ops, charts.roofline_table(ops, data.roofs(list(hws), x_hi=hi))
@@ -101,6 +101,9 @@ def render_crossovers(c: Controls) -> None:
     st.caption("x: memory wall, the longest context that fits at this batch; ◆: where one scheme's step time "
                "passes another's (both fit). " + _profile_note(c.hws))
     _crossings(v["step"], "step time")
+    for r in v["walls"][~v["walls"]["fits_at_start"]].itertuples():
+        st.info(f"{r.label} on {r.hardware} does not fit {c.batch} sequences of {c.contexts[0]:,} tokens "
+                f"(longest context at this batch: {r.max_context:,} tokens)")
     walls = v["walls"][["hardware", "label", "max_context"]]
     st.dataframe(walls.rename(columns={"hardware": "GPU", "label": "scheme",
                                        "max_context": f"memory wall: longest context at batch {c.batch} [tokens]"}),
