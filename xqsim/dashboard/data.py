@@ -46,9 +46,10 @@ def sweep_frame(hws: list[HardwareProfile], model: ModelSpec, configs: list[Sche
     return df, skipped
 
 
-def _interp(s: pd.DataFrame, col: str, x: float) -> float:
-    """col of one curve at context x, linear in log(context)."""
-    return float(np.interp(np.log(x), np.log(s["context"].to_numpy(float)), s[col].to_numpy(float)))
+def _curves(df: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
+    """Row positions of each (hardware, label) curve, in context order."""
+    ctx = df["context"].to_numpy()
+    return {k: v[np.argsort(ctx[v])] for k, v in df.groupby(["hardware", "label"], sort=False).indices.items()}
 
 
 def context_crossovers(df: pd.DataFrame, cr: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -60,23 +61,26 @@ def context_crossovers(df: pd.DataFrame, cr: pd.DataFrame, metric: str) -> pd.Da
     if cr.empty:
         return pd.DataFrame(columns=cols)
     out = cr.rename(columns={"crossover": "crossover_context"}).astype({"hardware": str})
-    for col in cols[5:]:  # the crossing drawn on scheme_a's curve
-        out[col] = [_interp(df[(df["hardware"] == r.hardware) & (df["label"] == r.scheme_a)].sort_values("context"),
-                            col, r.crossover_context) for r in out.itertuples()]
+    rows, logc = _curves(df), np.log(df["context"].to_numpy(float))
+    on_a = [rows[(h, a)] for h, a in zip(out["hardware"], out["scheme_a"], strict=True)]  # drawn on scheme_a's curve
+    for col in cols[5:]:  # linear in log(context), as the crossover itself
+        y = df[col].to_numpy(float)
+        out[col] = [float(np.interp(np.log(x), logc[i], y[i])) for i, x in zip(on_a, out["crossover_context"],
+                                                                                strict=True)]
     return out[cols]
 
 
 def memory_walls(df: pd.DataFrame) -> pd.DataFrame:
     """Per GPU and scheme at the sweep's batch: the longest context that fits [tokens] (the wall), the values
     of its curve at the last context shown that fits, and whether the wall lies inside the range shown."""
+    fits, wall = df["fits"].to_numpy(), df["max_context"].to_numpy()
+    step, tps = df["step_time_ms"].to_numpy(), df["tokens_per_s"].to_numpy()
     rows = []
-    for (hw, label), s in df.groupby(["hardware", "label"], sort=False):
-        s = s.sort_values("context")
-        ok = s[s["fits"]]
-        last = ok.iloc[-1] if len(ok) else s.iloc[0]
-        rows.append({"hardware": hw, "label": label, "max_context": int(s["max_context"].iloc[0]),
-                     "in_range": bool(len(ok) < len(s)), "fits_at_start": bool(len(ok) > 0),
-                     "step_time_ms": last["step_time_ms"], "tokens_per_s": last["tokens_per_s"]})
+    for (hw, label), i in _curves(df).items():
+        ok = i[fits[i]]
+        last = ok[-1] if len(ok) else i[0]
+        rows.append({"hardware": hw, "label": label, "max_context": int(wall[i[0]]), "in_range": len(ok) < len(i),
+                     "fits_at_start": len(ok) > 0, "step_time_ms": step[last], "tokens_per_s": tps[last]})
     return pd.DataFrame(rows)
 
 
