@@ -26,3 +26,17 @@ def cfg(scheme: str, model, **kw) -> specs.SchemeConfig:
 
 def arr(*values):
     return np.array(values, dtype=np.int64)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--browser", action="store_true", help="run the dashboard's tests in headless chromium")
+    parser.addoption("--shots", default=None, help="folder for the browser tests' screenshots (default: a temp dir)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--browser"):
+        return
+    skip = pytest.mark.skip(reason="real-browser test: run with pytest -m browser --browser (README, Dashboard)")
+    for item in items:
+        if "browser" in item.keywords:
+            item.add_marker(skip)

@@ -1,4 +1,4 @@
-"""`xqsim`: estimate one configuration, sweep a scenario, list hardware and models."""
+"""`xqsim`: estimate one configuration, sweep a scenario, list hardware and models, open the dashboard."""
 
 from __future__ import annotations
 
@@ -401,6 +401,22 @@ def _target(target: str | None) -> str | None:
     if target not in (None, "graph", "eager"):
         raise UserError(f"command line: field 'target': '{target}' is not allowed; allowed: graph, eager")
     return target
+
+
+@app.command()
+def dashboard(
+    port: Annotated[int, typer.Option(help="port to serve the page on")] = 8501,
+    headless: Annotated[bool, typer.Option(help="do not open a browser")] = False,
+) -> None:
+    """Open the Streamlit dashboard (streamlit run app.py; needs pip install -e '.[app]')."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise UserError("the dashboard needs streamlit: pip install -e '.[app]'")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(loading.ROOT / "app.py"), "--server.port", str(port),
+           "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
+    sys.exit(subprocess.run(cmd, cwd=loading.ROOT).returncode)  # cwd: streamlit reads .streamlit/config.toml
 
 
 @hw_app.command("list")

@@ -56,9 +56,9 @@ def _crossings(df: pd.DataFrame, metric: str, higher: bool, axis: str, key: str 
     return out
 
 
-def crossovers(df: pd.DataFrame) -> pd.DataFrame:
-    """All crossovers of every scheme pair, for each metric of CROSSOVER_METRICS."""
-    parts = [_crossings(df, *m) for m in CROSSOVER_METRICS]
+def crossovers(df: pd.DataFrame, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """All crossovers of every scheme pair, for each metric of CROSSOVER_METRICS (or those named)."""
+    parts = [_crossings(df, *m) for m in CROSSOVER_METRICS if metrics is None or m[0] in metrics]
     parts = [p for p in parts if not p.empty]
     cols = ["hardware", "model", "at", "metric", "axis", "scheme_a", "scheme_b", "crossover", "winner"]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)

@@ -135,12 +135,17 @@ def read_yaml(path: Path) -> Any:
     """Parse one YAML file, or raise UserError naming it."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    return parse_yaml_text(path.read_text(), path)
+
+
+def parse_yaml_text(text: str, name: Path | str) -> Any:
+    """Parse YAML text (a file's or an upload's), or raise UserError naming it."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise UserError(f"{name}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
 def parse(cls: type[BaseModel], data: Any, path: Path | str) -> Any:
@@ -191,6 +196,21 @@ def load_model(ref: str | Path, base: Path | None = None, where: str = "") -> Mo
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     return parse(Scenario, read_yaml(path), path)
+
+
+def parse_upload(name: str, data: bytes) -> HardwareProfile | ModelSpec:
+    """A user's hardware profile or model from an uploaded YAML file, told apart by its keys."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{name}: not a UTF-8 text file; upload a hardware or model .yaml") from None
+    raw = parse_yaml_text(text, name)
+    if isinstance(raw, dict) and "n_layers" in raw and "memory_bytes" not in raw:
+        return parse(ModelSpec, raw, name)
+    if isinstance(raw, dict) and "memory_bytes" not in raw:
+        raise UserError(f"{name}: neither a hardware profile nor a model: expected the key 'memory_bytes' (as in "
+                        f"hardware/h100_sxm.yaml) or 'n_layers' (as in models/llama-3.1-8b.yaml)")
+    return parse(HardwareProfile, raw, name)
 
 
 def list_hardware() -> list[HardwareProfile]:

@@ -1,0 +1,254 @@
+"""What each dashboard view shows, as tidy DataFrames built from the library (sweep, crossover, roofline,
+calibrate): no Streamlit and no charts here, and no cost formula either."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import calibrate, schemes, sweep
+from ..crossover import crossovers
+from ..roofline import op_table
+from ..specs import Figure, HardwareProfile, ModelSpec, SchemeConfig, UserError
+
+# Memory parts of the breakdown, in stacking order (sweep.evaluate's columns -> legend names).
+MEMORY_PARTS = {"weights_bytes": "weights", "cache_codes_bytes": "cache codes",
+                "cache_metadata_bytes": "cache metadata (fp16 scale+zero)",
+                "cache_residual_bytes": "cache fp16 residual window", "transient_bytes": "transient buffers"}
+ACCURACY_COLUMNS = ("model", "scheme", "bits", "strategy", "mem_ratio", "ppl", "delta_ppl")
+
+
+def context_grid(lo: int, hi: int, num: int = 64) -> list[int]:
+    """num log-spaced contexts from lo to hi [tokens]."""
+    return sorted({int(round(x)) for x in np.geomspace(lo, hi, num)})
+
+
+def with_budget(hws: list[HardwareProfile], budget_bytes: float) -> list[HardwareProfile]:
+    """The profiles with their usable memory capped at the budget (0: as shipped)."""
+    if not budget_bytes:
+        return list(hws)
+    return [hw.model_copy(update={"usable_fraction": Figure(
+        value=min(hw.usable_fraction.value, budget_bytes / hw.memory_bytes.value),
+        source=f"dashboard memory budget {budget_bytes / 1e9:g} GB")}) for hw in hws]
+
+
+def sweep_frame(hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig], batch: int,
+                contexts: list[int]) -> tuple[pd.DataFrame, list[str]]:
+    """The sweep table at one batch (also the largest batch of the capacity-limited throughput), plus the
+    configurations the model cannot take, one message each."""
+    skipped: list[str] = []
+    df = sweep.run(hws, [model], configs, [batch], contexts, on_step=lambda m: skipped.append(m) if m else None)
+    df["step_time_ms"] = df["step_time_s"] * 1e3
+    for c in ("hardware", "label"):
+        df[c] = df[c].astype(str)
+    return df, skipped
+
+
+def _curves(df: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
+    """Row positions of each (hardware, label) curve, in context order."""
+    ctx = df["context"].to_numpy()
+    return {k: v[np.argsort(ctx[v])] for k, v in df.groupby(["hardware", "label"], sort=False).indices.items()}
+
+
+def context_crossovers(df: pd.DataFrame, cr: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Of crossovers(df): where one scheme's metric passes another's along context, with the values of the
+    curves there; metric: step_time_s (at the batch, where both fit) or throughput_cap_tokens_per_s."""
+    cr = cr[(cr["metric"] == metric) & (cr["axis"] == "context")].reset_index(drop=True)
+    cols = ["hardware", "scheme_a", "scheme_b", "crossover_context", "winner", "step_time_ms", "tokens_per_s",
+            "throughput_cap_tokens_per_s"]
+    if cr.empty:
+        return pd.DataFrame(columns=cols)
+    out = cr.rename(columns={"crossover": "crossover_context"}).astype({"hardware": str})
+    rows, logc = _curves(df), np.log(df["context"].to_numpy(float))
+    on_a = [rows[(h, a)] for h, a in zip(out["hardware"], out["scheme_a"], strict=True)]  # drawn on scheme_a's curve
+    for col in cols[5:]:  # linear in log(context), as the crossover itself
+        y = df[col].to_numpy(float)
+        out[col] = [float(np.interp(np.log(x), logc[i], y[i])) for i, x in zip(on_a, out["crossover_context"],
+                                                                                strict=True)]
+    return out[cols]
+
+
+def memory_walls(df: pd.DataFrame) -> pd.DataFrame:
+    """Per GPU and scheme at the sweep's batch: the longest context that fits [tokens] (the wall), the values
+    of its curve at the last context shown that fits, and whether the wall lies inside the range shown."""
+    fits, wall = df["fits"].to_numpy(), df["max_context"].to_numpy()
+    step, tps = df["step_time_ms"].to_numpy(), df["tokens_per_s"].to_numpy()
+    rows = []
+    for (hw, label), i in _curves(df).items():
+        ok = i[fits[i]]
+        last = ok[-1] if len(ok) else i[0]
+        rows.append({"hardware": hw, "label": label, "max_context": int(wall[i[0]]), "in_range": len(ok) < len(i),
+                     "fits_at_start": len(ok) > 0, "step_time_ms": step[last], "tokens_per_s": tps[last]})
+    return pd.DataFrame(rows)
+
+
+def nearest_context(df: pd.DataFrame, context: int) -> int:
+    """The grid context nearest to `context` in log scale [tokens]."""
+    ctx = np.unique(df["context"].to_numpy())
+    return int(ctx[np.abs(np.log(ctx) - np.log(context)).argmin()])
+
+
+def memory_breakdown(df: pd.DataFrame, context: int) -> pd.DataFrame:
+    """Memory of each scheme at the grid context nearest `context`, one row per part [GB]; the same on every
+    GPU (only the capacity differs), so taken from the first."""
+    at = df[(df["context"] == nearest_context(df, context)) & (df["hardware"] == df["hardware"].iloc[0])]
+    long = at.melt(id_vars=["label", "context", "batch", "fits"], value_vars=list(MEMORY_PARTS), var_name="part",
+                   value_name="bytes")
+    long["part"] = long["part"].map(MEMORY_PARTS)
+    long["order"] = long["part"].map({p: i for i, p in enumerate(MEMORY_PARTS.values())})
+    long["gb"] = long["bytes"] / 1e9
+    return long.drop(columns="bytes")
+
+
+def capacities(hws: list[HardwareProfile]) -> pd.DataFrame:
+    """Usable memory of each GPU [GB]."""
+    cap = [hw.capacity_bytes / 1e9 for hw in hws]
+    return pd.DataFrame({"hardware": [hw.name for hw in hws], "capacity_gb": cap,
+                         "caption": [f"{hw.name} usable {c:.1f} GB" for hw, c in zip(hws, cap, strict=True)]})
+
+
+def roofline_ops(hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig], batch: int,
+                 context: int) -> pd.DataFrame:
+    """Every op with FLOPs of every scheme at (batch, context) on every GPU: arithmetic intensity, achieved
+    rate (FLOPs / its roofline time with overhead) and its bound; the profile's fitted rates where it has them."""
+    rows = []
+    for hw in hws:
+        rates = hw.rates()
+        for cfg in configs:
+            try:
+                rc = cfg.resolved(model)
+            except UserError:  # reported by the sweep
+                continue
+            for op in op_table(schemes.step_ops(model, rc, np.int64(batch), np.int64(context)), rates):
+                if op["flops"] > 0 and op["bytes_read"] + op["bytes_written"] > 0:
+                    rows.append({"hardware": hw.name, "label": cfg.label, "op": op["name"], "op_class": op["op_class"],
+                                 "layers": op["layers"], "bound": op["bound"],
+                                 "intensity_flop_per_byte": op["intensity_flop_per_byte"],
+                                 "achieved_tflops": op["achieved_flops_per_s"] / 1e12, "time_us": op["time_s"] * 1e6,
+                                 "gflop": op["flops"] / 1e9,
+                                 "mb_moved": (op["bytes_read"] + op["bytes_written"]) / 1e6})
+    return pd.DataFrame(rows)
+
+
+def roofs(hws: list[HardwareProfile], x_lo: float = 0.1, x_hi: float = 1e5) -> pd.DataFrame:
+    """Roof lines of each GPU [TFLOP/s] over arithmetic intensity: spec bf16 tensor and fp32 vector roofs, and
+    the fitted matmul and dequant roofs where the profile has a fitted block."""
+    x = np.geomspace(x_lo, x_hi, 121)
+    parts = []
+    for hw in hws:
+        spec, lines = hw.rates(fitted=False), []
+        lines += [("spec: bf16 tensor", spec["matmul_flops_per_s"], spec["matmul_bytes_per_s"]),
+                  ("spec: fp32 vector", spec["dequant_flops_per_s"], spec["dequant_bytes_per_s"])]
+        if hw.fitted:
+            fit = hw.rates(fitted=True)
+            lines += [(f"fitted: {c}", fit[f"{c}_flops_per_s"], fit[f"{c}_bytes_per_s"]) for c in ("matmul", "dequant")]
+        for name, peak, bw in lines:
+            parts.append(pd.DataFrame({"hardware": hw.name, "roof": name, "intensity_flop_per_byte": x,
+                                       "tflops": np.minimum(peak, x * bw) / 1e12}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def gpu_compare(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch: int, contexts: list[int],
+                context: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One scheme against fp16 on every GPU: (curves: capacity-limited throughput of both and their ratio vs
+    context; table: ridge point, the scheme's extra FLOPs per byte of step traffic it saves at (batch,
+    `context`), and where its capacity-limited throughput passes fp16's)."""
+    fp16 = SchemeConfig(scheme="fp16")
+    df, _ = sweep_frame(hws, model, [fp16, cfg], batch, contexts)
+    tp = df.pivot_table(index=["hardware", "context"], columns="label", values="throughput_cap_tokens_per_s",
+                        observed=True).reset_index()
+    tp = tp.rename(columns={cfg.label: "scheme_tokens_per_s", "fp16": "fp16_tokens_per_s"})
+    tp["ratio"] = tp["scheme_tokens_per_s"] / tp["fp16_tokens_per_s"].where(tp["fp16_tokens_per_s"] > 0)
+    at = df[df["context"] == nearest_context(df, context)].set_index(["hardware", "label"])
+    cross = context_crossovers(df, crossovers(df), "throughput_cap_tokens_per_s").set_index("hardware")
+    rows = []
+    for hw in hws:
+        a, b = at.loc[(hw.name, cfg.label)], at.loc[(hw.name, "fp16")]
+        saved = b["bytes_moved"] - a["bytes_moved"]
+        c = cross.loc[[hw.name]] if hw.name in cross.index else None
+        rows.append({"hardware": hw.name, "ridge_flop_per_byte": hw.ridge_flop_per_byte,
+                     "extra_flop_per_byte_saved": (a["flops"] - b["flops"]) / saved if saved > 0 else np.nan,
+                     "passes_fp16_at_context": float(c["crossover_context"].iloc[0]) if c is not None else np.nan,
+                     "better_after": str(c["winner"].iloc[0]) if c is not None else ""})
+    table = pd.DataFrame(rows)
+    # above the ridge the memory time saved is less than the compute time added: slower per step at equal batch
+    table["per_step"] = np.where(table["extra_flop_per_byte_saved"] > table["ridge_flop_per_byte"],
+                                 "slower (extra FLOP/B above the ridge)", "faster (below the ridge)")
+    tp["gpu"] = tp["hardware"].map({hw.name: f"{hw.name} (ridge {hw.ridge_flop_per_byte:.0f} FLOP/B)" for hw in hws})
+    return tp, table
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def measurement_sets(root: Path) -> dict[str, list[Path]]:
+    """Folders under root holding `xqsim measure` JSON files, by folder name."""
+    if not root.is_dir():
+        return {}
+    sets = {d.name: sorted(d.glob("*.json")) for d in sorted(root.iterdir()) if d.is_dir()}
+    return {k: v for k, v in sets.items() if v}
+
+
+def calibration(paths: list[Path], hw: HardwareProfile) -> tuple[pd.DataFrame, dict]:
+    """Measured vs predicted step time of every measured configuration, on the spec rates and (where the
+    profile has them) the fitted rates (column `rates`); and the device the files come from."""
+    infos, rows = calibrate.read_measurements(paths)
+    parts = [calibrate.step_predictions(rows, hw.model_copy(update={"fitted": None})).assign(rates="spec")]
+    if hw.fitted:
+        parts.append(calibrate.step_predictions(rows, hw).assign(rates="fitted"))
+    df = pd.concat(parts, ignore_index=True)
+    df["measured_ms"], df["predicted_ms"] = df["measured_s"] * 1e3, df["predicted_s"] * 1e3
+    return df, infos[0]
+
+
+def error_table(pred: pd.DataFrame) -> pd.DataFrame:
+    """calibrate.error_report per set of rates, as rows: all, each regime, each scheme."""
+    rows = []
+    for rates, g in pred.groupby("rates", sort=False):
+        rep = calibrate.error_report(g)
+        blocks = [("all", "all", rep)] + [("regime", k, v) for k, v in rep["per_regime"].items()] \
+            + [("scheme", k, v) for k, v in rep["per_scheme"].items()]
+        rows += [{"rates": rates, "by": by, "group": k, "n": v["n"], "median_abs_pct": v["median_abs_pct"],
+                  "p90_abs_pct": v["p90_abs_pct"], "max_abs_pct": v["max_abs_pct"]} for by, k, v in blocks]
+    return pd.DataFrame(rows)
+
+
+def read_accuracy(folder: Path) -> pd.DataFrame | None:
+    """Every accuracy CSV in folder as one table with a `label` and a `pareto` column (None: no CSV there)."""
+    files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
+    if not files:
+        return None
+    parts = []
+    for f in files:
+        try:
+            d = pd.read_csv(f)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise UserError(f"{f}: not a readable CSV ({str(err).splitlines()[0]})") from None
+        missing = [c for c in ACCURACY_COLUMNS if c not in d.columns]
+        if missing:
+            raise UserError(f"{f}: field '{missing[0]}': column missing; expected columns "
+                            f"{', '.join(ACCURACY_COLUMNS)}")
+        for c in ("mem_ratio", "ppl", "delta_ppl"):
+            if not pd.api.types.is_numeric_dtype(d[c]):
+                raise UserError(f"{f}: field '{c}': expected numbers, got {d[c].astype(str).iloc[0]!r}")
+        parts.append(d.assign(file=f.name))
+    df = pd.concat(parts, ignore_index=True)
+    strategy = df["strategy"].fillna("").astype(str)
+    df["label"] = np.where(df["scheme"] == "fp16", "fp16", df["scheme"].astype(str) + "-" + df["bits"].astype(str)
+                           + "b" + np.where(strategy.isin(["", "none", "remat"]), "", "-" + strategy))
+    df["pareto"] = pareto_front(df)
+    return df
+
+
+def pareto_front(df: pd.DataFrame) -> pd.Series:
+    """Per model: True for the points no other point beats on both memory ratio and quality loss (lower is
+    better on both)."""
+    front = pd.Series(False, index=df.index)
+    for _, g in df.groupby("model", sort=False):
+        best = np.inf
+        for i, r in g.sort_values(["mem_ratio", "delta_ppl"]).iterrows():
+            if r["delta_ppl"] < best:
+                front[i], best = True, r["delta_ppl"]
+    return front

@@ -1,0 +1,223 @@
+"""The dashboard's views: one render_* function each, drawing tables from data.py (cached per input) as charts,
+with the crossover contexts printed and every table and chart downloadable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from ..crossover import crossovers
+from ..loading import ROOT
+from ..specs import REMAT_SCHEMES, HardwareProfile, SchemeConfig, UserError
+from . import charts, data
+from .controls import Controls, keep_valid
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def sweep_views(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeConfig, ...], batch: int,
+                ctx_range: tuple[int, int]) -> dict:
+    """The sweep at one batch and what the crossover and capacity views draw from it."""
+    df, skipped = data.sweep_frame(list(hws), model, list(configs), batch, data.context_grid(*ctx_range))
+    cr = crossovers(df, ("step_time_s", "throughput_cap_tokens_per_s"))
+    return {"df": df, "skipped": skipped, "step": data.context_crossovers(df, cr, "step_time_s"),
+            "tput": data.context_crossovers(df, cr, "throughput_cap_tokens_per_s"), "walls": data.memory_walls(df)}
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _roofline(hws, model, configs, batch: int, at: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ops = data.roofline_ops(list(hws), model, list(configs), batch, at)
+    hi = max(1e5, 2 * ops["intensity_flop_per_byte"].max()) if len(ops) else 1e5
+    return ops, charts.roofline_table(ops, data.roofs(list(hws), x_hi=hi))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _compare(hws, model, cfg, batch: int, ctx_range: tuple[int, int], at: int):
+    return data.gpu_compare(list(hws), model, cfg, batch, data.context_grid(*ctx_range), at)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _calibration(paths: tuple[Path, ...], stamps: tuple[float, ...], hw: HardwareProfile):
+    pred, device = data.calibration(list(paths), hw)
+    return pred, data.error_table(pred), device
+
+
+def show(name: str, template: dict, title: str, frame: pd.DataFrame | None = None, **datasets) -> None:
+    """Draw a chart, then download buttons: its table as CSV (`frame`, else its data) and the chart as PNG
+    and SVG (rendered only when pressed)."""
+    spec = charts.compose(template, title, **datasets)
+    st.vega_lite_chart(spec)
+    frame = next(iter(datasets.values())) if frame is None else frame
+    cols = st.columns([1, 1, 1, 5])
+    cols[0].download_button("Data (CSV)", frame.to_csv(index=False), f"{name}.csv", "text/csv", key=f"csv:{name}",
+                            on_click="ignore")
+    for col, fmt, mime in ((cols[1], "png", "image/png"), (cols[2], "svg", "image/svg+xml")):
+        col.download_button(f"Chart ({fmt.upper()})", lambda fmt=fmt: charts.image(spec, fmt), f"{name}.{fmt}", mime,
+                            key=f"{fmt}:{name}", on_click="ignore")
+
+
+def _where(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _profile_note(hws) -> str:
+    fitted = [h.name for h in hws if h.fitted]
+    return (f"Rates: fitted on {', '.join(fitted)}; spec roofline elsewhere." if fitted else
+            "Rates: spec roofline (datasheet peaks, no fitted block in these profiles).")
+
+
+def _crossings(cross: pd.DataFrame, what: str) -> None:
+    """Each crossover as a line of text, then as a table."""
+    if cross.empty:
+        st.markdown(f"No crossover in {what} in this context range.")
+    for r in cross.itertuples():
+        loser = r.scheme_b if r.winner == r.scheme_a else r.scheme_a
+        st.markdown(f"**{r.hardware}**: `{r.winner}` passes `{loser}` in {what} at **{r.crossover_context:,.0f} "
+                    f"tokens**")
+    st.dataframe(pd.DataFrame({"GPU": cross["hardware"], "between": cross["scheme_a"] + " / " + cross["scheme_b"],
+                               "crossover context [tokens]": cross["crossover_context"].round().astype("int64"),
+                               "better after": cross["winner"]}), hide_index=True)
+
+
+def _skipped(v: dict) -> None:
+    for msg in v["skipped"]:
+        st.warning(msg)
+
+
+def render_crossovers(c: Controls) -> None:
+    v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts)
+    _skipped(v)
+    st.subheader(f"Step time vs context: {c.model.name}, batch {c.batch}")
+    shown = {"step": "step time [ms]", "tokens": "tokens/s"}
+    keep_valid("metric", list(shown))
+    metric = shown[st.radio("Show", list(shown), format_func=shown.get, key="metric", horizontal=True)]
+    y = "step_time_ms" if metric == "step time [ms]" else "tokens_per_s"
+    df = v["df"]
+    show("crossovers", charts.context_curves(metric, len(c.hws), tuple(charts.MARKERS)),
+         f"{c.model.name}, batch {c.batch}: {metric} per scheme (curves end at the memory wall)",
+         frame=df[["hardware", "label", "context", "batch", "fits", "step_time_ms", "tokens_per_s", "bound"]],
+         table=charts.curves_table(df[df["fits"]], y, v["walls"], v["step"]))
+    st.caption("x: memory wall, the longest context that fits at this batch; ◆: where one scheme's step time "
+               "passes another's (both fit). " + _profile_note(c.hws))
+    _crossings(v["step"], "step time")
+    for r in v["walls"][~v["walls"]["fits_at_start"]].itertuples():
+        st.info(f"{r.label} on {r.hardware} does not fit {c.batch} sequences of {c.contexts[0]:,} tokens "
+                f"(longest context at this batch: {r.max_context:,} tokens)")
+    walls = v["walls"][["hardware", "label", "max_context"]]
+    st.dataframe(walls.rename(columns={"hardware": "GPU", "label": "scheme",
+                                       "max_context": f"memory wall: longest context at batch {c.batch} [tokens]"}),
+                 hide_index=True)
+
+
+def render_capacity(c: Controls) -> None:
+    v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts)
+    _skipped(v)
+    df = v["df"]
+    st.subheader(f"Capacity: {c.model.name}, up to {c.batch} sequences")
+    tp = df[df["throughput_cap_tokens_per_s"] > 0]
+    show("throughput_cap", charts.context_curves("tokens/s at the largest batch that fits", len(c.hws),
+                                                 (charts.MARKERS[1],)),
+         f"Capacity-limited throughput: tokens/s at the largest batch that fits, at most {c.batch}",
+         frame=df[["hardware", "label", "context", "batch_cap", "throughput_cap_tokens_per_s"]],
+         table=charts.curves_table(tp, "throughput_cap_tokens_per_s", cross=v["tput"]))
+    _crossings(v["tput"], "capacity-limited throughput")
+    show("max_batch", charts.context_curves("max batch [sequences]", len(c.hws)), "Most sequences that fit vs context",
+         frame=df[["hardware", "label", "context", "max_batch"]],
+         table=charts.curves_table(df[df["max_batch"] > 0], "max_batch"))
+    parts = data.memory_breakdown(df, c.at)
+    show("memory_breakdown", charts.memory_bars(tuple(data.MEMORY_PARTS.values())),
+         f"Memory at batch {c.batch}, context {parts['context'].iloc[0]:,}: weights, cache and transient buffers "
+         f"vs usable memory", parts=parts, caps=data.capacities(list(c.hws)))
+
+
+def render_roofline(c: Controls) -> None:
+    ops, table = _roofline(c.hws, c.model, c.configs, c.batch, c.at)
+    st.subheader(f"Roofline: every op of one decode step, {c.model.name}, batch {c.batch}, context {c.at:,}")
+    show("roofline", charts.roofline(len(c.hws)), f"Ops by arithmetic intensity and achieved rate, batch {c.batch}, "
+                                                  f"context {c.at:,} (shape: bound)", frame=ops, table=table)
+    st.caption("Achieved rate = FLOPs / the op's roofline time including its per-kernel overhead, so overhead-bound "
+               "ops sit below the roof. Ops without FLOPs (cache appends, embedding) are not drawn. "
+               + _profile_note(c.hws))
+    st.dataframe(ops, hide_index=True)
+
+
+def render_compare(c: Controls) -> None:
+    # rematerializing schemes first: the view asks which GPU's ridge makes rematerialization pay
+    options = sorted((cfg for cfg in c.configs if cfg.scheme != "fp16"), key=lambda o: o.scheme not in REMAT_SCHEMES)
+    if not options:
+        st.info("Select a scheme other than fp16 to compare it with fp16 across GPUs.")
+        return
+    keep_valid("cmp", [o.label for o in options])
+    label = st.selectbox("Scheme to compare with fp16", [o.label for o in options], key="cmp")
+    cfg = next(o for o in options if o.label == label)
+    tp, table = _compare(c.all_hws, c.model, cfg, c.batch, c.contexts, c.at)
+    st.subheader(f"{label} vs fp16 on every GPU: {c.model.name}, up to {c.batch} sequences")
+    show("compare_gpus", charts.compare_ratio(),
+         f"{label} / fp16 capacity-limited throughput (above 1: the scheme serves more)", table=tp)
+    show("compare_ridge", charts.compare_ridge(), f"Ridge point of each GPU vs the extra FLOPs {label} spends per "
+                                                  f"byte of step traffic it saves (dashed), batch {c.batch}, "
+                                                  f"context {c.at:,}", table=table)
+    st.caption("Above its ridge a GPU rebuilds the cache slower than it would have read it: the scheme is slower "
+               "per step at equal batch and wins only through capacity (more sequences or context fit).")
+    for r in table.itertuples():
+        where = (f"passes fp16 at **{r.passes_fp16_at_context:,.0f} tokens**" if r.better_after == label else
+                 "does not pass fp16 in this context range" if not r.better_after else
+                 f"falls behind fp16 at {r.passes_fp16_at_context:,.0f} tokens")
+        st.markdown(f"**{r.hardware}** (ridge {r.ridge_flop_per_byte:.0f} FLOP/B): {where}")
+    st.dataframe(table.round({"ridge_flop_per_byte": 0, "extra_flop_per_byte_saved": 0, "passes_fp16_at_context": 0}),
+                 hide_index=True)
+
+
+def render_calibration(c: Controls, root: Path) -> None:
+    sets = data.measurement_sets(root)
+    if not sets:
+        st.info(f"No measurements yet: {_where(root)} holds no folder of `xqsim measure` JSON files.")
+        return
+    keep_valid("mset", list(sets))
+    name = st.selectbox("Measurements", list(sets), key="mset")
+    by_name = {h.name: h for h in c.all_hws}
+    keep_valid("calhw", list(by_name))
+    fitted = [n for n, h in by_name.items() if h.fitted and n.startswith(name)]
+    st.session_state.setdefault("calhw", (fitted or [n for n in by_name if n.startswith(name)] or list(by_name))[0])
+    hw = by_name[st.selectbox("Profile that predicts them", list(by_name), key="calhw")]
+    paths = tuple(sets[name])
+    try:
+        pred, err, device = _calibration(paths, tuple(p.stat().st_mtime for p in paths), hw)
+    except UserError as exc:
+        st.error(str(exc))
+        return
+    n = int((pred["rates"] == "spec").sum())
+    st.subheader(f"Calibration: {n} configurations measured on {device['device_name']} (torch {device['torch']}), "
+                 f"predicted by {hw.name}")
+    if not hw.fitted:
+        st.info(f"{hw.name} has no fitted block: spec rates only (`xqsim calibrate` writes a profile with one).")
+    for r in err[err["by"] == "all"].itertuples():
+        st.markdown(f"**{r.rates} rates**: median |error| **{r.median_abs_pct:.1f}%**, p90 {r.p90_abs_pct:.1f}%, "
+                    f"max {r.max_abs_pct:.1f}% over {r.n} configurations")
+    show("calibration", charts.calibration_scatter(pred["rates"].nunique()),
+         "Predicted vs measured decode step (dashed: exact)", frame=pred, table=charts.calibration_table(pred))
+    show("calibration_error", charts.error_bars(),
+         "Median |predicted − measured| / measured, by predicted regime and by scheme", frame=err,
+         table=err[err["by"] != "all"])
+    st.dataframe(err, hide_index=True)
+
+
+def render_accuracy(c: Controls, folder: Path) -> None:
+    try:
+        df = data.read_accuracy(folder)
+    except UserError as exc:
+        st.error(str(exc))
+        return
+    if df is None:
+        st.info(f"No accuracy results yet: {_where(folder)} holds no CSV (issue 7's runs write them there, with "
+                f"the columns {', '.join(data.ACCURACY_COLUMNS)}).")
+        return
+    st.subheader("Accuracy: quality loss vs memory, per scheme")
+    front = df[df["pareto"]].sort_values(["model", "mem_ratio"])
+    st.markdown(f"Pareto front: {len(front)} of {len(df)} results: "
+                + "; ".join(f"{r.model} `{r.label}` (memory {r.mem_ratio:.3f}, Δppl {r.delta_ppl:+.3f})"
+                            for r in front.itertuples()))
+    show("accuracy", charts.accuracy(df["model"].nunique()),
+         "Perplexity increase vs memory ratio to fp16 (ringed and dashed: Pareto front)", table=df)
+    st.dataframe(df, hide_index=True)
