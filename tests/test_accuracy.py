@@ -164,3 +164,22 @@ def test_files_hold_results_and_inputs(short_run):
     assert df.loc["xquant-16b", "mem_ratio_paper"] == pytest.approx(576 / 384)
     # KIVI-2 at G=32: 2 code bits + an fp16 scale and zero (32 bits) per 32 values = 3 bits of 16
     assert df.loc[LABELS["kivi"].format(2), "mem_ratio_paper"] == pytest.approx(3 / 16)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--schemes", "kivii"], "did you mean 'kivi'"),
+    (["--schemes", "kivi", "--bits", "5"], "bits=5 is not supported by kivi"),
+    (["--schemes", "kivi", "--bits", "two"], "field 'bits': expected comma-separated integers"),
+    (["--schemes", "kivi", "--tokens", "256", "--context", "512"], "field 'context': 512 is more than tokens=256"),
+    ([], "give --schemes"),
+])
+def test_bad_command_line_is_one_line(monkeypatch, capsys, tmp_path, args, fragment):
+    code, err = run_cli(monkeypatch, capsys, "accuracy", *args, "-o", tmp_path)
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_grid_names_file_and_field(monkeypatch, capsys, tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: g\ntokens: 64\nschemes: [{scheme: kivi, bitz: 2}]\n")
+    code, err = run_cli(monkeypatch, capsys, "accuracy", "--grid", grid, "-o", tmp_path)
+    assert code == 2 and f"{grid}: field 'schemes.0.bitz': unknown key (did you mean 'bits'?)" in err, err

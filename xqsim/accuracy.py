@@ -106,8 +106,6 @@ def load_text(path: Path | None) -> tuple[str, dict]:
 
 def windows(ids: list[int], tokens: int, context: int, what: str):
     """The first `tokens` ids as (tokens // context, context) windows."""
-    if context > tokens:
-        raise UserError(f"command line: field 'context': {context} is more than --tokens {tokens}")
     if len(ids) < tokens:
         raise UserError(f"{what}: has {len(ids):,} tokens, fewer than --tokens {tokens:,}")
     B = tokens // context
@@ -223,7 +221,7 @@ def step_flops(spec, cfg: SchemeConfig, context: int) -> float:
 
 
 def pareto(df: pd.DataFrame, x: str, y: str) -> pd.Series:
-    """True for rows no other row beats on both x and y (less memory, lower ΔPPL)."""
+    """True for rows that no other row beats on both x and y (less memory, closer to the reference)."""
     order = df.sort_values([x, y]).index
     best, keep = math.inf, pd.Series(False, index=df.index)
     for i in order:
@@ -256,41 +254,35 @@ def write_results(out: Path, inputs: dict, rows: list[dict]) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, path: Path) -> list[Path]:
-    """ΔPPL vs memory saved against fp16 KV, paper and full accounting, with the Pareto front of each."""
-    import matplotlib
+    """|ΔPPL| vs memory saved against fp16 K and V, paper and full accounting, with the Pareto front of each
+    (hollow markers: perplexity below the reference's)."""
+    from .plots import SCHEME_COLORS, plt, save  # pyplot on the Agg backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import SCHEME_COLORS
-
-    ctx = int(df["context"].iloc[0])
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    ctx, floor = int(df["context"].iloc[0]), 1e-5
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), sharey=True)
     for ax, col, title in ((axes[0], "mem_ratio_paper", "paper accounting (codes + fp16 scale/zero)"),
                            (axes[1], "mem_ratio_full", f"full accounting at {ctx} tokens (+ fp16 residual window)")):
-        d = df.assign(saved=100 * (1 - df[col]), dppl=df["delta_ppl"].clip(lower=1e-4))
+        d = df.assign(saved=100 * (1 - df[col]), dist=df["delta_ppl"].abs().clip(lower=floor))
         for scheme, g in d.groupby("scheme", sort=False):
-            ax.scatter(g["saved"], g["dppl"], color=SCHEME_COLORS[scheme], label=scheme, s=28, zorder=3)
+            c = SCHEME_COLORS[scheme]
+            fill = ["none" if below else c for below in g["delta_ppl"] < 0]
+            ax.scatter(g["saved"], g["dist"], label=scheme, s=30, zorder=3, color=fill, edgecolors=c)
             for r in g.itertuples():
-                ax.annotate(r.label.removeprefix(f"{scheme}-").replace("-absorb_v", ""), (r.saved, r.dppl),
+                ax.annotate(r.label.removeprefix(f"{scheme}-").replace("-absorb_v", ""), (r.saved, r.dist),
                             fontsize=5.5, xytext=(3, 2), textcoords="offset points")
-        front = d[pareto(d.assign(mem=-d["saved"]), "mem", "dppl")].sort_values("saved")
-        ax.plot(front["saved"], front["dppl"], color="k", lw=1, ls="--", label="Pareto front", zorder=2)
+        front = d[pareto(d.assign(mem=-d["saved"]), "mem", "dist")].sort_values("saved")
+        ax.plot(front["saved"], front["dist"], color="k", lw=1, ls="--", label="Pareto front", zorder=2)
         ax.set_yscale("log")
         ax.set_xlabel("memory saved vs fp16 K+V [%]")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("ΔPPL vs unquantized cache (log; ≤1e-4 drawn at 1e-4)")
+    axes[0].set_ylabel(f"|ΔPPL| (hollow: ppl below the reference; < {floor:g} drawn at {floor:g})")
     axes[1].legend(fontsize=7, loc="upper left")
     r0 = df.iloc[0]
     fig.suptitle(f"{r0['model']} on {r0['text']}: {int(r0['windows'])} windows x {ctx} tokens, decoded token by "
-                 f"token (reference ppl {df['ppl'].iloc[0]:.3f})", fontsize=10)
+                 f"token (reference ppl {r0['ppl']:.3f})", fontsize=10)
     fig.tight_layout()
-    out = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    for p in out:
-        fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -304,6 +296,8 @@ def run(model_ref: str, configs: list[SchemeConfig], tokens: int, context: int, 
     from .engine import gguf
     from .engine.tokenizer import BPETokenizer
 
+    if context > tokens:
+        raise UserError(f"command line: field 'context': {context} is more than tokens={tokens}")
     m = gguf.load_model(model_ref)
     text, text_info = load_text(text_path)
     ids = BPETokenizer(m.tokens, m.merges, m.pre).encode(text)
