@@ -268,8 +268,8 @@ def plot(df: pd.DataFrame, path: Path) -> list[Path]:
             fill = ["none" if below else c for below in g["delta_ppl"] < 0]
             ax.scatter(g["saved"], g["dist"], label=scheme, s=30, zorder=3, color=fill, edgecolors=c)
             for r in g.itertuples():
-                ax.annotate(r.label.removeprefix(f"{scheme}-").replace("-absorb_v", ""), (r.saved, r.dist),
-                            fontsize=5.5, xytext=(3, 2), textcoords="offset points")
+                short = r.label.removeprefix(f"{scheme}-").replace("-absorb_v", "").replace("-etak0-etav0", "-η0")
+                ax.annotate(short, (r.saved, r.dist), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
         front = d[pareto(d.assign(mem=-d["saved"]), "mem", "dist")].sort_values("saved")
         ax.plot(front["saved"], front["dist"], color="k", lw=1, ls="--", label="Pareto front", zorder=2)
         ax.set_yscale("log")
@@ -303,7 +303,9 @@ def run(model_ref: str, configs: list[SchemeConfig], tokens: int, context: int, 
     ids = BPETokenizer(m.tokens, m.merges, m.pre).encode(text)
     x = windows(ids, tokens, context, text_info["path"])
     resolved = [(c.label, c.resolved(m.spec)) for c in configs]
-    inputs = {"model": m.spec.model_dump(mode="json"), "model_file": str(m.path),
+    packaged = gguf.PACKAGED.get(model_ref)
+    inputs = {"model": m.spec.model_dump(mode="json"),
+              "model_file": f"{packaged.package}/{packaged.file} ({packaged.pip})" if packaged else str(m.path),
               "model_file_sha256": hashlib.sha256(m.path.read_bytes()).hexdigest(), "text": text_info,
               "text_tokens": len(ids), "tokens": int(x.numel()), "context": context, "windows": x.shape[0],
               "slice_sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(),
