@@ -56,15 +56,11 @@ def main() -> None:
 
     hf_tok = AutoTokenizer.from_pretrained(str(m.path.parent), gguf_file=m.path.name)
     theirs_ids = hf_tok(text, add_special_tokens=False)["input_ids"]
-    print(f"tokenizer: xqsim {len(ids)} tokens, transformers {len(theirs_ids)} tokens; identical: {ids == theirs_ids}")
-    digits = [t for t in theirs_ids if hf_tok.convert_ids_to_tokens(t).lstrip("Ġ").isdigit()
-              and len(hf_tok.convert_ids_to_tokens(t).lstrip("Ġ")) > 1]
-    print(f"  transformers' GGUF tokenizer has {len(digits)} multi-digit tokens (its pre-tokenizer: "
-          f"{hf_tok.backend_tokenizer.pre_tokenizer}); llama.cpp's 'smollm' pre-tokenizer and SmolLM2's own "
-          f"tokenizer.json split digits one by one")
-    same = [a for a in zip(tok.decode(ids).split(), hf_tok.decode(theirs_ids).split(), strict=False) if a[0] != a[1]]
-    print(f"  both decode to the text: {tok.decode(ids) == text and hf_tok.decode(theirs_ids) == text} "
-          f"({len(same)} differing words)")
+    differ = sum(a != b for a, b in zip(ids, theirs_ids, strict=False)) + abs(len(ids) - len(theirs_ids))
+    multi = sum(t.lstrip("Ġ").isdigit() and len(t.lstrip("Ġ")) > 1 for t in m.tokens)
+    print(f"tokenizer: xqsim {len(ids)} ids, transformers {len(theirs_ids)}, {differ} positions differ "
+          f"(transformers' GGUF tokenizer does not split digits, llama.cpp's '{m.pre}' does; the vocabulary has "
+          f"{multi} multi-digit tokens); xqsim decodes back to the text: {tok.decode(ids) == text}")
 
 
 if __name__ == "__main__":

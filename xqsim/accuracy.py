@@ -67,7 +67,7 @@ class AccuracyGrid(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: str = "smollm2-135m"
     text: str | None = Field(None, description="UTF-8 file (relative to the grid); default: the Britannica article")
-    tokens: int = Field(4096, gt=1, description="tokens of the evaluation slice (whole windows)")
+    tokens: int = Field(3072, gt=1, description="tokens of the evaluation slice (whole windows)")
     context: int = Field(512, gt=1, description="tokens per window; each window starts with an empty cache")
     schemes: list[AccuracyScheme] = Field(min_length=1)
 

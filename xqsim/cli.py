@@ -387,7 +387,7 @@ def accuracy(
     bits: Annotated[str, typer.Option(help="comma-separated code bits; 16 = unquantized")] = "2,3,4,8",
     strategy: Annotated[str | None, typer.Option(help="remat or absorb_v (default absorb_v: same logits)")] = None,
     grid: Annotated[Path | None, typer.Option(help="accuracy grid YAML (measurements/accuracy/grid.yaml)")] = None,
-    tokens: Annotated[str, typer.Option(help="tokens of the evaluation slice")] = "4096",
+    tokens: Annotated[str, typer.Option(help="tokens of the evaluation slice")] = "3072",
     context: Annotated[str, typer.Option(help="tokens per window (cache emptied between windows)")] = "512",
     text: Annotated[Path | None, typer.Option(help="UTF-8 text file (default: the Britannica article)")] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("measurements/accuracy"),
