@@ -331,10 +331,7 @@ def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None 
 
 def plot_validation(df: pd.DataFrame, path: Path) -> list[Path]:
     """Predicted vs measured step time and error vs context, coloured by scheme (PNG and SVG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import plt, save  # pyplot on the Agg backend
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
     for scheme, g in df.groupby("scheme"):
@@ -349,8 +346,4 @@ def plot_validation(df: pd.DataFrame, path: Path) -> list[Path]:
           title="Error vs context")
     a.legend(fontsize=7)
     fig.tight_layout()
-    out = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    for p in out:
-        fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, path)

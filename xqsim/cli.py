@@ -419,6 +419,68 @@ def dashboard(
     sys.exit(subprocess.run(cmd, cwd=loading.ROOT).returncode)  # cwd: streamlit reads .streamlit/config.toml
 
 
+@app.command()
+def accuracy(
+    model: Annotated[str, typer.Option(help="model with real weights (smollm2-135m) or a .gguf file")] = "smollm2-135m",
+    schemes: Annotated[str | None, typer.Option(help="comma-separated schemes, e.g. kivi,xquant")] = None,
+    bits: Annotated[str, typer.Option(help="comma-separated code bits; 16 = unquantized")] = "2,3,4,8",
+    strategy: Annotated[str | None, typer.Option(help="remat or absorb_v (default absorb_v: same logits)")] = None,
+    grid: Annotated[Path | None, typer.Option(help="accuracy grid YAML (measurements/accuracy/grid.yaml)")] = None,
+    tokens: Annotated[str, typer.Option(help="tokens of the evaluation slice")] = "3072",
+    context: Annotated[str, typer.Option(help="tokens per window (cache emptied between windows)")] = "512",
+    text: Annotated[Path | None, typer.Option(help="UTF-8 text file (default: the Britannica article)")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("measurements/accuracy"),
+    force: Annotated[bool, typer.Option(help="overwrite the files of a previous run there")] = False,
+    jobs: Annotated[int, typer.Option(help="configurations run at once, one torch thread each")] = 1,
+) -> None:
+    """Perplexity, logit error and top-1 agreement of each scheme on a real model, decoding token by token."""
+    try:
+        from . import accuracy as acc
+    except ImportError as err:
+        raise UserError(f"the accuracy run needs torch: pip install -e '.[engine,accuracy]' ({err})") from None
+    if grid is not None:
+        g = loading.parse(acc.AccuracyGrid, loading.read_yaml(grid), grid)
+        configs, model, n, c = _scenario_configs(g, grid), g.model, g.tokens, g.context
+        text = text or (grid.parent / g.text if g.text else None)
+    else:
+        if not schemes:
+            raise UserError("command line: give --schemes (e.g. kivi,xquant) or --grid FILE")
+        n, c = _count(tokens, "tokens"), _count(context, "context")
+        configs = [loading.scheme_config(scheme=s.strip(), strategy=strategy, bits=None if s.strip() == "fp16" else b)
+                   for s in schemes.split(",") for b in dict.fromkeys(_ints(bits, "bits"))]
+        configs = list(dict.fromkeys(configs))
+    acc.check_writable(out, force)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        tasks: dict[int, int] = {}
+
+        def start(i: int, label: str, steps: int) -> None:
+            tasks[i] = progress.add_task(f"{label} ({i}/{len(configs)})", total=steps)
+
+        try:
+            df = acc.run(model, configs, n, c, text, out, max(jobs, 1), start, lambda i: progress.advance(tasks[i]),
+                         g.model_dump(mode="json") if grid else None)
+        except KeyboardInterrupt:
+            print(f"xqsim: interrupted; finished configurations kept in {out}/accuracy.csv", file=sys.stderr)
+            sys.exit(130)
+    t = Table(title=f"{df['model'].iloc[0]} on {df['text'].iloc[0]}: {df['windows'].iloc[0]} windows x {c} tokens",
+              title_justify="left")
+    for col in ("scheme", "mem (paper)", "mem (full)", "ppl", "ΔPPL", "mean |Δlogit|", "top-1"):
+        t.add_column(col, justify="left" if col == "scheme" else "right")
+    for r in df.itertuples():
+        t.add_row(r.label, f"{r.mem_ratio_paper:.3f}", f"{r.mem_ratio_full:.3f}", f"{r.ppl:.3f}", f"{r.delta_ppl:+.4f}",
+                  f"{r.logit_err_mean:.2e}", f"{r.top1_agree:.4f}")
+    console.print(t)
+    console.print(f"wrote {out}/accuracy.csv, accuracy.json, delta_ppl_vs_memory.png/.svg")
+
+
+def _ints(value: str, field: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"command line: field '{field}': expected comma-separated integers (got {value!r})") from None
+
+
 @hw_app.command("list")
 def hw_list() -> None:
     """Shipped hardware profiles with their spec figures."""

@@ -42,15 +42,20 @@ def _styles(labels: list[str]) -> dict[str, dict]:
     return out
 
 
+def save(fig, path: Path, dpi: int = 110) -> list[Path]:
+    """Write the figure as path.png and path.svg and close it."""
+    out = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    for p in out:
+        fig.savefig(p, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def _finish(fig, styles: dict, path: Path) -> list[Path]:
     handles = [plt.Line2D([], [], label=lab, **st) for lab, st in styles.items()]
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 2.8 / fig.get_figwidth(), 0.97))
-    out = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    for p in out:
-        fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, path)
 
 
 def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str, wall: bool = False,

@@ -187,8 +187,20 @@ def measurement_sets(root: Path) -> dict[str, list[Path]]:
     """Folders under root holding `xqsim measure` JSON files, by folder name."""
     if not root.is_dir():
         return {}
-    sets = {d.name: sorted(d.glob("*.json")) for d in sorted(root.iterdir()) if d.is_dir()}
+    sets = {d.name: sorted(p for p in d.glob("*.json") if _is_measurement(p)) for d in sorted(root.iterdir())
+            if d.is_dir()}
     return {k: v for k, v in sets.items() if v}
+
+
+def _is_measurement(path: Path) -> bool:
+    """An `xqsim measure` file (device and rows), not another JSON there (accuracy results)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True  # let calibration say what is wrong with it
+    return not isinstance(data, dict) or {"device", "rows"} <= data.keys()
 
 
 def calibration(paths: list[Path], hw: HardwareProfile) -> tuple[pd.DataFrame, dict]:
