@@ -28,15 +28,25 @@ def _row_model_config(name: str, layers: int, config: str):
     return model, cfg
 
 
+def row_ops(r: dict) -> tuple:
+    """The analytic ops of the decode step a measured row ran (cached: a fit, its held-out refits, the
+    predictions and the per-op errors all ask for the same rows)."""
+    return _row_ops(r["model"], r["layers"], json.dumps(r["config"], sort_keys=True), r["batch"], r["context"])
+
+
+@functools.cache
+def _row_ops(name: str, layers: int, config: str, batch: int, context: int) -> tuple:
+    model, cfg = _row_model_config(name, layers, config)
+    return tuple(schemes.step_ops(model, cfg, np.int64(batch), np.int64(context)))
+
+
 def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
     """One row per measured op: its time, the analytic FLOPs and bytes, achieved rates and their share
     of the spec peak (bf16 tensor peak for matmul/attention/remat, fp32 vector peak for the rest)."""
     out = []
     for r in rows:
-        model, cfg = row_model_config(r)
-        ops = schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"]))
         analytic: dict[str, list[float]] = {}
-        for op in ops:
+        for op in row_ops(r):
             a = analytic.setdefault(op.name, [op.cls, 0.0, 0.0])
             a[1] += float(op.flops) * op.layers
             a[2] += float(op.bytes) * op.layers
@@ -94,8 +104,7 @@ def _design(rows: list[dict]) -> dict[str, np.ndarray]:
     cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "flops", "bytes", "n", "bitplane", "first")}
     kid = 0
     for i, r in enumerate(rows):
-        model, cfg = row_model_config(r)
-        for kern in kernels(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"]))):
+        for kern in kernels(row_ops(r)):
             for j, op in enumerate(kern):
                 for k, v in (("row", i), ("kern", kid), ("cls", ci[op.cls]), ("flops", float(op.flops)),
                              ("bytes", float(op.bytes)), ("n", op.layers), ("bitplane", op.bitplane),
@@ -135,7 +144,7 @@ class _Model:
         return o, em, ec, e[-1]
 
     def terms(self, th: np.ndarray):
-        """Per kernel: compute time, memory time, overhead (per run) and the kernel's class."""
+        """Per kernel: compute time, memory time and overhead, per run."""
         d = self.d
         o, em, ec, bp = self.unpack(th)
         nk = len(d["kern_n"])
@@ -224,9 +233,8 @@ def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = 50e-6) 
     for r in rows:
         if r.get("fused"):
             continue
-        model, cfg = row_model_config(r)
         pred: dict[str, float] = {}
-        for o in op_table(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"])), rates):
+        for o in op_table(row_ops(r), rates):
             pred[o["name"]] = pred.get(o["name"], 0.0) + o["time_s"] * o["layers"]
         for name, m in r["ops"].items():
             if m["time_s"] >= min_time_s and pred.get(name, 0) > 0:
@@ -284,8 +292,7 @@ def step_predictions(rows: list[dict], hw: HardwareProfile, target: str | None =
     target = target or (hw.fitted.target if hw.fitted else default_target(rows))
     rates, out = hw.rates(), []
     for r in rows:
-        model, cfg = row_model_config(r)
-        t = step_time(schemes.step_ops(model, cfg, np.int64(r["batch"]), np.int64(r["context"])), rates, False)
+        t = step_time(row_ops(r), rates, False)
         out.append({"model": r["model"], "label": r["label"], "scheme": _family(r["label"]), "batch": r["batch"],
                     "context": r["context"], "fused": bool(r.get("fused")), "target": target,
                     "measured_s": measured_step(r, target), "predicted_s": float(t["step_time_s"]),

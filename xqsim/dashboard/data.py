@@ -3,6 +3,7 @@ calibrate): no Streamlit and no charts here, and no cost formula either."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -187,13 +188,15 @@ def measurement_sets(root: Path) -> dict[str, list[Path]]:
     """Folders under root holding `xqsim measure` JSON files, by folder name."""
     if not root.is_dir():
         return {}
-    sets = {d.name: sorted(p for p in d.glob("*.json") if _is_measurement(p)) for d in sorted(root.iterdir())
-            if d.is_dir()}
+    sets = {d.name: sorted(p for p in d.glob("*.json") if _is_measurement(p, p.stat().st_mtime_ns))
+            for d in sorted(root.iterdir()) if d.is_dir()}
     return {k: v for k, v in sets.items() if v}
 
 
-def _is_measurement(path: Path) -> bool:
-    """An `xqsim measure` file (device and rows), not another JSON there (accuracy results)."""
+@functools.lru_cache(maxsize=256)
+def _is_measurement(path: Path, mtime_ns: int) -> bool:
+    """An `xqsim measure` file (device and rows), not another JSON there (accuracy results). Cached per file
+    version: the page asks on every redraw, and the measurement files are megabytes."""
     import json
 
     try:

@@ -44,6 +44,11 @@ class CacheTensor:
     def quantized(self) -> bool:
         return self.bits < UNQUANTIZED
 
+    @property
+    def bitplane(self) -> bool:
+        """Codes whose width does not divide 8 pack across byte boundaries (unpacked through bit planes)."""
+        return 8 % self.bits != 0
+
 
 @dataclass(frozen=True, slots=True)
 class LayerGroup:

@@ -87,7 +87,7 @@ def store_ops(cfg: SchemeConfig, group: LayerGroup, B, T) -> list[Op]:
             active = 1 if not R else (T > R) if t.axis == "token" else (T >= R)
             ops.append(Op(f"quantize_{t.name}", "quant", flops=QUANT_FLOPS * B * t.width * active,
                           read=B * t.width * ELEM_BYTES * active, write=B * per_tok * active,
-                          bitplane=8 % t.bits != 0))
+                          bitplane=t.bitplane))
     return ops
 
 
@@ -102,7 +102,7 @@ def dequant_ops(cfg: SchemeConfig, group: LayerGroup, B, T, fused: bool, kernel:
         ops.append(Op(f"dequant_{t.name}", "dequant", flops=DEQUANT_FLOPS * B * q * t.width,
                       read=B * (codes_bytes(t, T, G, R, stored=False) + meta_bytes(t, T, G, R)),
                       write=0 if fused else B * q * t.width * ELEM_BYTES, kernel=kernel,
-                      bitplane=8 % t.bits != 0))
+                      bitplane=t.bitplane))
     return ops
 
 
