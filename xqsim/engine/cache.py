@@ -174,7 +174,11 @@ class Store:
                 parts.append(v.flatten(2).transpose(1, 2)[:, start - b0 * self.G: e - b0 * self.G])
         if end > nq:
             parts.append(self.fp[:, max(start, nq) - nq: end - nq].to(dtype))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if len(parts) > 1:
+            return torch.cat(parts, dim=1)
+        # per-channel codes dequantize channel-major: lay the values out token-major (dense channels), as
+        # attention kernels read them; a plain view of the fp16 part stays a view
+        return parts[0] if parts[0].stride(-1) == 1 else parts[0].contiguous()
 
     def quantized_in(self, start: int, end: int) -> int:
         """How many of tokens [start, end) are held as codes."""

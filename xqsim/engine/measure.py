@@ -8,7 +8,10 @@ same step (and its rollback) captured once as a CUDA graph and replayed (`step_t
 own time, as a server that captures its decode step (vLLM, TensorRT-LLM) sees it. The capture applies
 because a rolled-back step at a fixed context does the same work at the same addresses every time (the
 cache is reserved up front, so nothing reallocates); where capture fails the row says why and keeps the
-eager figures. A fused configuration runs as tiles (xqsim.engine.model), not as one fused kernel.
+eager figures. Per op, the eager event pairs also time the CPU launching it (a 3 us kernel can read 60 us), so
+each op's GPU work is also taken from the profiler: the summed durations of the kernels it launched
+(`kernel_time_s`, `kernels` per op and for the whole step, the mean of a few profiled eager steps). A fused
+configuration runs as tiles (xqsim.engine.model), not as one fused kernel.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, de
         for n, s in sums.items():
             per_op.setdefault(n, []).append(s)
     graph = time_graph(lambda: one(Recorder()), repeats, warmup) if cuda else {}
+    kernels = kernel_times(one, PROFILED_STEPS) if cuda else {}
     engine.step(tokens, cache)  # once more, kept: the cache now holds `context` tokens
     analytic = memory(spec, engine.cfg, batch, np.array([context]))
     return {
@@ -165,8 +169,60 @@ def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, de
         "step_time_s": statistics.median(steps),
         "step_time_p10_s": float(np.percentile(steps, 10)), "step_time_p90_s": float(np.percentile(steps, 90)),
         "ops": {n: {"op_class": flops[n][0], "flops": flops[n][1], "time_s": statistics.median(v)}
-                for n, v in per_op.items()},
-    } | graph
+                | kernels.get("ops", {}).get(n, {}) for n, v in per_op.items()},
+    } | graph | {k: v for k, v in kernels.items() if k != "ops"}
+
+
+PROFILED_STEPS = 3
+_PREFIX = "xq:"
+
+
+class _Annotate(Recorder):
+    """Marks each op as a profiler range, so the GPU kernels it launched can be attributed to it."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, cls: str, flops: float = 0.0) -> Iterator[None]:
+        with torch.profiler.record_function(_PREFIX + name):
+            yield
+
+
+def _kernels_under(evt) -> tuple[float, int]:
+    """GPU time [us] and count of the kernels (and copies) launched under a profiler event, children included."""
+    t, n = sum(k.duration for k in evt.kernels), len(evt.kernels)
+    for ch in evt.cpu_children:
+        a, b = _kernels_under(ch)
+        t, n = t + a, n + b
+    return t, n
+
+
+def kernel_times(one: Callable[[Recorder], None], steps: int) -> dict:
+    """Per op, the GPU time of its own kernels (CUPTI kernel durations from torch.profiler, no launch gaps or
+    CPU time in them) and how many it launched, the mean over `steps` eager steps: {ops: {name: {kernel_time_s,
+    kernels}}, kernel_time_s: all kernels of the step, kernels}; {kernels: <why not>} if profiling fails."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                one(_Annotate())
+            torch.cuda.synchronize()
+        events = prof.events()
+    except RuntimeError as err:
+        return {"kernels": f"not profiled: {str(err).splitlines()[0][:160]}"}
+    ops: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith(_PREFIX):
+            t, n = _kernels_under(e)
+            acc = ops.setdefault(e.name[len(_PREFIX):], [0.0, 0])
+            acc[0], acc[1] = acc[0] + t, acc[1] + n
+    total = [0.0, 0]
+    for e in events:  # every kernel once: those launched by a top-level CPU event (rollback copies included)
+        if e.device_type == DeviceType.CPU and e.cpu_parent is None:
+            t, n = _kernels_under(e)
+            total[0], total[1] = total[0] + t, total[1] + n
+    return {"ops": {k: {"kernel_time_s": t / steps / 1e6, "kernels": n / steps} for k, (t, n) in ops.items()},
+            "kernel_time_s": total[0] / steps / 1e6, "kernels": total[1] / steps}
 
 
 def time_graph(step: Callable[[], None], repeats: int, warmup: int) -> dict:
@@ -268,6 +324,8 @@ def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"device": info, "rows": rows}, indent=1))
     flat = [{k: v for k, v in r.items() if k not in ("config", "ops")}
-            | {f"t_{n}_s": o["time_s"] for n, o in r.get("ops", {}).items()} for r in rows]
+            | {f"t_{n}_s": o["time_s"] for n, o in r.get("ops", {}).items()}
+            | {f"k_{n}_s": o["kernel_time_s"] for n, o in r.get("ops", {}).items() if "kernel_time_s" in o}
+            for r in rows]
     pd.DataFrame(flat).assign(**{k: v for k, v in info.items() if not isinstance(v, dict)}).to_csv(
         out.with_suffix(".csv"), index=False)

@@ -303,14 +303,25 @@ class Engine:
     def _attend_tiles(self, qh: torch.Tensor, T: int, make_tile, rec: Recorder, wv_absorb=None) -> torch.Tensor:
         """Attention of q (B, H, 1, hd) over T tokens, tile by tile with an online softmax.
 
-        Unfused, one tile spans the context (every intermediate exists whole, as the analytic model says);
-        fused, tiles of `self.tile` tokens: no intermediate is larger than a tile. make_tile(t0, t1) gives
+        Unfused, one tile spans the context (every intermediate exists whole, as the analytic model says)
+        and q.K^T, softmax and P.V run as one scaled_dot_product_attention, which reads K and V once, as the
+        model's attention op does (FlashAttention on a GPU); fused, tiles of `self.tile` tokens with the softmax
+        carried in torch: no intermediate is larger than a tile. make_tile(t0, t1) gives
         K (B, Hkv, n, hd) and V (B, Hkv, n, hd), or with absorb_v the value source (B, n, width)."""
         s = self.spec
         B, H, _, hd = qh.shape
         Hkv, g = s.n_kv_heads, H // s.n_kv_heads
         qg = qh.view(B, Hkv, g, hd) / math.sqrt(hd)  # (B, Hkv, g, hd)
         tile = self.tile if self.cfg.fused else T
+        if tile >= T and wv_absorb is None:  # one tile: one fused pass over K and V
+            K, V = make_tile(0, T)
+            with rec("attention", "attention", 4 * B * H * T * hd):
+                # K/V may be strided views of the cache (only hd must be dense); with enable_gqa, torch's flash
+                # attention folds the g query heads of a KV head into one block and splits the context over
+                # blocks (flash decoding), so batch 1 reads K and V at ~2.9 TB/s on an H100 instead of the
+                # ~0.4 TB/s of g query rows per (sequence, KV head) block (benchmarks/attention_paths.py)
+                o = torch.nn.functional.scaled_dot_product_attention(qh, K, V, enable_gqa=True)  # (B, H, 1, hd)
+            return o.reshape(B, 1, H * hd)
         m = l = o = None
         for t0 in range(0, T, tile):
             t1 = min(T, t0 + tile)
