@@ -41,8 +41,9 @@ def _row_ops(name: str, layers: int, config: str, batch: int, context: int) -> t
 
 
 def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
-    """One row per measured op: its time, the analytic FLOPs and bytes, achieved rates and their share
-    of the spec peak (bf16 tensor peak for matmul/attention/remat, fp32 vector peak for the rest)."""
+    """One row per measured op: its time (GPU kernel time where profiled, else eager), the analytic FLOPs and
+    bytes, achieved rates and their share of the spec peak (bf16 tensor peak for matmul/attention/remat,
+    fp32 vector peak for the rest)."""
     out = []
     for r in rows:
         analytic: dict[str, list[float]] = {}
@@ -52,7 +53,9 @@ def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
             a[2] += float(op.bytes) * op.layers
         for name, m in r["ops"].items():
             cls, flops, nbytes = analytic[name]
-            t = m["time_s"]
+            t = m.get("kernel_time_s", m["time_s"])  # the GPU time of its kernels where profiled
+            if t <= 0:
+                continue
             peak = hw.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
             out.append({"file": r["file"], "model": r["model"], "label": r["label"], "batch": r["batch"],
                         "context": r["context"], "op": name, "op_class": cls, "time_s": t, "flops": flops,
@@ -101,17 +104,24 @@ def _design(rows: list[dict]) -> dict[str, np.ndarray]:
     from .roofline import kernels
 
     ci = {c: i for i, c in enumerate(OP_CLASSES)}
-    cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "flops", "bytes", "n", "bitplane", "first")}
+    cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "flops", "bytes", "n", "bitplane", "channel",
+                                             "first", "opgroup")}
+    groups: dict[tuple[int, str], int] = {}
     kid = 0
     for i, r in enumerate(rows):
         for kern in kernels(row_ops(r)):
             for j, op in enumerate(kern):
+                g = groups.setdefault((i, op.name), len(groups))
                 for k, v in (("row", i), ("kern", kid), ("cls", ci[op.cls]), ("flops", float(op.flops)),
                              ("bytes", float(op.bytes)), ("n", op.layers), ("bitplane", op.bitplane),
-                             ("first", j == 0)):
+                             ("channel", op.channel), ("first", j == 0), ("opgroup", g)):
                     cols[k].append(v)
             kid += 1
     d = {k: np.asarray(v) for k, v in cols.items()}
+    # per (row, op name): the op's measured GPU kernel time (profiler), NaN where not measured
+    d["op_measured"] = np.array([rows[i]["ops"].get(name, {}).get("kernel_time_s", np.nan)
+                                 if "ops" in rows[i] else np.nan for (i, name) in groups])
+    d["op_key"] = list(groups)
     d["kern_row"] = np.bincount(d["kern"], d["row"], minlength=kid) / np.maximum(
         np.bincount(d["kern"], minlength=kid), 1)
     d["kern_n"] = np.bincount(d["kern"], d["n"] * d["first"], minlength=kid)
@@ -121,7 +131,7 @@ def _design(rows: list[dict]) -> dict[str, np.ndarray]:
 class _Model:
     """Step times of many rows as a function of log-parameters: per class an overhead (quant shares
     dequant's), a bandwidth efficiency and, for tensor-core classes, a FLOP-rate efficiency; one bit-plane
-    factor. Same formula as roofline.step_time."""
+    factor and one per-channel factor. Same formula as roofline.step_time."""
 
     def __init__(self, d: dict[str, np.ndarray], n_rows: int, hw: HardwareProfile):
         self.d, self.n_rows = d, n_rows
@@ -131,7 +141,7 @@ class _Model:
         self.bw = hw.mem_bytes_per_s.value
         over = [c for c in OP_CLASSES if c not in OVERHEAD_OF]
         self.names = ([f"overhead:{c}" for c in over] + [f"memory:{c}" for c in OP_CLASSES]
-                      + [f"compute:{c}" for c in OP_CLASSES if c in TENSOR_CLASSES] + ["bitplane"])
+                      + [f"compute:{c}" for c in OP_CLASSES if c in TENSOR_CLASSES] + ["bitplane", "channel"])
         self.o_index = np.array([over.index(OVERHEAD_OF.get(c, c)) for c in OP_CLASSES])
         self.n_o, self.nc = len(over), nc
 
@@ -140,17 +150,17 @@ class _Model:
         o = e[: self.n_o][self.o_index]
         em = e[self.n_o: self.n_o + self.nc]
         ec = np.ones(self.nc)
-        ec[self.tensor] = e[self.n_o + self.nc: -1]
-        return o, em, ec, e[-1]
+        ec[self.tensor] = e[self.n_o + self.nc: -2]
+        return o, em, ec, e[-2], e[-1]
 
     def terms(self, th: np.ndarray):
         """Per kernel: compute time, memory time and overhead, per run."""
         d = self.d
-        o, em, ec, bp = self.unpack(th)
+        o, em, ec, bp, ch = self.unpack(th)
         nk = len(d["kern_n"])
         tc = np.bincount(d["kern"], d["flops"] / (self.peak[d["cls"]] * ec[d["cls"]]), minlength=nk)
-        tm = np.bincount(d["kern"], d["bytes"] / (self.bw * em[d["cls"]]) * np.where(d["bitplane"], bp, 1.0),
-                         minlength=nk)
+        tm = np.bincount(d["kern"], d["bytes"] / (self.bw * em[d["cls"]]) * np.where(d["bitplane"], bp, 1.0)
+                         * np.where(d["channel"], ch, 1.0), minlength=nk)
         ov = np.bincount(d["kern"], o[d["cls"]] * d["first"], minlength=nk)
         return tc, tm, ov
 
@@ -158,6 +168,13 @@ class _Model:
         tc, tm, ov = self.terms(th)
         t = self.d["kern_n"] * (np.maximum(tc, tm) + ov)
         return np.bincount(self.d["kern_row"].astype(int), t, minlength=self.n_rows)
+
+    def op_times(self, th: np.ndarray) -> np.ndarray:
+        """Per (row, op name): the predicted time of its kernels over all layers (unfused: one op, one kernel)."""
+        tc, tm, ov = self.terms(th)
+        d = self.d
+        per_kernel = np.maximum(tc, tm) + ov
+        return np.bincount(d["opgroup"], d["n"] * per_kernel[d["kern"]] * d["first"], minlength=len(d["op_key"]))
 
     def shares(self, th: np.ndarray) -> dict[str, np.ndarray]:
         """Per parameter, per row: the share of the predicted step its term accounts for (0 when it does not
@@ -178,14 +195,22 @@ class _Model:
             osel = np.isin(kcls, [OP_CLASSES.index(k) for k in cls_o])
             out[f"overhead:{c}"] = np.bincount(kr, d["kern_n"] * ov * osel, minlength=self.n_rows) / step
         out["bitplane"] = np.bincount(kr, d["kern_n"] * tm * (kbp & (tm >= tc)), minlength=self.n_rows) / step
+        kch = np.bincount(d["kern"], d["channel"], minlength=len(tc)) > 0
+        out["channel"] = np.bincount(kr, d["kern_n"] * tm * (kch & (tm >= tc)), minlength=self.n_rows) / step
         return out
 
 
+MIN_OP_S = 50e-6  # ops of at least this much GPU time are fitted and judged one by one (see op_errors)
+
+
 def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None = None, min_rows: int = 3,
-        min_share: float = 0.005):
-    """Least squares on log step time over measured configurations (unfused ones: the engine's fused path
-    is tiles of ordinary kernels, not the fused kernel the model describes). A kernel takes
-    max(flops / (peak * e_c), bytes / (bandwidth * e_m) [* bit-plane factor]) + the overhead of its class.
+        min_share: float = 0.005, min_op_s: float = MIN_OP_S):
+    """Least squares on log time over measured configurations (unfused ones: the engine's fused path is
+    tiles of ordinary kernels, not the fused kernel the model describes), jointly on two kinds of residual:
+    each row's step time (`target`), and each op's GPU kernel time where the row has it (profiler) and it is
+    at least `min_op_s`; each kind weighs as much in total as the other. A kernel takes
+    max(flops / (peak * e_c), bytes / (bandwidth * e_m) [* bit-plane factor] [* channel factor]) + the
+    overhead of its class.
 
     Returns (Fitted, report). A parameter whose term is at least `min_share` of the predicted step in fewer
     than `min_rows` configurations is not determined by the data: it is left out of the Fitted block (the
@@ -199,13 +224,22 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
     t = np.array([measured_step(r, target) for r in rows])
     m = _Model(_design(rows), len(rows), hw)
     n = len(m.names)
-    x0 = np.concatenate([np.full(m.n_o, np.log(5e-6)), np.zeros(n - m.n_o - 1), [0.0]])
-    lo = np.concatenate([np.full(m.n_o, np.log(1e-8)), np.full(n - m.n_o - 1, np.log(1e-3)), [0.0]])
-    hi = np.concatenate([np.full(m.n_o, np.log(1e-2)), np.full(n - m.n_o - 1, np.log(1.5)), [np.log(100.0)]])
-    sol = least_squares(lambda th: np.log(m.step(th)) - np.log(t), x0, bounds=(lo, hi), x_scale=1.0,
-                        xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=500)
+    x0 = np.concatenate([np.full(m.n_o, np.log(5e-6)), np.zeros(n - m.n_o - 2), [0.0, 0.0]])
+    lo = np.concatenate([np.full(m.n_o, np.log(1e-8)), np.full(n - m.n_o - 2, np.log(1e-3)), [0.0, np.log(0.1)]])
+    hi = np.concatenate([np.full(m.n_o, np.log(1e-2)), np.full(n - m.n_o - 2, np.log(1.5)), [np.log(100.0),
+                                                                                           np.log(10.0)]])
+    op_t = m.d["op_measured"]
+    op_sel = np.flatnonzero(np.nan_to_num(op_t) >= min_op_s)
+    w_op = np.sqrt(len(t) / len(op_sel)) if len(op_sel) else 0.0  # both kinds weigh the same in total
+
+    def residuals(th):
+        r = np.log(m.step(th)) - np.log(t)
+        return np.concatenate([r, w_op * (np.log(m.op_times(th)[op_sel]) - np.log(op_t[op_sel]))]) if w_op else r
+
+    sol = least_squares(residuals, x0, bounds=(lo, hi), x_scale=1.0, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=500)
+    sol.fun = sol.fun[: len(t)]
     th = sol.x
-    o, em, ec, bp = m.unpack(th)
+    o, em, ec, bp, ch = m.unpack(th)
     shares = m.shares(th)
     bound = {k: int(np.sum(v >= min_share)) for k, v in shares.items()}
     keep = {k for k, v in bound.items() if v >= min_rows}
@@ -216,17 +250,20 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
         mem_efficiency={c: round(float(em[ci[c]]), 6) for c in OP_CLASSES if f"memory:{c}" in keep},
         compute_efficiency={c: round(float(ec[ci[c]]), 6) for c in OP_CLASSES if f"compute:{c}" in keep},
         kernel_overhead_s=min(overhead.values()) if overhead else None, overhead_s=overhead,
-        bitplane_factor=round(float(bp), 6) if "bitplane" in keep else None)
+        bitplane_factor=round(float(bp), 6) if "bitplane" in keep else None,
+        channel_factor=round(float(ch), 6) if "channel" in keep else None)
     err = np.exp(sol.fun) - 1
-    report = {"n": len(rows), "target": target, "median_abs_pct": float(100 * np.median(np.abs(err))),
+    report = {"n": len(rows), "ops_fitted": int(len(op_sel)), "target": target,
+              "median_abs_pct": float(100 * np.median(np.abs(err))),
               "p90_abs_pct": float(100 * np.percentile(np.abs(err), 90)), "rows_bound": bound,
               "not_determined": [k for k in m.names if k not in keep]}
     return fitted, report
 
 
-def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = 50e-6) -> pd.DataFrame:
-    """Measured (eager, per op) vs predicted time of every op of at least `min_time_s`: below that an eager
-    op's events also time the CPU launching it. Unfused rows; predicted = own roofline time + overhead."""
+def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_S) -> pd.DataFrame:
+    """Measured vs predicted time of every op of at least `min_time_s`, unfused rows; predicted = own
+    roofline time + overhead. Measured: the op's GPU kernel time (profiler) where the row has it, else its
+    eager event time (which also times the CPU launching it)."""
     from .roofline import op_table
 
     rates, out = hw.rates(), []
@@ -237,9 +274,11 @@ def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = 50e-6) 
         for o in op_table(row_ops(r), rates):
             pred[o["name"]] = pred.get(o["name"], 0.0) + o["time_s"] * o["layers"]
         for name, m in r["ops"].items():
-            if m["time_s"] >= min_time_s and pred.get(name, 0) > 0:
-                out.append({"label": r["label"], "batch": r["batch"], "context": r["context"], "op": name,
-                            "op_class": m["op_class"], "measured_s": m["time_s"], "predicted_s": pred[name]})
+            t = m.get("kernel_time_s", m["time_s"])
+            if t >= min_time_s and pred.get(name, 0) > 0:
+                out.append({"model": r["model"], "label": r["label"], "batch": r["batch"], "context": r["context"],
+                            "op": name, "op_class": m["op_class"], "measured": "kernel" if "kernel_time_s" in m
+                            else "eager", "measured_s": t, "predicted_s": pred[name]})
     df = pd.DataFrame(out)
     df["error_pct"] = 100 * (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
     return df
@@ -322,8 +361,10 @@ def error_report(df: pd.DataFrame) -> dict:
     return out
 
 
-def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None = None) -> pd.DataFrame:
-    """Predictions of each block of rows (one context length, or one scheme) by a fit that never saw it."""
+def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None = None,
+             per_op: bool = False) -> pd.DataFrame:
+    """Predictions of each block of rows (one context length, or one scheme) by a fit that never saw it: step
+    predictions, or with `per_op` the op errors (op_errors) of the held-out rows."""
     key = (lambda r: r["context"]) if by == "context" else (lambda r: _family(r["label"]))
     target = target or default_target(rows)
     parts = []
@@ -331,8 +372,9 @@ def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None 
         train = [r for r in rows if key(r) != value]
         test = [r for r in rows if key(r) == value]
         fitted, _ = fit(train, hw, f"held-out fit without {by}={value}", target)
-        parts.append(step_predictions(test, hw.model_copy(update={"fitted": fitted}), target)
-                     .assign(held_out=f"{by}={value}"))
+        h = hw.model_copy(update={"fitted": fitted})
+        df = op_errors(test, h) if per_op else step_predictions(test, h, target)
+        parts.append(df.assign(held_out=f"{by}={value}"))
     return pd.concat(parts, ignore_index=True)
 
 

@@ -338,6 +338,9 @@ def calibrate(
     console.print(t)
     if fitted.bitplane_factor:
         console.print(f"(de)quantization of 3/5/6/7-bit codes (bit planes): x{fitted.bitplane_factor:.2f} time")
+    if fitted.channel_factor:
+        console.print(f"(de)quantization of per-channel codes (channel-major to token-major): "
+                      f"x{fitted.channel_factor:.2f} time")
     if report["not_determined"]:
         console.print(f"not determined by these measurements (spec value kept): {', '.join(report['not_determined'])}")
     console.print(f"wrote {out}")

@@ -15,7 +15,7 @@ from . import schemes  # noqa: E402
 from .roofline import op_table  # noqa: E402
 from .specs import SCHEMES, HardwareProfile, ModelSpec, SchemeConfig, UserError  # noqa: E402
 
-MARKERS = {"matmul": "o", "attention": "s", "remat": "^", "dequant": "v", "quant": "D", "elementwise": "."}
+MARKERS = {"matmul": "o", "attention": "s", "remat": "^", "dequant": "v", "quant": "D", "rope": "x", "elementwise": "."}
 
 
 def _grid(models: list[str], hws: list[str], title: str):

@@ -4,7 +4,7 @@ A kernel is one op, or the consecutive ops of a layer that share a `kernel` name
 max(compute time, memory time) + one overhead (that of its first op's class), where compute time = sum of FLOPs / the
 achieved FLOP rate of each op's class and memory time = sum of bytes / the achieved bandwidth of each
 op's class (spec peak x fitted efficiency; x the fitted bit-plane factor for (de)quantization of code widths
-that do not divide 8). Its bound is
+that do not divide 8, x the fitted channel factor for per-channel codes). Its bound is
 'overhead' when the overhead exceeds the busy time, else 'compute' or 'memory', whichever is longer.
 The step's bound is the one that accounts for most of its time.
 """
@@ -33,7 +33,8 @@ def kernels(ops: list[Op]) -> list[list[Op]]:
 
 def _busy(op: Op, rates: dict) -> tuple:
     mem = op.bytes / rates[f"{op.cls}_bytes_per_s"]
-    return op.flops / rates[f"{op.cls}_flops_per_s"], mem * rates["bitplane_factor"] if op.bitplane else mem
+    mem = mem * rates["bitplane_factor"] if op.bitplane else mem
+    return op.flops / rates[f"{op.cls}_flops_per_s"], mem * rates["channel_factor"] if op.channel else mem
 
 
 def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ SCHEMES: tuple[str, ...] = SchemeName.__args__
 REMAT_SCHEMES = ("xquant", "xquant_cl", "xquant_gqa", "xquant_cl_gqa")
 CL_SCHEMES = ("xquant_cl", "xquant_cl_gqa")
 Strategy = Literal["remat", "absorb_v"]
-OpClass = Literal["matmul", "attention", "remat", "dequant", "quant", "elementwise"]
+OpClass = Literal["matmul", "attention", "remat", "dequant", "quant", "rope", "elementwise"]
 OP_CLASSES: tuple[str, ...] = OpClass.__args__
 # Which peak an op class runs against: tensor cores (bf16) or the vector units (fp32 non-tensor).
 TENSOR_CLASSES = ("matmul", "attention", "remat")
@@ -56,6 +56,8 @@ class Fitted(BaseModel):
         default_factory=dict, description="fitted overhead of a kernel per op class (else kernel_overhead_s) [s]")
     bitplane_factor: float | None = Field(None, ge=1, description="time multiplier of (de)quantization when the "
                                                                   "code width does not divide 8 (bit planes)")
+    channel_factor: float | None = Field(None, gt=0, description="time multiplier of (de)quantizing per-channel "
+                                                                 "codes (laid out channel-major, values token-major)")
     target: Literal["graph", "eager"] = Field("graph", description="what the fit predicts: the GPU time of a "
                                                                    "CUDA-graph step, or an eager step")
 
@@ -119,6 +121,7 @@ class HardwareProfile(BaseModel):
         for cls in OP_CLASSES:
             out[f"{cls}_overhead_s"] = (fit.overhead_s if fit else {}).get(cls, out["kernel_overhead_s"])
         out["bitplane_factor"] = fit.bitplane_factor if fit and fit.bitplane_factor else 1.0
+        out["channel_factor"] = fit.channel_factor if fit and fit.channel_factor else 1.0
         return out
 
 

@@ -217,7 +217,7 @@ class Engine:
         pos = torch.arange(T0, T0 + 1, device=h.device)
         with rec("kv_proj", "matmul", 2 * B * s.d_model * 2 * s.dkv):
             k, v = h @ w[f"{i}.wk"], h @ w[f"{i}.wv"]  # (B, 1, dkv)
-        with rec("rope", "elementwise", ROPE_FLOPS * B * (s.dq + s.dkv)):
+        with rec("rope", "rope", ROPE_FLOPS * B * (s.dq + s.dkv)):
             qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos, s.rope_theta)  # (B, H, 1, hd)
             k = rope(k.view(B, 1, Hkv, hd).transpose(1, 2), pos, s.rope_theta).transpose(1, 2).reshape(B, 1, -1)
         self._store(stores, {"k": k, "v": v}, rec)
@@ -247,7 +247,7 @@ class Engine:
                 new = {next(iter(stores)): x_new @ U}  # (B, 1, r)
         else:
             new = {next(iter(stores)): x_new}  # (B, 1, d)
-        with rec("rope_q", "elementwise", ROPE_FLOPS * B * s.dq):
+        with rec("rope_q", "rope", ROPE_FLOPS * B * s.dq):
             qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos[-1:], s.rope_theta)  # (B, H, 1, hd)
         self._store(stores, new, rec)
         absorb = c.strategy == "absorb_v"
@@ -277,7 +277,7 @@ class Engine:
                 wk, wv = w[f"{i}.wk"], w[f"{i}.wv"]
             with rec("remat_k", "remat", 2 * B * n * k_src.shape[-1] * dkv):
                 K = (k_src @ wk).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
-            with rec("rope_k", "elementwise", ROPE_FLOPS * B * n * dkv):
+            with rec("rope_k", "rope", ROPE_FLOPS * B * n * dkv):
                 K = rope(K, pos[t0:t1], s.rope_theta)
             if absorb:
                 return K, v_src

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..specs import ModelSpec, SchemeConfig
 from .layout import ELEM_BYTES, LayerGroup
-from .ops import ROPE_FLOPS, Op, dequant_ops, elementwise, fp16_read, matmul, store_ops, tensor
+from .ops import Op, dequant_ops, fp16_read, matmul, rope, store_ops, tensor
 
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
@@ -25,7 +25,8 @@ def attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, B, T) 
     kern = "attention" if cfg.fused else ""
     return [
         matmul("kv_proj", B, 1, model.d_model, 2 * model.dkv, model.weight_bytes),
-        elementwise("rope", B * (dq + model.dkv), ROPE_FLOPS),
+        rope("rope", B * dq),  # RoPE of the query heads and of the new key: two kernels, one op name
+        rope("rope", B * model.dkv),
         *store_ops(cfg, group, B, T),
         *dequant_ops(cfg, group, B, T, cfg.fused, kern),
         Op("attention", "attention",

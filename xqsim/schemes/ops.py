@@ -46,6 +46,7 @@ class Op:
     layers: int = 1  # times it runs per step
     kernel: str = ""  # ops of one layer with the same non-empty kernel run as one fused kernel
     bitplane: bool = False  # (de)quantization of codes whose width does not divide 8 (packed across bytes)
+    channel: bool = False  # (de)quantization of per-channel codes (channel-major codes, token-major values)
 
     @property
     def bytes(self) -> np.ndarray | float:
@@ -69,6 +70,12 @@ def elementwise(name: str, elems, flops_per_elem: float, n_in: int = 1, extra_re
               read=n_in * elems * ELEM_BYTES + extra_read, write=elems * ELEM_BYTES)
 
 
+def rope(name: str, elems) -> Op:
+    """Rotary embedding of `elems` activations: an elementwise op of its own class (position-dependent
+    cos/sin tables; an unfused implementation takes several passes, so its efficiency is apart)."""
+    return replace(elementwise(name, elems, ROPE_FLOPS), cls="rope")
+
+
 # ----------------------------------------------------------------------------- cache maintenance
 
 
@@ -87,7 +94,7 @@ def store_ops(cfg: SchemeConfig, group: LayerGroup, B, T) -> list[Op]:
             active = 1 if not R else (T > R) if t.axis == "token" else (T >= R)
             ops.append(Op(f"quantize_{t.name}", "quant", flops=QUANT_FLOPS * B * t.width * active,
                           read=B * t.width * ELEM_BYTES * active, write=B * per_tok * active,
-                          bitplane=t.bitplane))
+                          bitplane=t.bitplane, channel=t.axis == "channel"))
     return ops
 
 
@@ -102,7 +109,7 @@ def dequant_ops(cfg: SchemeConfig, group: LayerGroup, B, T, fused: bool, kernel:
         ops.append(Op(f"dequant_{t.name}", "dequant", flops=DEQUANT_FLOPS * B * q * t.width,
                       read=B * (codes_bytes(t, T, G, R, stored=False) + meta_bytes(t, T, G, R)),
                       write=0 if fused else B * q * t.width * ELEM_BYTES, kernel=kernel,
-                      bitplane=t.bitplane))
+                      bitplane=t.bitplane, channel=t.axis == "channel"))
     return ops
 
 

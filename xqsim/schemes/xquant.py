@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..specs import ModelSpec, SchemeConfig
 from .layout import ELEM_BYTES, LayerGroup, split_layers
-from .ops import ADD_FLOPS, ROPE_FLOPS, Op, dequant_ops, elementwise, fp16_read, matmul, store_ops, tensor
+from .ops import ADD_FLOPS, ROPE_FLOPS, Op, dequant_ops, fp16_read, matmul, rope, store_ops, tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,7 @@ def remat_attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, 
     ops = []
     if p.down:
         ops.append(matmul("down_proj", B, 1, d, p.down, w))
-    ops.append(elementwise("rope_q", B * dq, ROPE_FLOPS))
+    ops.append(rope("rope_q", B * dq))
     ops += store_ops(cfg, group, B, T)
     ops += dequant_ops(cfg, group, B, T, fused, kern)
     if p.up:
@@ -72,7 +72,7 @@ def remat_attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, 
                       write=B * T * d * E, kernel=kern))  # X^ persists for the next layer
     ops.append(matmul("remat_k", B, T, p.k_width, dkv, w, cls="remat", read_in=src_read(p.k_src),
                       write_out=inter * B * T * dkv * E, kernel=kern))
-    ops.append(Op("rope_k", "elementwise", flops=ROPE_FLOPS * B * T * dkv,
+    ops.append(Op("rope_k", "rope", flops=ROPE_FLOPS * B * T * dkv,
                   read=inter * B * T * dkv * E, write=inter * B * T * dkv * E, kernel=kern))
     v_again = p.v_src == p.k_src
     if cfg.strategy == "absorb_v":
