@@ -36,8 +36,9 @@ def test_fp16_step_flops_by_hand(tiny):
     assert total(ops, cls="matmul") == matmul
     assert total(ops, cls="attention") == n * 4 * B * 4 * T * 16
     assert total(ops, cls="remat") == 0 and total(ops, cls="dequant") == 0
-    # elementwise: 2 norms (4/elem), rope on q and k (3/elem), residual adds (1), swiglu (5), final norm
-    assert total(ops, cls="elementwise") == n * (2 * 4 * B * d + 3 * B * 128 + 2 * B * d + 5 * B * f) + 4 * B * d
+    # elementwise: 2 norms (4/elem), residual adds (1), swiglu (5), final norm; rope on q and k (3/elem)
+    assert total(ops, cls="elementwise") == n * (2 * 4 * B * d + 2 * B * d + 5 * B * f) + 4 * B * d
+    assert total(ops, cls="rope") == n * 3 * B * 128
     # the cache read by attention: K and V of T tokens, fp16
     assert by["attention"][0].read == B * 64 * 2 + B * T * 2 * 64 * 2
 
