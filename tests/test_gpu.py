@@ -72,3 +72,17 @@ def test_decode_attention_does_not_copy_the_cache():
         per_byte.append(r["ops"]["attention"]["kernel_time_s"] / kv_bytes)
     assert per_byte[1] <= 1.5 * per_byte[0], f"attention s/byte at batch 1, 4: {per_byte}"
     assert per_byte[0] <= 1 / 1.5e12, f"attention at batch 1 reads K and V at {1 / per_byte[0] / 1e9:.0f} GB/s"
+
+
+def test_bf16_on_gpu_agrees_with_fp32():
+    m = loading.load_model("tiny-gqa")
+    w = Engine(m, specs.SchemeConfig(scheme="fp16"), device="cuda", dtype=torch.float32).w
+    tokens = torch.randint(0, m.vocab_size, (2, 12), device="cuda")
+    outs = []
+    for dt in (torch.float32, torch.bfloat16):
+        e = Engine(m, specs.SchemeConfig(scheme="xquant", bits=16), device="cuda", dtype=dt, store_dtype=dt,
+                   weights={k: v.to(dt) for k, v in w.items()})
+        cache = e.new_cache()
+        outs.append(torch.stack([e.step(tokens[:, t], cache).float() for t in range(12)], 1))
+    rel = ((outs[0] - outs[1]).abs().max() / outs[0].abs().max()).item()
+    assert rel < 0.05, f"bf16 vs fp32 logits: max diff {rel:.3f} of the largest logit"

@@ -40,6 +40,12 @@ def _row_ops(name: str, layers: int, config: str, batch: int, context: int) -> t
     return tuple(schemes.step_ops(model, cfg, np.int64(batch), np.int64(context)))
 
 
+def measured_op_s(m: dict) -> float:
+    """A measured op's time: the GPU time of its kernels where profiled, else its eager event time (which
+    also times the CPU launching it)."""
+    return m.get("kernel_time_s", m["time_s"])
+
+
 def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
     """One row per measured op: its time (GPU kernel time where profiled, else eager), the analytic FLOPs and
     bytes, achieved rates and their share of the spec peak (bf16 tensor peak for matmul/attention/remat,
@@ -53,7 +59,7 @@ def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
             a[2] += float(op.bytes) * op.layers
         for name, m in r["ops"].items():
             cls, flops, nbytes = analytic[name]
-            t = m.get("kernel_time_s", m["time_s"])  # the GPU time of its kernels where profiled
+            t = measured_op_s(m)
             if t <= 0:
                 continue
             peak = hw.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
@@ -121,7 +127,6 @@ def _design(rows: list[dict]) -> dict[str, np.ndarray]:
     # per (row, op name): the op's measured GPU kernel time (profiler), NaN where not measured
     d["op_measured"] = np.array([rows[i]["ops"].get(name, {}).get("kernel_time_s", np.nan)
                                  if "ops" in rows[i] else np.nan for (i, name) in groups])
-    d["op_key"] = list(groups)
     d["kern_row"] = np.bincount(d["kern"], d["row"], minlength=kid) / np.maximum(
         np.bincount(d["kern"], minlength=kid), 1)
     d["kern_n"] = np.bincount(d["kern"], d["n"] * d["first"], minlength=kid)
@@ -174,7 +179,7 @@ class _Model:
         tc, tm, ov = self.terms(th)
         d = self.d
         per_kernel = np.maximum(tc, tm) + ov
-        return np.bincount(d["opgroup"], d["n"] * per_kernel[d["kern"]] * d["first"], minlength=len(d["op_key"]))
+        return np.bincount(d["opgroup"], d["n"] * per_kernel[d["kern"]] * d["first"], minlength=len(d["op_measured"]))
 
     def shares(self, th: np.ndarray) -> dict[str, np.ndarray]:
         """Per parameter, per row: the share of the predicted step its term accounts for (0 when it does not
@@ -262,8 +267,7 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
 
 def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_S) -> pd.DataFrame:
     """Measured vs predicted time of every op of at least `min_time_s`, unfused rows; predicted = own
-    roofline time + overhead. Measured: the op's GPU kernel time (profiler) where the row has it, else its
-    eager event time (which also times the CPU launching it)."""
+    roofline time + overhead; measured: measured_op_s."""
     from .roofline import op_table
 
     rates, out = hw.rates(), []
@@ -274,7 +278,7 @@ def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_
         for o in op_table(row_ops(r), rates):
             pred[o["name"]] = pred.get(o["name"], 0.0) + o["time_s"] * o["layers"]
         for name, m in r["ops"].items():
-            t = m.get("kernel_time_s", m["time_s"])
+            t = measured_op_s(m)
             if t >= min_time_s and pred.get(name, 0) > 0:
                 out.append({"model": r["model"], "label": r["label"], "batch": r["batch"], "context": r["context"],
                             "op": name, "op_class": m["op_class"], "measured": "kernel" if "kernel_time_s" in m

@@ -211,14 +211,15 @@ def kernel_times(one: Callable[[Recorder], None], steps: int) -> dict:
     except RuntimeError as err:
         return {"kernels": f"not profiled: {str(err).splitlines()[0][:160]}"}
     ops: dict[str, list[float]] = {}
+    total = [0.0, 0]
     for e in events:
-        if e.device_type == DeviceType.CPU and e.name.startswith(_PREFIX):
+        if e.device_type != DeviceType.CPU:
+            continue
+        if e.name.startswith(_PREFIX):
             t, n = _kernels_under(e)
             acc = ops.setdefault(e.name[len(_PREFIX):], [0.0, 0])
             acc[0], acc[1] = acc[0] + t, acc[1] + n
-    total = [0.0, 0]
-    for e in events:  # every kernel once: those launched by a top-level CPU event (rollback copies included)
-        if e.device_type == DeviceType.CPU and e.cpu_parent is None:
+        if e.cpu_parent is None:  # every kernel once: under a top-level CPU event (rollback copies included)
             t, n = _kernels_under(e)
             total[0], total[1] = total[0] + t, total[1] + n
     return {"ops": {k: {"kernel_time_s": t / steps / 1e6, "kernels": n / steps} for k, (t, n) in ops.items()},

@@ -312,7 +312,6 @@ class Engine:
         s = self.spec
         B, H, _, hd = qh.shape
         Hkv, g = s.n_kv_heads, H // s.n_kv_heads
-        qg = qh.view(B, Hkv, g, hd) / math.sqrt(hd)  # (B, Hkv, g, hd)
         tile = self.tile if self.cfg.fused else T
         if tile >= T and wv_absorb is None:  # one tile: one fused pass over K and V
             K, V = make_tile(0, T)
@@ -323,6 +322,7 @@ class Engine:
                 # ~0.4 TB/s of g query rows per (sequence, KV head) block (benchmarks/attention_paths.py)
                 o = torch.nn.functional.scaled_dot_product_attention(qh, K, V, enable_gqa=True)  # (B, H, 1, hd)
             return o.reshape(B, 1, H * hd)
+        qg = qh.view(B, Hkv, g, hd) / math.sqrt(hd)  # (B, Hkv, g, hd)
         m = l = o = None
         for t0 in range(0, T, tile):
             t1 = min(T, t0 + tile)
