@@ -45,7 +45,9 @@ def test_graph_replay_keeps_the_cache(scheme, kw):
 
 def test_measure_one_reports_both_timings_and_exact_bytes():
     m = loading.load_model("tiny")
-    r = measure_one(m, specs.SchemeConfig(scheme="kivi", bits=2), 2, 333, "cuda", torch.bfloat16, repeats=5, warmup=1)
+    r = measure_one(m, specs.SchemeConfig(scheme="kivi", bits=2), 2, 333, "cuda", torch.bfloat16, repeats=5, warmup=1,
+                    kernels="torch")
+    assert r["engine"] == "torch" and not r["fused"], (r["engine"], r["fused"])
     assert r["graph"] == "ok", r["graph"]
     assert r["cache_bytes_allocated"] == r["cache_bytes_analytic"], (r["cache_bytes_allocated"],
                                                                      r["cache_bytes_analytic"])
@@ -58,6 +60,23 @@ def test_measure_one_reports_both_timings_and_exact_bytes():
     in_ops = sum(o["kernel_time_s"] for o in ops.values())
     assert in_ops <= r["kernel_time_s"] * (1 + 1e-9) <= r["step_time_s"], (in_ops, r["kernel_time_s"], r["step_time_s"])
     assert sum(o["kernels"] for o in ops.values()) <= r["kernels"], r["kernels"]
+
+
+@pytest.mark.parametrize("scheme,kw", [("fp16", {}), ("kivi", {"bits": 2}), ("kivi", {"bits": 4}),
+                                       ("kivi", {"bits": 3}), ("xquant_yang", {"bits": 2})])
+def test_triton_engine_measures_fused_attention(scheme, kw):
+    """The default engine on CUDA is the Triton one: K/V schemes run fused (one attention kernel and its merge, no
+    dequant kernels), the step captures as a CUDA graph, and the cache holds exactly the analytic bytes."""
+    m = loading.load_model("tiny-gqa")
+    r = measure_one(m, specs.SchemeConfig(scheme=scheme, **kw), 3, 1000, "cuda", torch.bfloat16, repeats=5, warmup=1)
+    assert r["engine"] == "triton" and r["fused"], (r["engine"], r["fused"])
+    assert r["graph"] == "ok", r["graph"]
+    assert r["cache_bytes_allocated"] == r["cache_bytes_analytic"]
+    ops = r["ops"]
+    # the profiler does not see Triton's launches: the attention op keeps its eager event time only
+    assert "kernels" not in ops["attention"] and ops["attention"]["time_s"] > 0, ops["attention"]
+    assert "Triton" in r["kernels_note"]
+    assert 0 < r["step_time_graph_s"] <= r["step_time_s"] * 1.5, (r["step_time_graph_s"], r["step_time_s"])
 
 
 def test_decode_attention_does_not_copy_the_cache():

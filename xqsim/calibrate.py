@@ -294,9 +294,10 @@ REQUIRED = ("model", "layers", "config", "batch", "context", "status", "step_tim
 
 
 def read_measurements(paths: list[Path], device: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(device info per file, rows with status 'ok') from `xqsim measure` JSON files, all of one device;
-    a file that is missing, not a measurement file, empty or of another device is a UserError."""
-    infos, rows = [], []
+    """(device info per file, rows with status 'ok') from `xqsim measure` JSON files, all of one device and one
+    engine (a row's `engine`: 'torch' for files measured before the Triton kernels, which name none); a file that
+    is missing, not a measurement file, empty, of another device or of another engine is a UserError."""
+    infos, rows, engine = [], [], None
     for p in paths:
         p = Path(p)
         if not p.is_file():
@@ -318,8 +319,13 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
             raise UserError(f"{p}: field 'device.device_name': '{name}', but the other files are from '{device}'; "
                             f"calibrate one device at a time")
         device = name
+        eng = data["device"].get("engine", "torch")
+        if engine and eng != engine:
+            raise UserError(f"{p}: field 'device.engine': '{eng}', but the other files are from the '{engine}' "
+                            f"engine; calibrate one engine at a time")
+        engine = eng
         infos.append(data["device"])
-        rows += [r | {"file": p.name} for r in ok]
+        rows += [{"engine": eng} | r | {"file": p.name} for r in ok]
     return infos, rows
 
 

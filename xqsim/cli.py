@@ -239,19 +239,23 @@ def measure(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="fp32 (cpu), bf16 or fp16 (cuda); default: the grid's, "
                                                   "else fp32")] = None,
+    kernels: Annotated[str | None, typer.Option(help="engine: triton (Triton kernels; the default on cuda) "
+                                                    "or torch (plain torch ops, the reference; the default on "
+                                                    "cpu)")] = None,
     repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 20,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write rows to OUT.json and OUT.csv")] = None,
     force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the (single) result as JSON")] = False,
 ) -> None:
-    """Run and time decode steps of the torch engine (CUDA events on a GPU, perf_counter on CPU)."""
+    """Run and time decode steps of the engine (CUDA events on a GPU, perf_counter on CPU)."""
     try:
         from .engine import measure as m
     except ImportError as err:
         raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
     g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid) if grid is not None else None
     dev, dt = m.check_device(device, dtype or (g.dtype if g else "fp32"))
+    kernels = m.check_kernels(kernels, dev)
     if g is not None:
         specs_ = [loading.load_model(x, grid.parent, f"{grid}: field 'models.{i}'") for i, x in enumerate(g.models)]
         configs = _scenario_configs(g, grid)
@@ -268,7 +272,7 @@ def measure(
     if grid is None:
         loading.resolve_for(configs[0], specs_[0])
         m.check_fits(specs_[0], configs[0], batches[0], contexts[0], dev, dt)
-    info = m.device_info(dev)
+    info = m.device_info(dev) | {"engine": kernels}
     paths = [out.with_suffix(".json"), out.with_suffix(".csv")] if out else []
     existing = [p for p in paths if p.exists()]
     if existing and not force:
@@ -287,10 +291,11 @@ def measure(
                 took += f" (graph {row['step_time_graph_s'] * 1e3:.3f} ms)"
             console.print(f"[{len(rows)}/{total}] {what}: {took}")
 
-    console.print(f"measuring {total} configurations on {info['device_name']} (torch {info['torch']})") \
+    console.print(f"measuring {total} configurations on {info['device_name']} with the {kernels} engine "
+                  f"(torch {info['torch']})") \
         if not as_json else None
     try:
-        m.run_grid(specs_, configs, batches, contexts, dev, dt, repeats, warmup, max_tokens, on_row)
+        m.run_grid(specs_, configs, batches, contexts, dev, dt, repeats, warmup, max_tokens, on_row, kernels)
     except KeyboardInterrupt:
         print(f"xqsim: interrupted; {len(rows)} rows kept" + (f" in {paths[0]}" if out else ""), file=sys.stderr)
         sys.exit(130)

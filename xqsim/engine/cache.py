@@ -2,7 +2,8 @@
 xqsim.schemes.layout counts (codes bit-packed, fp16 scale and zero, fp16 residual window).
 
 Each tensor grows along its token axis inside a buffer with spare capacity (doubling, or reserved up
-front for timing), so a decode step writes only its new token. `nbytes` counts the tokens held, the
+front for timing), so a decode step writes only its new token; the residual window slides by an offset
+and is copied to the front only when its buffer runs out of room. `nbytes` counts the tokens held, the
 bytes the analytic model counts; `reserved_bytes` counts the buffers, spare capacity included.
 """
 
@@ -11,43 +12,77 @@ from __future__ import annotations
 import torch
 
 from ..schemes.layout import CacheTensor
-from .quant import dequantize, pack, quantize, unpack
+from .quant import META_DTYPE, dequantize, pack, quantize, unpack
+
+APPEND_PIECE_VALUES = 1 << 22  # a quantized store appends a long prompt in pieces: its fp16 window stays small
 
 
 class Growable:
-    """A tensor that grows along one axis inside a larger buffer."""
+    """A tensor that grows along one axis inside a larger buffer: entries [start, start + n) are held.
+
+    Dropping the front only advances `start`; the held entries move to the front (a compaction) only when an
+    append finds no room after them. `moves` counts the times held entries moved (compaction, a new buffer),
+    which is when a snapshot's copy of them is needed to roll back.
+    """
 
     def __init__(self, dim: int):
-        self.dim, self.buf, self.n = dim, None, 0
+        self.dim, self.buf, self.start, self.n, self.moves = dim, None, 0, 0, 0
 
     @property
     def value(self) -> torch.Tensor | None:
-        return None if self.buf is None else self.buf.narrow(self.dim, 0, self.n)
+        return None if self.buf is None else self.buf.narrow(self.dim, self.start, self.n)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buf is None else self.buf.shape[self.dim]
 
     def reserve(self, like: torch.Tensor, capacity: int) -> None:
         """Make room for `capacity` entries along the axis, keeping what is held."""
-        if self.buf is not None and self.buf.shape[self.dim] >= capacity:
+        self.grow(like.shape, like.dtype, like.device, capacity)
+
+    def grow(self, shape, dtype, device, capacity: int) -> None:
+        """reserve() by shape (the axis' size in it is ignored), dtype and device."""
+        if self.capacity >= capacity:
             return
-        shape = list(like.shape)
+        shape = list(shape)
         shape[self.dim] = capacity
-        buf = like.new_empty(shape)
+        buf = torch.empty(shape, dtype=dtype, device=device)
         if self.n:
             buf.narrow(self.dim, 0, self.n).copy_(self.value)
-        self.buf = buf
+        self.buf, self.start = buf, 0
+        self.moves += 1
+
+    def _room(self, shape, dtype, device, k: int) -> None:
+        """Make room for k entries after the held ones: compact to the front if that does, else grow."""
+        if self.buf is not None and self.start + self.n + k <= self.capacity:
+            return
+        if self.buf is not None and self.n + k <= self.capacity:
+            if self.n:  # overlapping source and destination go through a copy
+                v = self.value
+                self.buf.narrow(self.dim, 0, self.n).copy_(v.clone() if self.start < self.n else v)
+            self.start = 0
+            self.moves += 1
+        else:
+            self.grow(shape, dtype, device, max(2 * (self.n + k), 16))
 
     def append(self, x: torch.Tensor) -> None:
         k = x.shape[self.dim]
-        if self.buf is None or self.n + k > self.buf.shape[self.dim]:
-            self.reserve(x, max(2 * (self.n + k), 16))
-        self.buf.narrow(self.dim, self.n, k).copy_(x)
+        self._room(x.shape, x.dtype, x.device, k)
+        self.buf.narrow(self.dim, self.start + self.n, k).copy_(x)
         self.n += k
 
+    def claim(self, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """The next shape[dim] entries, held from now on, as a view of the buffer to write into."""
+        k = shape[self.dim]
+        self._room(shape, dtype, device, k)
+        view = self.buf.narrow(self.dim, self.start + self.n, k)
+        self.n += k
+        return view
+
     def drop_front(self, k: int) -> None:
-        """Forget the first k entries (the rest move to the front)."""
-        rest = self.n - k
-        if rest:
-            self.buf.narrow(self.dim, 0, rest).copy_(self.buf.narrow(self.dim, k, rest).clone())
-        self.n = rest
+        """Forget the first k entries (nothing moves)."""
+        self.start += k
+        self.n -= k
 
     def nbytes(self) -> int:
         v = self.value
@@ -58,11 +93,16 @@ class Growable:
 
 
 class Store:
-    """One CacheTensor of one layer for a batch: append tokens, read them back as values."""
+    """One CacheTensor of one layer for a batch: append tokens, read them back as values.
+
+    kernels='torch' quantizes with quant.quantize and quant.pack (the reference); 'triton' with one launch of
+    kernels.quantize per flush, writing codes, scale and zero straight into the buffers."""
 
     def __init__(self, t: CacheTensor, group: int, residual: int, dtype: torch.dtype, eta: float = 0.0,
-                 below: Store | None = None):
-        self.t, self.G, self.R, self.dtype, self.eta = t, group, residual, dtype, eta
+                 below: Store | None = None, kernels: str = "torch"):
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels={kernels!r}: allowed: torch, triton")
+        self.t, self.G, self.R, self.dtype, self.eta, self.kernels = t, group, residual, dtype, eta, kernels
         self.below = below  # a shared store decodes the codes of the layer below
         dim = 1 if t.axis == "token" else 2
         self._fp = Growable(1)  # (B, n, width): unquantized values or the residual window
@@ -78,8 +118,20 @@ class Store:
 
     def append(self, x: torch.Tensor) -> int:
         """Add n tokens (B, n, width); returns how many tokens were quantized now."""
-        self.push(x)
-        return self.flush()
+        B, n, w = x.shape
+        if not self.t.quantized:
+            self.push(x)
+            return 0
+        if self.kernels == "triton" and self.t.axis == "token" and not self.R and not self._fp.n:
+            self._quantize(x.to(self.dtype))  # no residual window: codes straight from x
+            return n
+        step = max(self.R, 1) * max(1, APPEND_PIECE_VALUES // max(B * w * max(self.R, 1), 1))
+        self._fp.grow(x.shape, self.dtype, x.device, self.R + min(step, n))  # the window and a piece, no doubling
+        done = 0
+        for i in range(0, n, step):  # the same codes as one append: groups never span tokens or blocks
+            self.push(x[:, i:i + step])
+            done += self.flush()
+        return done
 
     def push(self, x: torch.Tensor) -> None:
         """Write n tokens (B, n, width) into the fp16 part."""
@@ -103,6 +155,9 @@ class Store:
         return n_fp - n_fp % self.R  # per channel: quantize whole windows of R tokens
 
     def _quantize(self, x: torch.Tensor) -> None:
+        """Quantize x (B, k, width) and append codes, scale and zero."""
+        if self.kernels == "triton":
+            return self._quantize_triton(x)
         B, k, w = x.shape
         b, t = self.t.bits, self.t
         if t.axis == "token":
@@ -118,11 +173,33 @@ class Store:
         self._zero.append(zero)
         self.n_quantized += k
 
+    def _quantize_triton(self, x: torch.Tensor) -> None:
+        """One Triton launch writing into the next slots of the buffers (no allocation once reserved)."""
+        from .kernels.quantize import quantize_channels, quantize_tokens
+
+        B, k, w = x.shape
+        t, dev = self.t, x.device
+        if t.axis == "token":
+            rows, ng, nbytes = w // t.row, -(-t.row // self.G), -(-t.row * t.bits // 8)
+            codes = None if t.shared else self._codes.claim((B, k, rows, nbytes), torch.uint8, dev)
+            scale = self._scale.claim((B, k, rows, ng), META_DTYPE, dev)  # (B, k, rows, ng) view
+            zero = self._zero.claim((B, k, rows, ng), META_DTYPE, dev)
+            quantize_tokens(x, t.row, t.bits, self.G, self.eta, codes, scale, zero, self.dtype)
+        else:
+            nb, nbytes = k // self.G, -(-self.G * t.bits // 8)
+            codes = None if t.shared else self._codes.claim((B, w, nb, nbytes), torch.uint8, dev)
+            scale = self._scale.claim((B, w, nb), META_DTYPE, dev)  # (B, width, nb) view
+            zero = self._zero.claim((B, w, nb), META_DTYPE, dev)
+            quantize_channels(x, t.bits, self.G, self.eta, codes, scale, zero, self.dtype)
+        self.n_quantized += k
+
     def reserve(self, tokens: int, batch: int, device) -> None:
-        """Preallocate room for `tokens` tokens so that appending never reallocates (for timing)."""
+        """Preallocate room for `tokens` tokens so that appending never reallocates (for timing). A quantized
+        store's fp16 window gets R + 1 tokens (a step's token before the flush) and R of slack: the window slides
+        R steps before it is compacted to the front."""
         t = self.t
         self._fp.reserve(torch.empty(batch, 1, t.width, dtype=self.dtype, device=device),
-                         tokens if not t.quantized else self.R + 1)
+                         tokens if not t.quantized else 2 * self.R + 1)
         if not t.quantized:
             return
         if t.axis == "token":
@@ -142,14 +219,20 @@ class Store:
         self._zero.reserve(meta, cap)
 
     def snapshot(self) -> tuple:
-        """What a rollback needs: the lengths (contents past them are overwritten by later appends)."""
-        return (self._fp.n, self._codes.n, self._scale.n, self._zero.n, self.n_quantized,
-                None if self._fp.buf is None else self._fp.value.clone() if self.t.quantized else None)
+        """What a rollback needs: the lengths and where the window lies (contents past them are overwritten by
+        later appends), and a copy of a quantized store's window, for when a compaction moves it."""
+        fp = self._fp
+        return (fp.start, fp.n, fp.moves, self._codes.n, self._scale.n, self._zero.n, self.n_quantized,
+                fp.value.clone() if self.t.quantized and fp.buf is not None else None)
 
     def rollback(self, snap: tuple) -> None:
-        self._fp.n, self._codes.n, self._scale.n, self._zero.n, self.n_quantized, fp = snap
-        if fp is not None:  # the residual window may have slid: put it back
-            self._fp.buf.narrow(1, 0, fp.shape[1]).copy_(fp)
+        """Back to the state of `snap`; copies the window back only if it moved since (same ops on every call
+        from the same state, so a captured step and its rollback replay as they ran)."""
+        fp = self._fp
+        fp.start, fp.n, moves, self._codes.n, self._scale.n, self._zero.n, self.n_quantized, window = snap
+        if window is not None and fp.moves != moves:  # compacted or regrown since: put the window back
+            fp.buf.narrow(1, fp.start, fp.n).copy_(window)
+            fp.moves = moves
 
     def read(self, dtype: torch.dtype) -> torch.Tensor:
         """All tokens as values (B, T, width): the dequantized part, then the fp16 part."""

@@ -16,6 +16,7 @@ from ..schemes.layout import LayerGroup
 from ..schemes.ops import ADD_FLOPS, DEQUANT_FLOPS, NORM_FLOPS, QUANT_FLOPS, ROPE_FLOPS, SWIGLU_FLOPS
 from ..specs import REMAT_SCHEMES, ModelSpec, SchemeConfig
 from .cache import Store
+from .kernels import resolve as resolve_kernels
 
 
 class Recorder:
@@ -47,8 +48,15 @@ def init_weights(spec: ModelSpec, seed: int, device, dtype) -> dict[str, torch.T
     return out
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the last axis of x (..., T, hd) at positions pos (T,)."""
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float, kernels: str = "torch") -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the last axis of x (..., T, hd) at positions pos (T,).
+    kernels='triton' runs it as one Triton kernel (kernels.rope), 'torch' as torch ops (the reference)."""
+    if kernels == "triton":
+        from .kernels.rope import rope as rope_triton
+
+        return rope_triton(x, pos, theta)
+    if kernels != "torch":
+        raise ValueError(f"kernels={kernels!r}: allowed: torch, triton")
     hd = x.shape[-1]
     inv = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
     ang = pos.to(torch.float32)[:, None] * inv[None, :]  # (T, hd/2)
@@ -64,12 +72,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 class Engine:
     """Decode with one scheme's cache. store_dtype is the cache's element type (fp16 counts 2 bytes as the
     analytic model does; float32 storage is for identity tests on CPU). A fused config attends in tiles of
-    `tile` tokens (dequantize, rematerialize and attend one tile at a time, online softmax)."""
+    `tile` tokens (dequantize, rematerialize and attend one tile at a time, online softmax). kernels='triton'
+    (the default on CUDA) runs the Triton kernels of xqsim.engine.kernels where the engine has them: K/V schemes
+    then attend in one split-KV kernel over the stored codes (so their config becomes fused); 'torch' runs
+    plain torch ops, the reference and the CPU path."""
 
     def __init__(self, spec: ModelSpec, cfg: SchemeConfig, device="cpu", dtype=torch.float32,
-                 store_dtype=torch.float16, seed: int = 0, weights: dict | None = None, tile: int = 4096):
+                 store_dtype=torch.float16, seed: int = 0, weights: dict | None = None, tile: int = 4096,
+                 kernels: str | None = None):
         self.spec, self.cfg, self.tile = spec, cfg.resolved(spec), tile
         self.device, self.dtype, self.store_dtype = torch.device(device), dtype, store_dtype
+        self.kernels = resolve_kernels(kernels, self.device)  # 'triton' (default on CUDA) or 'torch'
+        if self.kernels == "triton" and self.cfg.scheme not in REMAT_SCHEMES:
+            # K/V schemes attend in one kernel that dequantizes in registers: the fused execution, whatever was asked
+            self.cfg = self.cfg.model_copy(update={"fused": True})
+
         self.w = weights if weights is not None else init_weights(spec, seed, self.device, dtype)
         self.groups = schemes.layout(spec, self.cfg)
         self.group_of: dict[int, LayerGroup] = {i: g for g in self.groups for i in g.layers}
@@ -100,7 +117,7 @@ class Engine:
             for t in self.group_of[i].tensors:
                 eta = (c.eta_k if t.name == "k" else c.eta_v) if c.scheme == "xquant_yang" else 0.0
                 below = layers[i - 1][t.name] if t.shared else None
-                stores[t.name] = Store(t, c.group, c.residual or 0, self.store_dtype, eta or 0.0, below)
+                stores[t.name] = Store(t, c.group, c.residual or 0, self.store_dtype, eta or 0.0, below, self.kernels)
             layers.append(stores)
         return layers
 
@@ -218,16 +235,35 @@ class Engine:
         with rec("kv_proj", "matmul", 2 * B * s.d_model * 2 * s.dkv):
             k, v = h @ w[f"{i}.wk"], h @ w[f"{i}.wv"]  # (B, 1, dkv)
         with rec("rope", "rope", ROPE_FLOPS * B * s.dq):  # two ops of one name, as the analytic model has them
-            qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos, s.rope_theta)  # (B, H, 1, hd)
+            qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos, s.rope_theta, self.kernels)  # (B, H, 1, hd)
         with rec("rope", "rope", ROPE_FLOPS * B * s.dkv):
-            k = rope(k.view(B, 1, Hkv, hd).transpose(1, 2), pos, s.rope_theta).transpose(1, 2).reshape(B, 1, -1)
+            k = rope(k.view(B, 1, Hkv, hd).transpose(1, 2), pos, s.rope_theta, self.kernels)  # (B, Hkv, 1, hd)
+            k = k.transpose(1, 2).reshape(B, 1, -1)  # (B, 1, dkv)
         self._store(stores, {"k": k, "v": v}, rec)
+        if self.kernels == "triton":
+            return self._kernel_attention(qh, stores, rec)
 
         def make_tile(t0: int, t1: int):
             kv = self._read_tile(stores, t0, t1, rec)  # (B, n, dkv) each
             return tuple(kv[x].view(B, t1 - t0, Hkv, hd).transpose(1, 2) for x in ("k", "v"))  # (B, Hkv, n, hd)
 
         return self._attend_tiles(qh, stores["k"].tokens, make_tile, rec)
+
+    def _kernel_attention(self, qh: torch.Tensor, stores: dict[str, Store], rec: Recorder) -> torch.Tensor:
+        """Attention of q (B, H, 1, hd) over the cached K and V in one Triton split-KV kernel (and its merge):
+        codes are dequantized in registers, so the dequant ops move no bytes of their own (the analytic model's
+        fused execution); they are recorded, empty, for their FLOPs."""
+        from .kernels.attention import Source, decode_attention
+
+        B, H, _, hd = qh.shape
+        for name, st in stores.items():
+            if st.t.quantized:
+                with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
+                    pass  # inside the attention kernel
+        T = stores["k"].tokens
+        with rec("attention", "attention", 4 * B * H * T * hd):
+            o = decode_attention(qh.reshape(B, H, hd), Source.of(stores["k"]), Source.of(stores["v"]))  # (B, H, hd)
+        return o.reshape(B, 1, H * hd)
 
     def _remat_attention(self, i, h, q, stores, acc, rec):
         """Store this token's X (or latent, or delta), rebuild K and V for all T tokens, attend.
@@ -249,7 +285,7 @@ class Engine:
         else:
             new = {next(iter(stores)): x_new}  # (B, 1, d)
         with rec("rope_q", "rope", ROPE_FLOPS * B * s.dq):
-            qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos[-1:], s.rope_theta)  # (B, H, 1, hd)
+            qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos[-1:], s.rope_theta, self.kernels)  # (B, H, 1, hd)
         self._store(stores, new, rec)
         absorb = c.strategy == "absorb_v"
         if role == "base":
@@ -279,7 +315,7 @@ class Engine:
             with rec("remat_k", "remat", 2 * B * n * k_src.shape[-1] * dkv):
                 K = (k_src @ wk).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
             with rec("rope_k", "rope", ROPE_FLOPS * B * n * dkv):
-                K = rope(K, pos[t0:t1], s.rope_theta)
+                K = rope(K, pos[t0:t1], s.rope_theta, self.kernels)
             if absorb:
                 return K, v_src
             with rec("remat_v", "remat", 2 * B * n * v_src.shape[-1] * dkv):

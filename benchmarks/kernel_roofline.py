@@ -1,0 +1,294 @@
+"""The Triton decode kernels against the roofline (needs CUDA).
+
+For each scheme variant and batch x context where it fits: the attention kernel's time (split-KV kernel and its
+merge, captured in a CUDA graph over enough layers' caches that nothing is served from L2), the bytes and FLOPs
+the analytic fused attention op says it must move (codes, scale/zero, residual window, q and the output), its
+share of the GPU's spec bandwidth and peak, and its speedup over the fp16 kernel at the same shape; torch's
+SDPA on the fp16 cache beside it. Then quantize-on-append and RoPE per layer, and the whole CUDA-graph decode
+step of 2 layers and of the full model. Prints a table per part and, last, `min_pct_of_roofline: <number>`
+(the worst attention kernel at context >= 8k). --tune times kernel variants instead (block, warps, conversion).
+
+    python benchmarks/kernel_roofline.py [--out DIR] [--quick] [--tune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton
+
+from xqsim import loading, schemes, specs
+from xqsim.engine.cache import Store
+from xqsim.engine.kernels.attention import Source, decode_attention
+
+L2_FLUSH_BYTES = 4 * 60e6  # rotate over caches of at least 4x the H200's 60 MB L2
+SPEC = "h200"
+
+
+def graph_time(fn, repeats: int = 20) -> float:
+    """Median seconds of one replay of fn captured as a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    marks = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        marks.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) / 1e3 for a, b in marks)
+
+
+def warm_up(seconds: float = 3.0) -> None:
+    """Run matrix products until the clocks have ramped up (an idle H200 sits at 345 MHz)."""
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = time.time()
+    while time.time() - t < seconds:
+        x @ x
+        torch.cuda.synchronize()
+
+
+def layer_stores(spec, cfg, B: int, T: int, dtype, seed: int) -> dict[str, Store]:
+    """One layer's K and V stores holding T random tokens (unit-scale values)."""
+    from xqsim.engine.measure import fill
+
+    group = schemes.layout(spec, cfg)[-1]
+    stores = {t.name: Store(t, cfg.group, cfg.residual or 0, dtype) for t in group.tensors}
+    fill(types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype), [stores], B, T, seed)
+    return stores
+
+
+def attention_op(spec, cfg, B: int, T: int) -> tuple[float, float]:
+    """Bytes and FLOPs of one layer's fused attention kernel (dequant + attention ops), analytic."""
+    ops = schemes.step_ops(spec, cfg.model_copy(update={"fused": True}), np.int64(B), np.int64(T))
+    mine = [o for o in ops if o.name == "attention" or o.name.startswith("dequant_")]
+    per_layer = {}
+    for o in mine:  # ops repeat per layer group; take one layer of the last group
+        per_layer[o.name] = (float(o.bytes), float(o.flops))
+    return sum(b for b, _ in per_layer.values()), sum(f for _, f in per_layer.values())
+
+
+def reference(q, k: Store, v: Store) -> torch.Tensor:
+    """softmax(qK^T/sqrt(hd))V in fp32 over the dequantized cache: (B, H, hd)."""
+    B, H, hd = q.shape
+    K, V = k.read(torch.float32), v.read(torch.float32)  # (B, T, dkv)
+    Hkv = K.shape[-1] // hd
+    K = K.view(B, -1, Hkv, hd).transpose(1, 2)
+    V = V.view(B, -1, Hkv, hd).transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], K, V, enable_gqa=True)
+    return o[:, :, 0]
+
+
+def attention_cases(spec, configs, batches, contexts, variants, hw, out_rows, check: bool):
+    dtype = torch.bfloat16
+    H, hd = spec.n_heads, spec.hd
+    for label, cfg in configs:
+        cfg = cfg.resolved(spec)
+        for B in batches:
+            for T in contexts:
+                nbytes, flops = attention_op(spec, cfg, B, T)
+                layers = max(1, min(32, math.ceil(L2_FLUSH_BYTES / nbytes)))
+                free = torch.cuda.mem_get_info()[0]
+                est = layers * B * T * (2 * spec.dkv * 2 if cfg.bits >= 16 else spec.dkv * 1.5)
+                if est > 0.6 * free:
+                    continue
+                try:
+                    caches = [layer_stores(spec, cfg, B, T, dtype, seed=i) for i in range(layers)]
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    continue
+                q = torch.randn(B, H, hd, device="cuda", dtype=dtype)
+                srcs = [(Source.of(c["k"]), Source.of(c["v"])) for c in caches]
+                row0 = {"scheme": label, "batch": B, "context": T, "bytes": nbytes, "flops": flops, "layers": layers}
+                ref = reference(q, caches[0]["k"], caches[0]["v"]) if check and B * T <= 2**19 else None
+                for vname, kw in variants:
+                    try:
+                        t = graph_time(lambda kw=kw, q=q, srcs=srcs: [decode_attention(q, k, v, **kw)
+                                                                      for k, v in srcs]) / layers
+                    except triton.runtime.errors.OutOfResources as err:
+                        print(f"{label} B{B} T{T} {vname}: {str(err)[:80]}")
+                        continue
+                    if ref is not None:
+                        got = decode_attention(q, *srcs[0], **kw).float()
+                        row0 = row0 | {"rel_err": ((got - ref).norm() / ref.norm()).item()}
+                    out_rows.append(row0 | {"kernel": vname, "time_s": t, "tb_s": nbytes / t / 1e12,
+                                            "pct_bw": 100 * nbytes / t / hw.mem_bytes_per_s.value,
+                                            "pct_peak": 100 * flops / t / hw.flops_per_s["bf16"].value})
+                if cfg.bits >= 16:  # torch's SDPA (flash decoding) on the same fp16 cache
+                    kv = [(c["k"].fp.view(B, T, -1, hd).transpose(1, 2), c["v"].fp.view(B, T, -1, hd).transpose(1, 2))
+                          for c in caches]
+                    qh = q[:, :, None]
+                    t = graph_time(lambda qh=qh, kv=kv: [torch.nn.functional.scaled_dot_product_attention(
+                        qh, k, v, enable_gqa=True) for k, v in kv]) / layers
+                    out_rows.append(row0 | {"kernel": "sdpa", "time_s": t, "tb_s": nbytes / t / 1e12,
+                                            "pct_bw": 100 * nbytes / t / hw.mem_bytes_per_s.value,
+                                            "pct_peak": 100 * flops / t / hw.flops_per_s["bf16"].value})
+                print(" | ".join(f"{r['scheme']} B{B} T{T} {r['kernel']}: {r['time_s'] * 1e6:.0f}us "
+                                 f"{r['tb_s']:.2f}TB/s {r['pct_bw']:.0f}%"
+                                 + (f" err {r['rel_err']:.0e}" if "rel_err" in r else "")
+                                 for r in out_rows if r.get("batch") == B and r.get("context") == T
+                                 and r.get("scheme") == label), flush=True)
+                del caches, srcs
+                torch.cuda.empty_cache()
+
+
+def maintenance_cases(spec, batches, out_rows) -> None:
+    """Per layer: quantize-on-append of KIVI-2 (every step: V's token leaving the window, K's token into its
+    window; every R steps: K's window of R tokens per channel) and RoPE of q and the new k, Triton vs torch."""
+    from xqsim.engine.model import rope
+
+    cfg = specs.SchemeConfig(scheme="kivi", bits=2).resolved(spec)
+    R, dtype = cfg.residual, torch.bfloat16
+    for B in batches:
+        for kernels in ("triton", "torch"):
+            for flush in (False, True):
+                caches = []
+                for i in range(16):  # rotate over 16 layers' stores
+                    st = layer_stores(spec, cfg, B, 8192 + (R - 1 if flush else 0), dtype, seed=i)
+                    for x in st.values():
+                        x.kernels = kernels
+                    caches.append(st)
+                new = torch.randn(B, 1, spec.dkv, device="cuda", dtype=dtype)
+                snaps = [[x.snapshot() for x in st.values()] for st in caches]
+
+                def step(caches=caches, new=new, snaps=snaps):
+                    for st, sn in zip(caches, snaps, strict=True):
+                        for x, s_ in zip(st.values(), sn, strict=True):
+                            x.append(new)
+                            x.rollback(s_)
+
+                t = graph_time(step) / len(caches)
+                out_rows.append({"part": "quantize", "kernel": kernels, "batch": B, "flush": flush, "time_s": t})
+                del caches, snaps
+        q = torch.randn(B, spec.n_heads, 1, spec.hd, device="cuda", dtype=dtype)
+        k = torch.randn(B, spec.n_kv_heads, 1, spec.hd, device="cuda", dtype=dtype)
+        pos = torch.tensor([8191], device="cuda")
+        for kernels in ("triton", "torch"):
+            t = graph_time(lambda kernels=kernels, q=q, k=k, pos=pos: (rope(q, pos, spec.rope_theta, kernels),
+                                                                      rope(k, pos, spec.rope_theta, kernels)))
+            out_rows.append({"part": "rope", "kernel": kernels, "batch": B, "time_s": t / 2})
+        torch.cuda.empty_cache()
+    for r in out_rows:
+        if r.get("part") in ("quantize", "rope"):
+            print(f"{r['part']} B{r['batch']} {r['kernel']}{' flush' if r.get('flush') else ''}: "
+                  f"{r['time_s'] * 1e6:.1f} us per layer", flush=True)
+
+
+def step_cases(spec, points, out_rows, on_row) -> None:
+    """Whole decode steps (CUDA graph) of 2 layers and of the full model: Triton engine and torch engine."""
+    from xqsim.engine.measure import measure_one
+
+    full = spec.n_layers
+    for label, cfg in [("fp16", specs.SchemeConfig(scheme="fp16")),
+                       ("kivi-2", specs.SchemeConfig(scheme="kivi", bits=2)),
+                       ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4))]:
+        for B, T in points:
+            for layers in (2, full):
+                m = spec.model_copy(update={"n_layers": layers})
+                for kernels in ("triton", "torch") if layers == 2 else ("triton",):
+                    try:
+                        r = measure_one(m, cfg, B, T, "cuda", torch.bfloat16, repeats=10, warmup=2, kernels=kernels)
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        continue
+                    row = {"part": "step", "scheme": label, "kernel": kernels, "batch": B, "context": T,
+                           "layers": layers, "step_time_graph_s": r.get("step_time_graph_s"),
+                           "step_time_s": r["step_time_s"], "graph": r.get("graph"),
+                           "attention_kernel_s": r["ops"]["attention"].get("kernel_time_s"),
+                           "bytes_exact": r["cache_bytes_allocated"] == r["cache_bytes_analytic"]}
+                    out_rows.append(row)
+                    print(f"step {label} B{B} T{T} {layers} layers {kernels}: graph "
+                          f"{(row['step_time_graph_s'] or float('nan')) * 1e3:.2f} ms", flush=True)
+                    on_row()
+                    torch.cuda.empty_cache()
+
+
+def save(out: Path | None, info: dict, rows: list[dict]) -> None:
+    """The rows so far as OUT/kernel_roofline.json and .csv (rewritten after each part: a cut run keeps them)."""
+    if out is None:
+        return
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_roofline.json").write_text(json.dumps({"device": info, "rows": rows}, indent=1))
+    pd.DataFrame(rows).assign(**info).to_csv(out / "kernel_roofline.csv", index=False)
+
+
+def summary(rows: list[dict]) -> None:
+    """The attention table: time, share of the spec bandwidth, speedup over the fp16 kernel at the same shape."""
+    fp16 = {(r["batch"], r["context"]): r["time_s"] for r in rows if r.get("scheme") == "fp16"
+            and r.get("kernel") == "triton"}
+    print(f"{'scheme':8} {'B':>3} {'T':>7} {'kernel':>7} {'us':>8} {'TB/s':>6} {'%bw':>5} {'%peak':>6} {'x fp16':>7}")
+    for r in rows:
+        if "scheme" not in r or r.get("part"):
+            continue
+        ref = fp16.get((r["batch"], r["context"]))
+        r["speedup_vs_fp16"] = ref / r["time_s"] if ref else None
+        print(f"{r['scheme']:8} {r['batch']:>3} {r['context']:>7} {r['kernel']:>7} {r['time_s'] * 1e6:8.0f} "
+              f"{r['tb_s']:6.2f} {r['pct_bw']:5.0f} {r['pct_peak']:6.1f} "
+              f"{(r['speedup_vs_fp16'] or float('nan')):7.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--tune", action="store_true", help="time kernel variants instead")
+    ap.add_argument("--quick", action="store_true", help="attention only")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_roofline: needs a CUDA device")
+
+    import subprocess
+
+    drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip()
+    info = {"device": torch.cuda.get_device_name(), "driver": drv, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "engine": "triton",
+            "date": time.strftime("%Y-%m-%d"), "spec_profile": SPEC}
+    print(info, flush=True)
+    warm_up()
+    hw = loading.load_hardware(SPEC)
+    spec = loading.load_model("llama-3.1-8b")
+    rows: list[dict] = []
+    configs = [("fp16", specs.SchemeConfig(scheme="fp16")),
+               ("kivi-2", specs.SchemeConfig(scheme="kivi", bits=2)),
+               ("kivi-3", specs.SchemeConfig(scheme="kivi", bits=3)),
+               ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4)),
+               ("kivi-8", specs.SchemeConfig(scheme="kivi", bits=8))]
+    if a.tune:
+        variants = [("default", {}), ("per_sm2", {"per_sm": 2}), ("per_sm4", {"per_sm": 4}), ("n64", {"block_n": 64}),
+                    ("s3", {"num_stages": 3}), ("conv0", {"conv": 0})]
+        attention_cases(spec, configs[:2] + configs[3:4], [1, 8, 32], [8192, 32768, 131072], variants, hw, rows,
+                        check=True)
+    else:
+        attention_cases(spec, configs, [1, 8, 32], [8192, 32768, 131072], [("triton", {})], hw, rows, check=True)
+        summary(rows)
+        save(a.out, info, rows)
+        if not a.quick:
+            maintenance_cases(spec, [1, 8, 32], rows)
+            save(a.out, info, rows)
+            step_cases(spec, [(8, 24576), (1, 8192)], rows, lambda: save(a.out, info, rows))
+    save(a.out, info, rows)
+    att = [r for r in rows if r.get("kernel") == "triton" and "pct_bw" in r and r["context"] >= 8192]
+    print(f"min_pct_of_roofline: {min(r['pct_bw'] for r in att):.1f}" if att else "min_pct_of_roofline: nan")
+
+
+if __name__ == "__main__":
+    main()
