@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import types
@@ -35,25 +34,13 @@ SPEC = "h200"
 
 
 def graph_time(fn, repeats: int = 20) -> float:
-    """Median seconds of one replay of fn captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    marks = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        marks.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) / 1e3 for a, b in marks)
+    """Median seconds of one replay of fn captured as a CUDA graph (the engine's own graph timer)."""
+    from xqsim.engine.measure import time_graph
+
+    r = time_graph(fn, repeats, warmup=1)
+    if r["graph"] != "ok":
+        raise RuntimeError(f"CUDA graph: {r['graph']}")
+    return r["step_time_graph_s"]
 
 
 def warm_up(seconds: float = 3.0) -> None:

@@ -1,0 +1,51 @@
+"""One layer's decode attention (Llama-3.1-8B shapes, batch 32, context 32k) for fp16 and KIVI-2, three launches
+each, to run under Nsight Compute (needs CUDA); the README's profiler figures come from:
+
+    ncu --clock-control none -k regex:_split_kernel -s 2 -c 2 --section SpeedOfLight --section Occupancy \\
+        --section LaunchStats --metrics "$(python benchmarks/kernel_profile.py --metrics)" \\
+        python benchmarks/kernel_profile.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+METRICS = [
+    "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum",
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",
+    "smsp__inst_executed.sum",
+    "dram__bytes_read.sum",
+]
+
+
+def main() -> None:
+    if "--metrics" in sys.argv:
+        print(",".join(METRICS))
+        return
+    import torch
+
+    sys.path.insert(0, "benchmarks")
+    from kernel_roofline import layer_stores
+
+    from xqsim import loading, specs
+    from xqsim.engine.kernels.attention import Source, decode_attention
+
+    spec = loading.load_model("llama-3.1-8b")
+    for cfg in (specs.SchemeConfig(scheme="kivi", bits=2), specs.SchemeConfig(scheme="fp16")):
+        st = layer_stores(spec, cfg.resolved(spec), 32, 32768, torch.bfloat16, 0)
+        q = torch.randn(32, spec.n_heads, spec.hd, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            decode_attention(q, Source.of(st["k"]), Source.of(st["v"]))
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
