@@ -267,6 +267,15 @@ def test_accuracy_view_and_its_empty_and_bad_states(tmp_path):
         f"scheme, bits, strategy, mem_ratio, ppl, delta_ppl"]
 
 
+def test_accuracy_view_draws_the_committed_results():
+    """The shipped accuracy run (`xqsim accuracy`'s CSV, not the fixture's columns) is drawn, not refused."""
+    at = ok(app(view="accuracy", accuracy=ROOT / "measurements" / "accuracy"))
+    assert not at.error, [e.value for e in at.error]
+    d = charts(at)[0][1]["table"]
+    assert len(d) == 38 and "fp32 (reference)" in set(d["label"])
+    assert texts(at).startswith(f"Pareto front: {int(d['pareto'].sum())} of 38 results")
+
+
 def test_a_model_that_does_not_fit_is_said_so():
     at = ok(app(model="llama-3.1-70b", hw="h100_sxm,b200", schemes="fp16"))  # 141 GB of bf16 weights
     assert [i.value for i in at.info] == [

@@ -109,6 +109,19 @@ def test_read_accuracy(tmp_path):
         data.read_accuracy(tmp_path)
 
 
+def test_read_accuracy_reads_the_committed_results():
+    """The committed `xqsim accuracy` run (mem_ratio_paper, its own labels) is what the Accuracy view shows."""
+    df = data.read_accuracy(Path(__file__).parent.parent / "measurements" / "accuracy")
+    committed = pd.read_csv(Path(__file__).parent.parent / "measurements" / "accuracy" / "accuracy.csv")
+    assert len(df) == len(committed) == 38, len(df)
+    assert (df["mem_ratio"] == committed["mem_ratio_paper"]).all()
+    assert df["label"].tolist() == committed["label"].tolist()
+    ref = df[df["label"] == "fp32 (reference)"]
+    assert len(ref) == 1 and ref["mem_ratio"].iloc[0] == 1 and ref["delta_ppl"].iloc[0] == 0
+    front = df[df["pareto"]].sort_values("mem_ratio")
+    assert len(front) >= 2 and front["delta_ppl"].is_monotonic_decreasing, front[["label", "mem_ratio", "delta_ppl"]]
+
+
 def test_calibration_of_the_committed_h100_measurements():
     paths = sorted((data.measurement_sets(Path(__file__).parent.parent / "measurements"))["h100"])
     pred, device = data.calibration(paths, loading.load_hardware("h100_sxm"))

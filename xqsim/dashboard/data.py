@@ -241,6 +241,10 @@ def read_accuracy(folder: Path) -> pd.DataFrame | None:
             d = pd.read_csv(f)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             raise UserError(f"{f}: not a readable CSV ({str(err).splitlines()[0]})") from None
+        if "mem_ratio" not in d.columns and "mem_ratio_paper" in d.columns:
+            # `xqsim accuracy` writes both accountings: the chart's memory ratio is the papers' (codes + fp16
+            # scale/zero, no residual window), the one their tables compare
+            d = d.assign(mem_ratio=d["mem_ratio_paper"])
         missing = [c for c in ACCURACY_COLUMNS if c not in d.columns]
         if missing:
             raise UserError(f"{f}: field '{missing[0]}': column missing; expected columns "
@@ -251,8 +255,10 @@ def read_accuracy(folder: Path) -> pd.DataFrame | None:
         parts.append(d.assign(file=f.name))
     df = pd.concat(parts, ignore_index=True)
     strategy = df["strategy"].fillna("").astype(str)
-    df["label"] = np.where(df["scheme"] == "fp16", "fp16", df["scheme"].astype(str) + "-" + df["bits"].astype(str)
-                           + "b" + np.where(strategy.isin(["", "none", "remat"]), "", "-" + strategy))
+    made = np.where(df["scheme"] == "fp16", "fp16", df["scheme"].astype(str) + "-" + df["bits"].astype(str)
+                    + "b" + np.where(strategy.isin(["", "none", "remat"]), "", "-" + strategy))
+    # `xqsim accuracy` names each configuration itself (group, residual, first layers...): keep its label
+    df["label"] = df["label"].fillna(pd.Series(made, index=df.index)) if "label" in df.columns else made
     df["pareto"] = pareto_front(df)
     return df
 

@@ -211,7 +211,7 @@ def render_accuracy(c: Controls, folder: Path) -> None:
         return
     if df is None:
         st.info(f"No accuracy results yet: {_where(folder)} holds no CSV (issue 7's runs write them there, with "
-                f"the columns {', '.join(data.ACCURACY_COLUMNS)}).")
+                f"the columns {', '.join(data.ACCURACY_COLUMNS)}, or `xqsim accuracy`'s own CSV).")
         return
     st.subheader("Accuracy: quality loss vs memory, per scheme")
     front = df[df["pareto"]].sort_values(["model", "mem_ratio"])
