@@ -71,6 +71,51 @@ def test_real_sweep_capacity_limited_throughput_crossovers():
     assert big.loc["fp16", "throughput_cap_tokens_per_s"] == 0  # 1M tokens of fp16 KV do not fit at all
 
 
+def test_crossover_at_a_memory_wall_is_the_wall():
+    """H100, Llama-3.1-8B, the flagship's 48 contexts and batches up to 256: fp16's capacity-limited throughput
+    leads XQuant-GQA-2 absorb_v fused until fp16 stops fitting one sequence. Interpolating between the grid points
+    put the flip at 453,738 tokens, where fp16 still wins (41.4 vs 29.1 tok/s); solved on the model it is fp16's
+    memory wall, 467,288."""
+    from xqsim.sweep import solve_crossovers
+
+    sc = loading.load_scenario(loading.ROOT / "scenarios" / "long_ctx.yaml")
+    hw, model = loading.load_hardware("h100_sxm"), loading.load_model("llama-3.1-8b")
+    xq = specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)
+    configs = [specs.SchemeConfig(scheme="fp16"), xq]
+    df = sweep.run([hw], [model], configs, sc.batch, sc.contexts(), fitted=sc.fitted)  # at spec, as the sweep
+    raw = crossovers(df, ("throughput_cap_tokens_per_s",))
+    exact = solve_crossovers(raw, [hw], [model], configs, max(sc.batch), fitted=sc.fitted)
+    row = exact.set_index(["scheme_a", "scheme_b"]).loc[("fp16", xq.label)]
+    wall = int(df[(df["label"] == "fp16") & (df["batch"] == 1)]["max_context"].iloc[0]) + 1
+    assert wall == 467288 and row["winner"] == xq.label
+    assert row["crossover"] == wall, (row["crossover"], raw["crossover"].tolist())
+    assert abs(raw["crossover"].iloc[0] / wall - 1) > 0.02  # interpolation alone was 2.9% off
+    at = sweep.evaluate([hw], model, configs[0], [1], [wall - 1, wall], fitted=sc.fitted, batch_limit=max(sc.batch))
+    assert at["throughput_cap_tokens_per_s"][0, 0, 0] > 0 == at["throughput_cap_tokens_per_s"][0, 0, 1]
+
+
+def test_solved_crossover_is_the_first_point_the_winner_leads():
+    """Step time at batch 16 on the spec roofline: XQuant-GQA-2 (remat) passes XQuant-2 absorb_v fused between 2k
+    and 3k tokens. At the solved context the winner leads, one token before it does not, and the point lies inside
+    its bracket of grid points."""
+    from xqsim.sweep import solve_crossovers
+
+    hw, model = loading.load_hardware("h100_sxm"), loading.load_model("llama-3.1-8b")
+    configs = [specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v", fused=True),
+               specs.SchemeConfig(scheme="xquant_gqa", bits=2)]
+    ctx = [int(x) for x in np.geomspace(1024, 8192, 5)]
+    df = sweep.run([hw], [model], configs, [16], ctx, fitted=False)
+    cr = solve_crossovers(crossovers(df, ("step_time_s",)), [hw], [model], configs, 16, fitted=False)
+    assert len(cr) >= 1, cr
+    for r in cr.itertuples():
+        x = int(r.crossover)
+        assert r.lo < x <= r.hi
+        t = {c.label: sweep.evaluate([hw], model, c, [16], [x - 1, x], fitted=False)["step_time_s"][0, 0]
+             for c in configs}
+        loser = r.scheme_a if r.winner == r.scheme_b else r.scheme_b
+        assert t[r.winner][1] < t[loser][1] and t[r.winner][0] >= t[loser][0], (x, t)
+
+
 def test_memory_walls():
     rows = [point("A", 500, 1e-3, wall=1234), point("A", 2000, 3e-3, fits=False, tput=0.0, wall=1234)]
     w = memory_walls(frame(rows))

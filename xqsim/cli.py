@@ -148,7 +148,7 @@ def sweep(
     """Evaluate a scenario's whole grid; write the table, crossovers, memory walls and plots."""
     from . import plots
     from .crossover import crossovers, memory_walls
-    from .sweep import check_writable, run, summary, write_inputs
+    from .sweep import check_writable, run, solve_crossovers, summary, write_inputs
 
     sc = loading.load_scenario(scenario)
     base = scenario.parent
@@ -176,7 +176,10 @@ def sweep(
         progress.update(task, description="writing tables")
         df.to_parquet(out / "results.parquet", index=False)
         df.to_csv(out / "results.csv", index=False)
-        cross = crossovers(df)
+        progress.advance(task)
+        progress.update(task, description="placing crossovers on the model")
+        cross = solve_crossovers(crossovers(df), hws, models, configs, int(max(batches)),
+                                 fitted=sc.fitted and not spec_only)
         cross.to_csv(out / "crossovers.csv", index=False)
         memory_walls(df).to_csv(out / "memory_walls.csv", index=False)
         write_inputs(out, scenario, sc, hws, models, configs)
@@ -214,7 +217,9 @@ def _print_crossovers(cross, best, batch: int) -> None:
 
 
 def _print_summary(s, batch: int, context: int) -> None:
-    t = Table(title=f"Fastest variant of each scheme at batch {batch}, context {context:,} on {s['hardware'].iloc[0]} "
+    b, c = int(s["batch"].iloc[0]), int(s["context"].iloc[0])  # the grid point the values are taken at
+    near = f" (the grid point nearest batch {batch}, context {context:,})" if (b, c) != (batch, context) else ""
+    t = Table(title=f"Fastest variant of each scheme at batch {b}, context {c:,}{near} on {s['hardware'].iloc[0]} "
                     f"(every GPU and variant: results.csv)", title_justify="left")
     for c in ("hardware", "model", "scheme", "cache", "fits", "step ms", "tokens/s", "bound", "max context",
               "tokens/s at max batch"):

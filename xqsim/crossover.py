@@ -1,9 +1,10 @@
 """Crossovers between schemes over a sweep, and each scheme's memory wall.
 
 A crossover is where the sign of (metric of A - metric of B) flips strictly between two neighbouring
-grid points along context (or batch); two schemes that both stop fitting do not cross. Its position is
-interpolated linearly in log(context) (or log(batch)).
-`winner` is the scheme that is better after the crossover. Step time counts only where both fit.
+grid points along context (or batch), `lo` and `hi`; two schemes that both stop fitting do not cross. Its
+position here is interpolated linearly in log(context) (or log(batch)); xqsim.sweep.solve_crossovers places it
+exactly on the model (the sweep and the dashboard do). `winner` is the scheme that is better after the
+crossover. Step time counts only where both fit.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def _crossings(df: pd.DataFrame, metric: str, higher: bool, axis: str, key: str 
         frac = d0[ia, ib, ip] / (d0[ia, ib, ip] - d1[ia, ib, ip])
         pos = np.exp(x[ip] + frac * (x[ip + 1] - x[ip]))
         gk = gkey if isinstance(gkey, tuple) else (gkey,)
-        for a, b, p, after in zip(ia, ib, pos, d1[ia, ib, ip], strict=True):
+        grid = np.exp(x)
+        for a, b, p, after, i in zip(ia, ib, pos, d1[ia, ib, ip], ip, strict=True):
             rows.append((*gk, metric, axis, labels[a], labels[b], float(p),
-                         labels[a] if after > 0 else labels[b]))
-    cols = keys + ["metric", "axis", "scheme_a", "scheme_b", "crossover", "winner"]
+                         labels[a] if after > 0 else labels[b], round(grid[i]), round(grid[i + 1])))
+    cols = keys + ["metric", "axis", "scheme_a", "scheme_b", "crossover", "winner", "lo", "hi"]
     out = pd.DataFrame(rows, columns=cols)
     if not key:
         out.insert(2, "at", "max batch that fits" if metric == "throughput_cap_tokens_per_s" else "")
@@ -60,7 +62,7 @@ def crossovers(df: pd.DataFrame, metrics: tuple[str, ...] | None = None) -> pd.D
     """All crossovers of every scheme pair, for each metric of CROSSOVER_METRICS (or those named)."""
     parts = [_crossings(df, *m) for m in CROSSOVER_METRICS if metrics is None or m[0] in metrics]
     parts = [p for p in parts if not p.empty]
-    cols = ["hardware", "model", "at", "metric", "axis", "scheme_a", "scheme_b", "crossover", "winner"]
+    cols = ["hardware", "model", "at", "metric", "axis", "scheme_a", "scheme_b", "crossover", "winner", "lo", "hi"]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 

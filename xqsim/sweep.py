@@ -34,13 +34,27 @@ def evaluate(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, ba
              fitted: bool = True, batch_limit: int | None = None) -> dict[str, np.ndarray]:
     """Every metric of one (model, scheme) on the grid hardware x batch x context, as arrays."""
     cfg = cfg.resolved(model)
-    groups = schemes.layout(model, cfg)
     B = np.asarray(batch, dtype=np.int64)[None, :, None]
     T = np.asarray(context, dtype=np.int64)[None, None, :]
     shape = (len(hws), B.shape[1], T.shape[2])
-    rates = hardware_rates(hws, fitted)
     cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[:, None, None]
+    out = _metrics(hardware_rates(hws, fitted), cap, model, cfg, B, T, batch_limit or int(B.max()))
+    return {k: np.broadcast_to(v, shape) for k, v in out.items()}
 
+
+def evaluate_points(hws: list[HardwareProfile], hw_index, model: ModelSpec, cfg: SchemeConfig, batch, context,
+                    batch_limit: int, fitted: bool = True) -> dict[str, np.ndarray]:
+    """evaluate() at n points (hws[hw_index[i]], batch[i], context[i]) instead of a grid: arrays of shape (n,)."""
+    i = np.asarray(hw_index, dtype=np.int64)
+    rates = {k: v[:, 0, 0][i] for k, v in hardware_rates(hws, fitted).items()}
+    cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[i]
+    B, T = np.asarray(batch, dtype=np.int64), np.asarray(context, dtype=np.int64)
+    return _metrics(rates, cap, model, cfg.resolved(model), B, T, batch_limit)
+
+
+def _metrics(rates: dict, cap, model: ModelSpec, cfg: SchemeConfig, B, T, limit: int) -> dict[str, np.ndarray]:
+    """The metrics of a resolved config, broadcast over rates/capacity, batch B and context T."""
+    groups = schemes.layout(model, cfg)
     out = step_time(schemes.step_ops(model, cfg, B, T, groups), rates)
     out |= memory(model, cfg, B, T, groups)
     mem = seq_memory(model, cfg, groups)
@@ -53,13 +67,57 @@ def evaluate(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, ba
     out["tokens_per_s"] = B / out["step_time_s"]
     out["tpot_s"] = out["step_time_s"]
     out["intensity_flop_per_byte"] = out["flops"] / out["bytes_moved"]
-    # Throughput under capacity: the most sequences that fit at this context, at most batch_limit.
-    limit = batch_limit or int(B.max())
+    # Throughput under capacity: the most sequences that fit at this context, at most `limit`.
     b_cap = np.minimum(out["max_batch"], limit)
     t_cap = step_time(schemes.step_ops(model, cfg, np.maximum(b_cap, 1), T, groups), rates, per_class=False)
     out["batch_cap"] = b_cap
     out["throughput_cap_tokens_per_s"] = np.where(b_cap > 0, b_cap / t_cap["step_time_s"], 0.0)
-    return {k: np.broadcast_to(v, shape) for k, v in out.items()}
+    return out
+
+
+def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[ModelSpec],
+                     configs: list[SchemeConfig], batch_limit: int, fitted: bool = True) -> pd.DataFrame:
+    """Each crossover of crossovers(df) placed exactly: the first integer context (or batch) in its bracket of grid
+    points (lo, hi] at which the winner is the better, by bisection (geometric midpoints) on the analytic model
+    itself. Where a curve ends at a memory wall inside the bracket, that is the wall. All crossovers of one
+    (model, scheme) are evaluated together at each step."""
+    if cr.empty:
+        return cr
+    hw_at = {hw.name: i for i, hw in enumerate(hws)}
+    model_of = {m.name: m for m in models}
+    cfg_of = {c.label: c for c in configs}
+    lo, hi = cr["lo"].to_numpy(np.int64).copy(), cr["hi"].to_numpy(np.int64).copy()
+    along_batch = (cr["axis"] == "batch").to_numpy()
+    fixed = cr["at"].astype(str).str.extract(r"=(\d+)$")[0].astype(float).fillna(1).to_numpy(np.int64)
+    metric = cr["metric"].to_numpy()
+    higher = np.isin(metric, ["tokens_per_s", "throughput_cap_tokens_per_s"])
+    hw_i = cr["hardware"].astype(str).map(hw_at).to_numpy(np.int64)
+    winner, loser = cr["winner"].astype(str).to_numpy(), np.where(cr["winner"] == cr["scheme_a"], cr["scheme_b"],
+                                                                  cr["scheme_a"]).astype(str)
+    models_ = cr["model"].astype(str).to_numpy()
+    while True:
+        active = np.nonzero(hi - lo > 1)[0]
+        if not len(active):
+            break
+        mid = np.clip(np.rint(np.sqrt(lo[active] * hi[active].astype(float))).astype(np.int64), lo[active] + 1,
+                      hi[active] - 1)
+        B = np.where(along_batch[active], mid, fixed[active])
+        T = np.where(along_batch[active], fixed[active], mid)
+        vals = {}
+        for role, labels in (("w", winner), ("l", loser)):
+            v = np.empty(len(active))
+            for (mname, label), idx in pd.DataFrame({"m": models_[active], "l": labels[active]}).groupby(
+                    ["m", "l"], sort=False).indices.items():
+                out = evaluate_points(hws, hw_i[active][idx], model_of[mname], cfg_of[label], B[idx], T[idx],
+                                      batch_limit, fitted)
+                met = metric[active][idx]
+                v[idx] = np.select([met == "step_time_s", met == "tokens_per_s"],
+                                   [out["step_time_s"], out["tokens_per_s"]], out["throughput_cap_tokens_per_s"])
+            vals[role] = v
+        wins = np.where(higher[active], vals["w"] > vals["l"], vals["w"] < vals["l"])
+        hi[active] = np.where(wins, mid, hi[active])
+        lo[active] = np.where(wins, lo[active], mid)
+    return cr.assign(crossover=hi.astype(float))
 
 
 CATEGORIES = ("hardware", "model", "scheme", "label", "strategy")
@@ -141,8 +199,8 @@ def summary(df: pd.DataFrame, batch: int, context: int, hardware: str | None = N
     sel = sel.assign(_rank=np.where(sel["fits"], sel["step_time_s"], np.inf))
     best = sel.sort_values(["model", "_rank", "max_context"], ascending=[True, True, False])
     best = best.groupby(["model", "scheme"], observed=True).head(1)
-    cols = ["hardware", "model", "label", "cache_bytes", "total_bytes", "fits", "step_time_s", "tokens_per_s",
-            "bound", "max_context", "throughput_cap_tokens_per_s"]
+    cols = ["hardware", "model", "label", "batch", "context", "cache_bytes", "total_bytes", "fits", "step_time_s",
+            "tokens_per_s", "bound", "max_context", "throughput_cap_tokens_per_s"]
     return best.sort_values(["model", "_rank"])[cols].reset_index(drop=True)
 
 

@@ -47,6 +47,13 @@ def sweep_frame(hws: list[HardwareProfile], model: ModelSpec, configs: list[Sche
     return df, skipped
 
 
+def exact_crossovers(df: pd.DataFrame, hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig],
+                     batch: int, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """crossovers(df), each placed exactly on the model (sweep.solve_crossovers; the table is at one batch, its
+    capacity-limited throughput at most that batch)."""
+    return sweep.solve_crossovers(crossovers(df, metrics), hws, [model], configs, batch)
+
+
 def _curves(df: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
     """Row positions of each (hardware, label) curve, in context order."""
     ctx = df["context"].to_numpy()
@@ -163,7 +170,9 @@ def gpu_compare(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig,
     tp = tp.rename(columns={cfg.label: "scheme_tokens_per_s", "fp16": "fp16_tokens_per_s"})
     tp["ratio"] = tp["scheme_tokens_per_s"] / tp["fp16_tokens_per_s"].where(tp["fp16_tokens_per_s"] > 0)
     at = df[df["context"] == nearest_context(df, context)].set_index(["hardware", "label"])
-    cross = context_crossovers(df, crossovers(df), "throughput_cap_tokens_per_s").set_index("hardware")
+    cross = context_crossovers(df, exact_crossovers(df, hws, model, [fp16, cfg], batch,
+                                                    ("throughput_cap_tokens_per_s",)),
+                               "throughput_cap_tokens_per_s").set_index("hardware")
     rows = []
     for hw in hws:
         a, b = at.loc[(hw.name, cfg.label)], at.loc[(hw.name, "fp16")]

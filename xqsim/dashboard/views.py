@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ..crossover import crossovers
 from ..loading import ROOT
 from ..specs import REMAT_SCHEMES, HardwareProfile, SchemeConfig, UserError
 from . import charts, data
@@ -20,7 +19,8 @@ def sweep_views(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeCo
                 ctx_range: tuple[int, int]) -> dict:
     """The sweep at one batch and what the crossover and capacity views draw from it."""
     df, skipped = data.sweep_frame(list(hws), model, list(configs), batch, data.context_grid(*ctx_range))
-    cr = crossovers(df, ("step_time_s", "throughput_cap_tokens_per_s"))
+    cr = data.exact_crossovers(df, list(hws), model, list(configs), batch,
+                               ("step_time_s", "throughput_cap_tokens_per_s"))
     return {"df": df, "skipped": skipped, "step": data.context_crossovers(df, cr, "step_time_s"),
             "tput": data.context_crossovers(df, cr, "throughput_cap_tokens_per_s"), "walls": data.memory_walls(df)}
 
