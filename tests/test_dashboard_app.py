@@ -221,13 +221,15 @@ def test_compare_gpus():
     # on an H200
     m = re.search(r"\*\*h100_sxm\*\* \(ridge 295 FLOP/B\): passes fp16 at \*\*([\d,]+) tokens", texts(at))
     assert m and 1024 < float(m.group(1).replace(",", "")) < 10_000, texts(at)
-    assert "**a100_80gb** (ridge 153 FLOP/B): does not pass fp16 in this context range" in texts(at)
-    assert "**h200** (ridge 206 FLOP/B): does not pass fp16 in this context range" in texts(at)
+    assert "**a100_80gb** (ridge 153 FLOP/B): serves less than fp16 at every context in range" in texts(at)
+    assert "**h200** (ridge 206 FLOP/B): serves less than fp16 at every context in range" in texts(at)
     gpus = charts(at)[0][1]["table"]["gpu"].unique()
     assert len(gpus) == 8 and "h100_sxm (ridge 295 FLOP/B)" in gpus
     at.selectbox(key="cmp").set_value("kivi-2b-fused")
     ok(at.run())
     assert at.subheader[0].value.startswith("kivi-2b-fused vs fp16 on every GPU")
+    # no crossover where the scheme leads throughout: said so (it read "does not pass fp16 in this context range")
+    assert "**l40s** (ridge 419 FLOP/B): serves more than fp16 at **every context in range**" in texts(at)
 
 
 def test_calibration_view_spec_and_fitted():

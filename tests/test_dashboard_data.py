@@ -99,6 +99,14 @@ def test_pareto_front():
     assert data.pareto_front(df).tolist() == [True, True, False, True, True]  # (0.3, 0.6) loses to (0.2, 0.5)
 
 
+def test_leads_throughout():
+    tp = pd.DataFrame({"scheme_tokens_per_s": [5.0, 4.0, 3.0], "fp16_tokens_per_s": [4.0, 2.0, 0.0]})
+    assert data.leads_throughout(tp) is True
+    assert data.leads_throughout(tp.assign(fp16_tokens_per_s=[6.0, 5.0, 4.0])) is False
+    assert data.leads_throughout(tp.assign(fp16_tokens_per_s=[6.0, 2.0, 0.0])) is None
+    assert data.leads_throughout(tp.assign(scheme_tokens_per_s=0.0, fp16_tokens_per_s=0.0)) is None
+
+
 def test_read_accuracy(tmp_path):
     assert data.read_accuracy(tmp_path) is None
     assert data.read_accuracy(tmp_path / "missing") is None

@@ -190,6 +190,17 @@ def gpu_compare(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig,
     return tp, table
 
 
+def leads_throughout(tp: pd.DataFrame) -> bool | None:
+    """Of one GPU's gpu_compare curves: True if the scheme's capacity-limited throughput is above fp16's at every
+    context, False if at none, None if it changes (or neither serves anything)."""
+    a, b = tp["scheme_tokens_per_s"].to_numpy(float), tp["fp16_tokens_per_s"].to_numpy(float)
+    served = (a > 0) | (b > 0)
+    if not served.any():
+        return None
+    ahead = a[served] > b[served]
+    return True if ahead.all() else False if not ahead.any() else None
+
+
 # ----------------------------------------------------------------------------- measurements
 
 

@@ -161,9 +161,12 @@ def render_compare(c: Controls) -> None:
     st.caption("Above its ridge a GPU rebuilds the cache slower than it would have read it: the scheme is slower "
                "per step at equal batch and wins only through capacity (more sequences or context fit).")
     for r in table.itertuples():
+        lead = data.leads_throughout(tp[tp["hardware"] == r.hardware])
         where = (f"passes fp16 at **{r.passes_fp16_at_context:,.0f} tokens**" if r.better_after == label else
-                 "does not pass fp16 in this context range" if not r.better_after else
-                 f"falls behind fp16 at {r.passes_fp16_at_context:,.0f} tokens")
+                 f"falls behind fp16 at {r.passes_fp16_at_context:,.0f} tokens" if r.better_after else
+                 "serves more than fp16 at **every context in range**" if lead is True else
+                 "serves less than fp16 at every context in range" if lead is False else
+                 "no crossover in this context range")
         st.markdown(f"**{r.hardware}** (ridge {r.ridge_flop_per_byte:.0f} FLOP/B): {where}")
     st.dataframe(table.round({"ridge_flop_per_byte": 0, "extra_flop_per_byte_saved": 0, "passes_fp16_at_context": 0}),
                  hide_index=True)
