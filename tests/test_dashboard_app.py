@@ -269,6 +269,22 @@ def test_accuracy_view_and_its_empty_and_bad_states(tmp_path):
         f"scheme, bits, strategy, mem_ratio, ppl, delta_ppl"]
 
 
+def test_verdict_on_top_of_the_page():
+    """The answer first, from the committed accuracy results: KIVI-2 fused where its quality is allowed (batch 16,
+    32k), KIVI-4 fused under the default 5% limit, and fp16 where nothing beats it (batch 1, 1k)."""
+    acc = ROOT / "measurements" / "accuracy"
+    kw = {"hw": "h100_sxm", "spec": "1", "schemes": "fp16,kivi-2b-fused,kivi-4b-fused", "accuracy": acc}
+    at = ok(app(batch="16", at="32k", dppl="50", **kw))
+    v = at.success[0].value
+    assert v.startswith("**Verdict** for llama-3.1-8b, up to 16 sequences of 32,768 tokens, perplexity increase at "
+                        "most 50.0% (quality: smollm2-135m)"), v
+    assert "- h100_sxm: serve with kivi-2b-fused: 1,659 tokens/s at batch 16 (2.89x fp16" in v, v
+    v = ok(app(batch="16", at="32k", **kw)).success[0].value
+    assert "- h100_sxm: serve with kivi-4b-fused: 1,311 tokens/s" in v and "runner-up fp16" in v, v
+    v = ok(app(batch="1", at="1k", **kw)).success[0].value
+    assert "- h100_sxm: serve with fp16: 155 tokens/s at batch 1 (the baseline" in v, v
+
+
 def test_accuracy_view_draws_the_committed_results():
     """The shipped accuracy run (`xqsim accuracy`'s CSV, not the fixture's columns) is drawn, not refused."""
     at = ok(app(view="accuracy", accuracy=ROOT / "measurements" / "accuracy"))

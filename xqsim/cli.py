@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -136,6 +138,73 @@ def _scenario_configs(scenario: specs.Scenario, path: Path) -> list[specs.Scheme
             msg = err.errors()[0]["msg"].removeprefix("Value error, ")
             raise UserError(f"{path}: {_named_field(msg, f'schemes.{i}')}{msg}") from None
     return list(dict.fromkeys(configs))
+
+
+@app.command()
+def recommend(
+    model: Annotated[str, typer.Option(help="model name (xqsim models list) or a .yaml file")],
+    hardware: Annotated[str, typer.Option(help="profiles, comma-separated (xqsim hw list) or .yaml files")] =
+    "h100_sxm,h200,a100_80gb,b200",
+    batch: Annotated[str, typer.Option(help="the most sequences you would decode together")] = "16",
+    context: Annotated[str, typer.Option(help="tokens per sequence, e.g. 32k")] = "32k",
+    max_delta_ppl: Annotated[str, typer.Option(
+        help="largest perplexity increase you accept, relative to an fp16 cache (5% or 0.05; 'none': no "
+             "limit)")] = "5%",
+    scenario: Annotated[Path, typer.Option(help="the scheme variants to consider: a scenario's `schemes`")] =
+    loading.ROOT / "scenarios" / "long_ctx.yaml",
+    fitted: Annotated[bool, typer.Option(help="use profiles' fitted rates (they describe xqsim's torch engine) "
+                                              "instead of the spec roofline")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the ranked table as JSON")] = False,
+) -> None:
+    """Which KV-cache scheme to serve with: the most tokens/s within memory on each GPU, under a quality limit."""
+    from .recommend import fmt_threshold, verdict_lines
+    from .recommend import recommend as run_recommend
+
+    hws = [loading.load_hardware(h.strip(), where="command line: field 'hardware'") for h in hardware.split(",")
+           if h.strip()]
+    if not hws:
+        raise UserError("command line: field 'hardware': give at least one profile")
+    m = loading.load_model(model, where="command line: field 'model'")
+    limit = None if max_delta_ppl.strip().lower() == "none" else _fraction(max_delta_ppl, "max-delta-ppl")
+    sc = loading.load_scenario(scenario)
+    configs = _scenario_configs(sc, scenario)
+    b, t = _count(batch, "batch"), _count(context, "context")
+    df = run_recommend(hws, m, configs, b, t, limit, fitted=fitted)
+    if as_json:
+        cols = ["hardware", "verdict", "label", "tokens_per_s", "x_fp16", "batch", "context", "cache_bytes",
+                "delta_ppl_rel", "accuracy_result", "eligible", "rates"]
+        out = df[cols].replace({np.nan: None})
+        print(json.dumps({"model": m.name, "batch": b, "context": t, "max_delta_ppl": limit,
+                          "quality_measured_on": df.attrs.get("accuracy_model"), "rows": out.to_dict("records")},
+                         indent=1))
+        return
+    basis = "fitted rates" if fitted else "spec roofline"
+    console.print(f"[bold]{m.name}[/bold], up to {b} sequences of {t:,} tokens, {fmt_threshold(limit)} "
+                  f"({basis}; quality: relative perplexity increase on {df.attrs.get('accuracy_model') or '-'}, "
+                  f"measurements/accuracy/)")
+    for line in verdict_lines(df, limit):
+        console.print("  " + line)
+    tab = Table(title="Ranked per GPU (capacity-limited throughput: the most sequences, up to the batch, that fit)",
+                title_justify="left")
+    for c in ("hardware", "verdict", "scheme", "tokens/s", "x fp16", "batch", "cache", "ppl +"):
+        tab.add_column(c, justify="right" if c in ("tokens/s", "x fp16", "batch", "cache", "ppl +") else "left")
+    for r in df.groupby("hardware", sort=False).head(6).itertuples():
+        tab.add_row(r.hardware, r.verdict, r.label, f"{r.tokens_per_s:,.0f}",
+                    f"{r.x_fp16:.2f}" if np.isfinite(r.x_fp16) else "-", str(r.batch), _gb(r.cache_bytes),
+                    f"{r.delta_ppl_rel:+.1%}" if np.isfinite(r.delta_ppl_rel) else "n/a")
+    console.print(tab)
+
+
+def _fraction(value: str, field: str) -> float:
+    """'5%' -> 0.05, '0.05' -> 0.05; a one-line error otherwise."""
+    v = value.strip()
+    try:
+        x = float(v[:-1]) / 100 if v.endswith("%") else float(v)
+    except ValueError:
+        raise UserError(f"command line: field '{field}': '{value}' is not a fraction (e.g. 5% or 0.05)") from None
+    if not (0 <= x < 10) or math.isnan(x):
+        raise UserError(f"command line: field '{field}': {value} is out of range (0 to 1000%)")
+    return x
 
 
 @app.command()

@@ -19,8 +19,8 @@ CONTEXTS = [2**k for k in range(8, 23)]  # 256 .. 4M tokens: the context slider'
 MAX_BATCH = 1 << 16
 DEFAULTS = {"view": "crossovers", "hw": ["h100_sxm", "b200"], "model": "llama-3.1-8b",
             "schemes": ["fp16", "kivi-2b-fused", "xquant_gqa-2b-absorb_v-fused"], "batch": 16,
-            "ctx": (1024, 2**20), "at": 32768, "budget": 0.0, "spec": False}
-URL_KEYS = ("view", "hw", "model", "schemes", "batch", "ctx", "at", "budget", "spec")
+            "ctx": (1024, 2**20), "at": 32768, "budget": 0.0, "spec": False, "dppl": 5.0}
+URL_KEYS = ("view", "hw", "model", "schemes", "batch", "ctx", "at", "budget", "spec", "dppl")
 VIEW_KEYS = ("metric", "cmp", "mset", "calhw")  # the views' own controls, in the URL while their view is shown
 
 
@@ -42,6 +42,7 @@ class Controls:
     contexts: tuple[int, int]  # context range [tokens]
     at: int  # context of the memory breakdown and the roofline [tokens]
     budget_gb: float
+    max_delta_ppl: float = 0.05  # the verdict's quality limit: relative perplexity increase
     errors: list[str] = field(default_factory=list)
 
 
@@ -133,6 +134,10 @@ def _from_url(qp: dict[str, str]) -> tuple[dict, list[str]]:
                 state[key] = float(raw)
                 if not 0 <= state[key] < float("inf"):
                     raise UserError(f"'{raw}' is not a size in GB; 0 means each GPU's usable memory")
+            elif key == "dppl":
+                state[key] = float(raw)
+                if not 0 <= state[key] <= 1000:
+                    raise UserError(f"'{raw}' is not a percentage from 0 to 1000")
         except (UserError, ValueError) as err:
             state.pop(key, None)
             warnings.append(f"URL: field '{key}': {err}; using the default")
@@ -144,6 +149,7 @@ def _to_url(state, ctx: tuple[int, int]) -> dict[str, str]:
     return {"view": state["view"], "hw": ",".join(state["hw"]), "model": state["model"],
             "schemes": ",".join(_labels(state)), "batch": str(state["batch"]), "ctx": f"{tokens(lo)}-{tokens(hi)}",
             "at": tokens(state["at"]), "budget": f"{state['budget']:g}", "spec": "1" if state["spec"] else "0",
+            "dppl": f"{state['dppl']:g}",
             **{k: state[k] for k in VIEW_KEYS if k in state}}
 
 
@@ -265,6 +271,9 @@ def sidebar() -> Controls:
                       format_func=tokens)
     box.number_input("Memory budget per GPU [GB] (0: 90% of its memory, as vLLM plans)", min_value=0.0,
                      step=8.0, key="budget")
+    box.number_input("Verdict: largest perplexity increase [%]", min_value=0.0, max_value=1000.0, step=1.0,
+                     key="dppl", help="relative to an fp16 cache, from the committed accuracy results "
+                                      "(measurements/accuracy/, SmolLM2-135M)")
     box.checkbox("Spec roofline only (ignore fitted blocks)", key="spec",
                  help="a fitted block (h100_sxm ships one) describes xqsim's torch engine on that GPU; "
                       "the spec roofline compares GPUs on equal terms")
@@ -284,4 +293,5 @@ def sidebar() -> Controls:
         hws, all_hws = ([h.model_copy(update={"fitted": None}) for h in x] for x in (hws, all_hws))
     return Controls(view=ss["view"], hws=tuple(hws), all_hws=tuple(all_hws),
                     model=model, configs=tuple(configs), batch=int(ss["batch"]), contexts=tuple(ctx),
-                    at=int(ss["at"]), budget_gb=float(ss["budget"]), errors=errors)
+                    at=int(ss["at"]), budget_gb=float(ss["budget"]), max_delta_ppl=float(ss["dppl"]) / 100,
+                    errors=errors)

@@ -28,5 +28,7 @@ def main(measurements: Path = MEASUREMENTS, accuracy: Path = MEASUREMENTS / "acc
     if view not in ("calibration", "accuracy") and (not c.hws or not c.configs):
         st.warning("Select at least one GPU and one scheme in the sidebar.")
     else:
+        if view not in ("calibration", "accuracy"):
+            views.render_verdict(c, Path(accuracy))
         render[view](c)
     controls.write_url(c)

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from ..loading import ROOT
+from ..recommend import fmt_threshold, recommend, verdict_lines
 from ..specs import REMAT_SCHEMES, HardwareProfile, SchemeConfig, UserError
 from . import charts, data
 from .controls import Controls, keep_valid
@@ -23,6 +24,32 @@ def sweep_views(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeCo
                                ("step_time_s", "throughput_cap_tokens_per_s"))
     return {"df": df, "skipped": skipped, "step": data.context_crossovers(df, cr, "step_time_s"),
             "tput": data.context_crossovers(df, cr, "throughput_cap_tokens_per_s"), "walls": data.memory_walls(df)}
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _verdict(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeConfig, ...], batch: int, at: int,
+             max_delta_ppl: float, accuracy: str) -> tuple[pd.DataFrame, str]:
+    """recommend() at the sidebar's batch and context; '' or why the quality results could not be read."""
+    try:
+        return recommend(list(hws), model, list(configs), batch, at, max_delta_ppl, fitted=True,
+                         accuracy=Path(accuracy)), ""
+    except UserError as err:
+        return recommend(list(hws), model, list(configs), batch, at, max_delta_ppl, fitted=True,
+                         accuracy=Path("")), str(err)
+
+
+def render_verdict(c: Controls, folder: Path) -> None:
+    """The answer first: on each GPU, the scheme that serves the most tokens/s within memory under the quality
+    limit, its speed against fp16, its cost, and the runner-up."""
+    csvs = sorted(folder.glob("*.csv")) if folder.is_dir() else []
+    csv = folder / "accuracy.csv" if (folder / "accuracy.csv").is_file() else (csvs[0] if csvs else folder / "-")
+    df, why = _verdict(c.hws, c.model, c.configs, c.batch, c.at, c.max_delta_ppl, str(csv))
+    if why:
+        st.warning(f"Verdict without quality results: {why}")
+    on = df.attrs.get("accuracy_model") or "no accuracy results"
+    lines = "\n".join(f"- {line}" for line in verdict_lines(df, c.max_delta_ppl))
+    st.success(f"**Verdict** for {c.model.name}, up to {c.batch} sequences of {c.at:,} tokens, "
+               f"{fmt_threshold(c.max_delta_ppl)} (quality: {on}):\n{lines}")
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
