@@ -89,14 +89,14 @@ def crossover_text(page) -> str:
 def expected_crossover(batch: int) -> float:
     """The step-time crossover on the B200 of the default page, computed by the library at this batch."""
     from xqsim import loading, specs
-    from xqsim.crossover import crossovers
     from xqsim.dashboard import data
 
     cfgs = [specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2, fused=True),
             specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]
-    df, _ = data.sweep_frame([loading.load_hardware("h100_sxm"), loading.load_hardware("b200")],
-                             loading.load_model("llama-3.1-8b"), cfgs, batch, data.context_grid(1024, 2**20))
-    cr = data.context_crossovers(df, crossovers(df, ("step_time_s",)), "step_time_s")
+    hws, model = [loading.load_hardware("h100_sxm"), loading.load_hardware("b200")], loading.load_model("llama-3.1-8b")
+    df, _ = data.sweep_frame(hws, model, cfgs, batch, data.context_grid(1024, 2**20))
+    cr = data.context_crossovers(df, data.exact_crossovers(df, hws, model, cfgs, batch, ("step_time_s",)),
+                                 "step_time_s")
     return float(cr[cr["hardware"] == "b200"]["crossover_context"].iloc[0])
 
 

@@ -132,6 +132,11 @@ def verdict_lines(df: pd.DataFrame, max_delta_ppl: float | None) -> list[str]:
         if not second.empty:
             s = second.iloc[0]
             line += f"; runner-up {s['label']} at {s['tokens_per_s']:,.0f} tokens/s"
+        over = g[~g["eligible"] & (g["tokens_per_s"] > b["tokens_per_s"])]
+        if len(over):  # what the quality limit costs
+            o = over.iloc[0]
+            loss = f"perplexity +{o['delta_ppl_rel']:.1%}" if np.isfinite(o["delta_ppl_rel"]) else "quality not measured"
+            line += f" (faster but over the quality limit: {o['label']} at {o['tokens_per_s']:,.0f} tokens/s, {loss})"
         lines.append(line)
     return lines
 

@@ -249,7 +249,11 @@ def accuracy(panels: int) -> dict:
     """Template: quality loss vs memory ratio per scheme, one panel per model; the Pareto front as a dashed
     line and rings (data: data.read_accuracy)."""
     x = alt.X("mem_ratio:Q", title="memory vs fp16 KV cache [ratio]")
-    y = alt.Y("delta_ppl:Q", title="perplexity increase vs fp16 [Δ ppl]")
+    # symlog: Δppl spans 1e-3 to 1e5 (2-bit XQuant on a 135M model) and crosses zero; a linear axis flattens the
+    # rest of the results onto one line
+    y = alt.Y("delta_ppl:Q", title="perplexity increase vs fp16 [Δ ppl, symlog]",
+              scale=alt.Scale(type="symlog", constant=0.01),
+              axis=alt.Axis(values=[-1, 0, 0.01, 0.1, 1, 10, 100, 1000, 10000, 100000]))
     tip = ["model:N", "label:N", alt.Tooltip("mem_ratio:Q", format=".4f"), alt.Tooltip("ppl:Q", format=".3f"),
            alt.Tooltip("delta_ppl:Q", format="+.3f"), "pareto:N", "file:N"]
     pts = alt.Chart().mark_point(size=80, filled=True).encode(
