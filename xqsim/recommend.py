@@ -135,8 +135,10 @@ def verdict_lines(df: pd.DataFrame, max_delta_ppl: float | None) -> list[str]:
         over = g[~g["eligible"] & (g["tokens_per_s"] > b["tokens_per_s"])]
         if len(over):  # what the quality limit costs
             o = over.iloc[0]
-            loss = f"perplexity +{o['delta_ppl_rel']:.1%}" if np.isfinite(o["delta_ppl_rel"]) else "quality not measured"
-            line += f" (faster but over the quality limit: {o['label']} at {o['tokens_per_s']:,.0f} tokens/s, {loss})"
+            known = np.isfinite(o["delta_ppl_rel"])
+            loss = f"perplexity +{o['delta_ppl_rel']:.1%}" if known else "quality not measured"
+            line += (f" (faster but over the quality limit: {o['label']} at {o['tokens_per_s']:,.0f} tokens/s, "
+                     f"{loss})")
         lines.append(line)
     return lines
 
