@@ -10,6 +10,7 @@ remat and absorb_v compute the same function and fusing changes no number.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def read_quality(path: Path = ACCURACY_CSV) -> tuple[dict[tuple, dict], str | No
     """{quality_key: {delta_ppl_rel, ppl, label}} from an `xqsim accuracy` CSV, and the model it was measured on."""
     if not path.is_file():
         return {}, None
+    return _read_quality(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_quality(path: Path, mtime_ns: int) -> tuple[dict[tuple, dict], str | None]:
+    """read_quality, once per file version (the dashboard asks on every redraw)."""
     df = pd.read_csv(path)
     need = ("model", "scheme", "bits", "ppl", "delta_ppl")
     missing = [c for c in need if c not in df.columns]

@@ -42,16 +42,6 @@ def evaluate(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, ba
     return {k: np.broadcast_to(v, shape) for k, v in out.items()}
 
 
-def evaluate_points(hws: list[HardwareProfile], hw_index, model: ModelSpec, cfg: SchemeConfig, batch, context,
-                    batch_limit: int, fitted: bool = True) -> dict[str, np.ndarray]:
-    """evaluate() at n points (hws[hw_index[i]], batch[i], context[i]) instead of a grid: arrays of shape (n,)."""
-    i = np.asarray(hw_index, dtype=np.int64)
-    rates = {k: v[:, 0, 0][i] for k, v in hardware_rates(hws, fitted).items()}
-    cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[i]
-    B, T = np.asarray(batch, dtype=np.int64), np.asarray(context, dtype=np.int64)
-    return _metrics(rates, cap, model, cfg.resolved(model), B, T, batch_limit)
-
-
 def _metrics(rates: dict, cap, model: ModelSpec, cfg: SchemeConfig, B, T, limit: int) -> dict[str, np.ndarray]:
     """The metrics of a resolved config, broadcast over rates/capacity, batch B and context T."""
     groups = schemes.layout(model, cfg)
@@ -75,12 +65,39 @@ def _metrics(rates: dict, cap, model: ModelSpec, cfg: SchemeConfig, B, T, limit:
     return out
 
 
+def _point_values(hws: list[HardwareProfile], hw_index, model: ModelSpec, cfg: SchemeConfig, B, T, limit: int,
+                  metric: np.ndarray, fitted: bool) -> np.ndarray:
+    """One crossover metric per point (step_time_s, tokens_per_s or throughput_cap_tokens_per_s): the part of
+    _metrics each needs, no more."""
+    cfg = cfg.resolved(model)
+    groups = schemes.layout(model, cfg)
+    rates = {k: v[:, 0, 0][hw_index] for k, v in hardware_rates(hws, fitted).items()}
+    out = np.empty(len(B))
+    cap_rows = metric == "throughput_cap_tokens_per_s"
+    plain = ~cap_rows
+    if plain.any():
+        r = {k: v[plain] for k, v in rates.items()}
+        t = step_time(schemes.step_ops(model, cfg, B[plain], T[plain], groups), r, per_class=False)["step_time_s"]
+        out[plain] = np.where(metric[plain] == "step_time_s", t, B[plain] / t)
+    if cap_rows.any():
+        r = {k: v[cap_rows] for k, v in rates.items()}
+        cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[hw_index[cap_rows]]
+        Tc = T[cap_rows]
+        W = schemes.weights_bytes(model, cfg)
+        b_cap = np.minimum(max_batch(cap, W, seq_memory(model, cfg, groups), Tc), limit)
+        t = step_time(schemes.step_ops(model, cfg, np.maximum(b_cap, 1), Tc, groups), r, per_class=False)
+        out[cap_rows] = np.where(b_cap > 0, b_cap / t["step_time_s"], 0.0)
+    return out
+
+
 def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[ModelSpec],
-                     configs: list[SchemeConfig], batch_limit: int, fitted: bool = True) -> pd.DataFrame:
+                     configs: list[SchemeConfig], batch_limit: int, fitted: bool = True,
+                     rel_tol: float = 0.0) -> pd.DataFrame:
     """Each crossover of crossovers(df) placed exactly: the first integer context (or batch) in its bracket of grid
     points (lo, hi] at which the winner is the better, by bisection (geometric midpoints) on the analytic model
     itself. Where a curve ends at a memory wall inside the bracket, that is the wall. All crossovers of one
-    (model, scheme) are evaluated together at each step."""
+    (model, scheme) are evaluated together at each step. rel_tol > 0 stops a bisection once its bracket is that
+    narrow (relative): the point returned is then at most rel_tol past the first (the dashboard's redraws)."""
     if cr.empty:
         return cr
     hw_at = {hw.name: i for i, hw in enumerate(hws)}
@@ -89,34 +106,32 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
     lo, hi = cr["lo"].to_numpy(np.int64).copy(), cr["hi"].to_numpy(np.int64).copy()
     along_batch = (cr["axis"] == "batch").to_numpy()
     fixed = cr["at"].astype(str).str.extract(r"=(\d+)$")[0].astype(float).fillna(1).to_numpy(np.int64)
-    metric = cr["metric"].to_numpy()
-    higher = np.isin(metric, ["tokens_per_s", "throughput_cap_tokens_per_s"])
+    metric = cr["metric"].astype(str).to_numpy()
+    higher = metric != "step_time_s"
     hw_i = cr["hardware"].astype(str).map(hw_at).to_numpy(np.int64)
-    winner, loser = cr["winner"].astype(str).to_numpy(), np.where(cr["winner"] == cr["scheme_a"], cr["scheme_b"],
-                                                                  cr["scheme_a"]).astype(str)
+    winner = cr["winner"].astype(str).to_numpy()
+    loser = np.where(winner == cr["scheme_a"].astype(str).to_numpy(), cr["scheme_b"].astype(str).to_numpy(),
+                     cr["scheme_a"].astype(str).to_numpy())
     models_ = cr["model"].astype(str).to_numpy()
+    # rows of each (model, scheme) in each role, found once
+    roles = {role: pd.DataFrame({"m": models_, "l": labels}).groupby(["m", "l"], sort=False).indices
+             for role, labels in (("w", winner), ("l", loser))}
+    vals = {"w": np.empty(len(cr)), "l": np.empty(len(cr))}
     while True:
-        active = np.nonzero(hi - lo > 1)[0]
-        if not len(active):
+        active = (hi - lo > 1) & (hi - lo > rel_tol * lo)
+        if not active.any():
             break
-        mid = np.clip(np.rint(np.sqrt(lo[active] * hi[active].astype(float))).astype(np.int64), lo[active] + 1,
-                      hi[active] - 1)
-        B = np.where(along_batch[active], mid, fixed[active])
-        T = np.where(along_batch[active], fixed[active], mid)
-        vals = {}
-        for role, labels in (("w", winner), ("l", loser)):
-            v = np.empty(len(active))
-            for (mname, label), idx in pd.DataFrame({"m": models_[active], "l": labels[active]}).groupby(
-                    ["m", "l"], sort=False).indices.items():
-                out = evaluate_points(hws, hw_i[active][idx], model_of[mname], cfg_of[label], B[idx], T[idx],
-                                      batch_limit, fitted)
-                met = metric[active][idx]
-                v[idx] = np.select([met == "step_time_s", met == "tokens_per_s"],
-                                   [out["step_time_s"], out["tokens_per_s"]], out["throughput_cap_tokens_per_s"])
-            vals[role] = v
-        wins = np.where(higher[active], vals["w"] > vals["l"], vals["w"] < vals["l"])
-        hi[active] = np.where(wins, mid, hi[active])
-        lo[active] = np.where(wins, lo[active], mid)
+        mid = np.clip(np.rint(np.sqrt(lo * hi.astype(float))).astype(np.int64), lo + 1, np.maximum(hi - 1, lo + 1))
+        B, T = np.where(along_batch, mid, fixed), np.where(along_batch, fixed, mid)
+        for role, groups in roles.items():
+            for (mname, label), idx in groups.items():
+                idx = idx[active[idx]]
+                if len(idx):
+                    vals[role][idx] = _point_values(hws, hw_i[idx], model_of[mname], cfg_of[label], B[idx], T[idx],
+                                                    batch_limit, metric[idx], fitted)
+        wins = np.where(higher, vals["w"] > vals["l"], vals["w"] < vals["l"])
+        hi = np.where(active & wins, mid, hi)
+        lo = np.where(active & ~wins, mid, lo)
     return cr.assign(crossover=hi.astype(float))
 
 
