@@ -25,20 +25,34 @@ def _grid(models: list[str], hws: list[str], title: str):
     return fig, axes
 
 
-SCHEME_COLORS = dict(zip(SCHEMES, plt.get_cmap("tab10").colors, strict=False))
+# One hue per scheme family, far apart; the bit width sets the shade (fewer bits: darker)
+SCHEME_COLORS = {"fp16": "#000000", "kivi": "#1f77b4", "xquant": "#2ca02c", "xquant_cl": "#8c8c00",
+                 "xquant_gqa": "#9467bd", "xquant_cl_gqa": "#8c564b", "xquant_yang": "#ff7f0e"}
+assert set(SCHEME_COLORS) == set(SCHEMES), "a scheme without a colour"
+BIT_SHADE = {1: 0.0, 2: 0.0, 3: 0.3, 4: 0.5, 8: 0.65, 16: 0.75}  # mixed with white
+
+
+def _color(scheme: str, bits: int) -> tuple:
+    """The family's hue, lighter for more bits."""
+    import matplotlib.colors as mcolors
+
+    base = mcolors.to_rgb(SCHEME_COLORS[scheme])
+    shade = 0.0 if scheme == "fp16" else BIT_SHADE.get(bits, 0.5)
+    return tuple(c + (1 - c) * shade for c in base)
+
+
+def _bits(label: str) -> int:
+    part = next((p for p in label.split("-")[1:] if p.endswith("b") and p[:-1].isdigit()), "16b")
+    return int(part[:-1])
 
 
 def _styles(labels: list[str]) -> dict[str, dict]:
-    """Colour by scheme, darker for fewer bits; dashed for absorb_v, thin dotted for fused."""
+    """Colour by scheme family and bits; solid for remat, dashed for absorb_v, dotted or dash-dot when fused."""
     out = {}
     for lab in labels:
-        scheme = lab.split("-")[0]
-        variants = [x for x in labels if x.split("-")[0] == scheme]
-        shade = 0.35 * variants.index(lab) / max(len(variants) - 1, 1)
-        color = tuple(c + (1 - c) * shade for c in SCHEME_COLORS[scheme])
         style = "--" if "absorb_v" in lab else "-"
-        out[lab] = {"color": color, "ls": (":" if "fused" in lab and style == "-" else
-                                           "-." if "fused" in lab else style), "lw": 1.3}
+        out[lab] = {"color": _color(lab.split("-")[0], _bits(lab)),
+                    "ls": (":" if "fused" in lab and style == "-" else "-." if "fused" in lab else style), "lw": 1.4}
     return out
 
 
@@ -98,18 +112,102 @@ def step_time_vs_context(df: pd.DataFrame, batch: int, path: Path) -> list[Path]
                         wall=True)
 
 
+def _curve_names(d: pd.DataFrame) -> pd.DataFrame:
+    """Add the columns a per-(scheme, bits) curve is drawn by: family and its name ('kivi 2-bit')."""
+    scheme = d["scheme"].astype(str)
+    return d.assign(family=scheme, curve=np.where(scheme == "fp16", "fp16", scheme + " " + d["bits"].astype(str)
+                                                  + "-bit"))
+
+
+def _curve_styles(best: pd.DataFrame) -> dict[str, dict]:
+    """fp16 first and thick, then each family's curves by bits, in the family's hue."""
+    order = best.drop_duplicates("curve").sort_values(["family", "bits"])
+    styles = {"fp16": {"color": "k", "ls": "-", "lw": 2.2}} if (order["curve"] == "fp16").any() else {}
+    for r in order.itertuples():
+        if r.curve != "fp16":
+            styles[r.curve] = {"color": _color(r.family, int(r.bits)), "ls": "-", "lw": 1.5}
+    return styles
+
+
 def memory_vs_context(df: pd.DataFrame, batch: int, path: Path) -> list[Path]:
-    sub = df[df["batch"] == batch].assign(total_gb=lambda d: d["total_bytes"] / 1e9)
-    return _per_context(sub, path, "total_gb", "memory [GB]",
-                        f"Memory (weights + cache + transient) vs context, batch {batch}; dashed: usable capacity",
-                        capacity=True)
+    """Memory does not depend on the GPU: one panel per model, each scheme and bit width in its leanest execution,
+    and each GPU's usable capacity as a labelled horizontal line (GPUs of equal capacity on one line)."""
+    sub = _curve_names(df[df["batch"] == batch].assign(total_gb=lambda d: d["total_bytes"] / 1e9))
+    first_hw = str(sub["hardware"].iloc[0])
+    best = (sub[sub["hardware"] == first_hw].groupby(["model", "curve", "family", "bits", "context"], observed=True)
+            ["total_gb"].min().reset_index())
+    models = list(dict.fromkeys(sub["model"].astype(str)))
+    caps = sub.groupby("hardware", observed=True)["capacity_bytes"].first()
+    lines = {}
+    for h, cap in caps.items():
+        lines.setdefault(round(cap / 1e9), []).append(str(h))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models) + 3, 5.4), squeeze=False, sharey=True)
+    fig.suptitle(f"Memory (weights + cache + transient) vs context, batch {batch}, each scheme and bit width in its "
+                 f"leanest execution; dashed: usable capacity")
+    styles = _curve_styles(best)
+    for j, m in enumerate(models):
+        ax = axes[0, j]
+        panel = best[best["model"] == m]
+        for c, st in styles.items():
+            s = panel[panel["curve"] == c].sort_values("context")
+            ax.plot(s["context"], s["total_gb"], **st)
+        for gb, names in lines.items():
+            ax.axhline(gb, color="k", ls="--", lw=0.8)
+            ax.text(panel["context"].min(), gb, f" {', '.join(names)} ({gb} GB)", va="bottom", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.minorticks_off()
+        ax.set_title(m, fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel("context [tokens]")
+        if j == 0:
+            ax.set_ylabel("memory [GB]")
+    return _finish(fig, styles, path)
 
 
 def throughput_cap_vs_context(df: pd.DataFrame, path: Path) -> list[Path]:
-    sub = df[df["batch"] == df["batch"].min()]
-    sub = sub[sub["throughput_cap_tokens_per_s"] > 0]
-    return _per_context(sub, path, "throughput_cap_tokens_per_s", "tokens/s at the largest batch that fits",
-                        f"Capacity-limited throughput vs context (batch up to {int(df['batch'].max())})")
+    """Per model and GPU, each scheme at each bit width in its fastest execution (strategy, fusion) at every
+    context, one hue per family and a shade per bit width; a diamond where a scheme's curve passes fp16's (or
+    where fp16 stops fitting while it still serves). One y scale for the whole figure."""
+    sub = _curve_names(df[df["batch"] == df["batch"].min()])
+    best = (sub.groupby(["model", "hardware", "curve", "family", "bits", "context"], observed=True)
+            ["throughput_cap_tokens_per_s"].max().reset_index())
+    models = list(dict.fromkeys(sub["model"].astype(str)))
+    hws = list(dict.fromkeys(sub["hardware"].astype(str)))
+    fig, axes = _grid(models, hws, f"Capacity-limited throughput vs context (the largest batch that fits, up to "
+                                   f"{int(df['batch'].max())}; each scheme and bit width in its fastest execution)")
+    for ax in axes.ravel()[1:]:
+        ax.sharey(axes[0, 0])
+    styles = _curve_styles(best)
+    curves = list(styles)
+    for i, m in enumerate(models):
+        for j, h in enumerate(hws):
+            ax = axes[i, j]
+            panel = best[(best["model"] == m) & (best["hardware"] == h)]
+            fp = panel[panel["curve"] == "fp16"].set_index("context")["throughput_cap_tokens_per_s"]
+            for c in curves:
+                s = panel[panel["curve"] == c].sort_values("context")
+                y = s["throughput_cap_tokens_per_s"].to_numpy(float)
+                x = s["context"].to_numpy(float)
+                served = y > 0
+                ax.plot(x[served], y[served], **styles[c])
+                if c == "fp16" or not len(fp):
+                    continue
+                lead = y > fp.reindex(s["context"]).to_numpy(float)
+                flips = np.nonzero(~lead[:-1] & lead[1:] & served[1:])[0]
+                for k in flips[:1]:  # where it first passes fp16: the grid point after the flip
+                    ax.plot(x[k + 1], y[k + 1], "D", color=styles[c]["color"], ms=5, mec="k", mew=0.6)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.minorticks_off()
+            ax.set_title(f"{m} on {h}", fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
+            if i == len(models) - 1:
+                ax.set_xlabel("context [tokens]")
+            if j == 0:
+                ax.set_ylabel("tokens/s at the largest batch that fits")
+    styles["passes fp16 (first grid point after)"] = {"color": "grey", "ls": "none", "marker": "D", "mec": "k"}
+    return _finish(fig, styles, path)
 
 
 def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[SchemeConfig], batch: int,
