@@ -1,10 +1,10 @@
 """How long the dashboard takes to redraw after a control change (issue 6's goal: under 300 ms for a typical view).
 
 Drives the page with Streamlit's AppTest (the server side: the script run, the model evaluation and the chart
-specs, not the browser's drawing) on its default view: Crossovers, Llama-3.1-8B on H100 and B200, fp16, KIVI-2
-and XQuant-GQA-2, 64 contexts. Each change sets a control to a value not drawn before (a cache miss: the model is
-evaluated anew) or back to one drawn before (a cache hit). Prints both medians; the last line is the median over
-first-time values, the case a user waits on:
+specs, not the browser's drawing) on its default view: Capacity (with the verdict on top), Llama-3.1-8B on H100 and
+B200, fp16, KIVI-2 and XQuant-GQA-2, 64 contexts. Each change sets a control to a value not drawn before (a cache
+miss: the model is evaluated anew) or back to one drawn before (a cache hit). Prints both medians; the last line is
+the median over first-time values, the case a user waits on:
 
     python benchmarks/dashboard_latency.py
 """

@@ -67,8 +67,13 @@ def crossing(at: AppTest, gpu: str, winner: str, loser: str) -> float:
     return float(m.group(1).replace(",", ""))
 
 
-def test_default_view_curves_walls_and_the_step_time_crossover():
-    at = ok(app(spec="1"))  # the README's flagship table is the spec roofline on both GPUs
+def test_the_default_view_is_capacity_limited_throughput():
+    at = ok(app())
+    assert at.subheader[0].value == "Capacity: llama-3.1-8b, up to 16 sequences" and at.success, at.subheader
+
+
+def test_crossovers_view_curves_walls_and_the_step_time_crossover():
+    at = ok(app(view="crossovers", spec="1"))  # the README's flagship table is the spec roofline on both GPUs
     c = curves(at)
     pairs = c[["hardware", "label"]].drop_duplicates()
     assert len(pairs) == 6, pairs  # 2 GPUs x 3 schemes
@@ -124,7 +129,7 @@ def test_scheme_controls_change_the_curves():
 
 
 def test_model_batch_context_budget_and_metric():
-    at = ok(app())
+    at = ok(app(view="crossovers"))
     at.sidebar.selectbox(key="model").set_value("qwen2.5-7b")
     at.sidebar.number_input(key="batch").set_value(4)
     at.sidebar.select_slider(key="ctx").set_range(4096, 262144)
@@ -140,7 +145,7 @@ def test_model_batch_context_budget_and_metric():
     assert np.allclose(both["y_y"], 4 / (both["y_x"] / 1e3)), "tokens/s = batch / step time"
     # a 40 GB budget: fp16 KV of Llama-3.1-8B is 131,072 B per token and sequence, the weights 16.06 GB, so 16
     # sequences fit about (40 - 16.06) GB / 16 / 131,072 B = 11,400 tokens, a little less with transient buffers
-    at = ok(app())
+    at = ok(app(view="crossovers"))
     at.sidebar.number_input(key="budget").set_value(40.0)
     ok(at.run())
     walls = table(at, "scheme").set_index(["GPU", "scheme"]).iloc[:, 0]
@@ -184,7 +189,8 @@ def test_bad_url_values_are_reported_and_defaults_used():
     assert any(e.startswith("URL: field 'view': 'nope' is not allowed; allowed: crossovers,") for e in errors)
     assert any(e.startswith("URL: field 'schemes': unknown scheme 'foo'") for e in errors), errors
     assert any(e.startswith("URL: field 'hw': unknown hardware 'h999'; known: a100_80gb, b200,") for e in errors)
-    assert "batch 16" in at.subheader[0].value  # the page keeps working on the defaults
+    # the page keeps working on the defaults: the default view is the capacity-limited throughput
+    assert at.subheader[0].value == "Capacity: llama-3.1-8b, up to 16 sequences", at.subheader[0].value
 
 
 def test_bad_view_control_in_the_url():
@@ -295,7 +301,7 @@ def test_accuracy_view_draws_the_committed_results():
 
 
 def test_a_model_that_does_not_fit_is_said_so():
-    at = ok(app(model="llama-3.1-70b", hw="h100_sxm,b200", schemes="fp16"))  # 141 GB of bf16 weights
+    at = ok(app(view="crossovers", model="llama-3.1-70b", hw="h100_sxm,b200", schemes="fp16"))  # 141 GB weights
     assert [i.value for i in at.info] == [
         "fp16 on h100_sxm does not fit 16 sequences of 1,024 tokens (longest context at this batch: 0 tokens)"]
     assert list(curves(at)["hardware"].unique()) == ["b200"]

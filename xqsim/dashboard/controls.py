@@ -17,7 +17,7 @@ VIEWS = {"crossovers": "Crossovers", "capacity": "Capacity", "roofline": "Roofli
          "calibration": "Calibration", "accuracy": "Accuracy"}
 CONTEXTS = [2**k for k in range(8, 23)]  # 256 .. 4M tokens: the context slider's stops
 MAX_BATCH = 1 << 16
-DEFAULTS = {"view": "crossovers", "hw": ["h100_sxm", "b200"], "model": "llama-3.1-8b",
+DEFAULTS = {"view": "capacity", "hw": ["h100_sxm", "b200"], "model": "llama-3.1-8b",
             "schemes": ["fp16", "kivi-2b-fused", "xquant_gqa-2b-absorb_v-fused"], "batch": 16,
             "ctx": (1024, 2**20), "at": 32768, "budget": 0.0, "spec": False, "dppl": 5.0}
 URL_KEYS = ("view", "hw", "model", "schemes", "batch", "ctx", "at", "budget", "spec", "dppl")
