@@ -132,6 +132,13 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
         wins = np.where(higher, vals["w"] > vals["l"], vals["w"] < vals["l"])
         hi = np.where(active & wins, mid, hi)
         lo = np.where(active & ~wins, mid, lo)
+    # a capacity-limited flip that a stopped bisection left short of the exact point, because the loser ran out of
+    # memory: the loser's memory wall (its longest context at batch 1, plus one) is the crossover, exactly
+    for i in np.nonzero((metric == "throughput_cap_tokens_per_s") & (hi - lo > 1))[0]:
+        a = evaluate([hws[hw_i[i]]], model_of[models_[i]], cfg_of[loser[i]], [1], [hi[i]], fitted, batch_limit)
+        wall = int(a["max_context"][0, 0, 0]) + 1
+        if a["throughput_cap_tokens_per_s"][0, 0, 0] == 0 and lo[i] < wall <= hi[i]:
+            hi[i] = wall
     return cr.assign(crossover=hi.astype(float))
 
 

@@ -17,6 +17,8 @@ import pandas as pd
 CTX = alt.X("context:Q", scale=alt.Scale(type="log", nice=False), axis=alt.Axis(format="~s"),
             title="context [tokens]")
 MARKERS = ["memory wall", "crossover"]
+FAMILY_DASH = {"fp16": [1, 0], "kivi": [1, 0], "xquant": [8, 3], "xquant_cl": [2, 2], "xquant_gqa": [6, 3],
+               "xquant_cl_gqa": [4, 2, 1, 2], "xquant_yang": [3, 3]}
 WALL_SHAPE = "M-1,-1L1,1M-1,1L1,-1"  # an x
 TABLE = alt.NamedData(name="table")
 PALETTE = alt.Scale(scheme="tableau10")  # distinct hues per scheme (the Streamlit theme shades one blue)
@@ -96,9 +98,14 @@ def context_curves(y_title: str, panels: int, marks: tuple[str, ...] = ()) -> di
     tip = [alt.Tooltip("hardware:N", title="GPU"), alt.Tooltip("label:N", title="scheme"),
            alt.Tooltip("context:Q", title="context [tokens]", format=",.0f"),
            alt.Tooltip("y:Q", title=y_title, format=",.4g")]
-    lines = base.transform_filter(alt.datum.kind == "curve").mark_line(strokeWidth=2).encode(
-        CTX, yenc, color, tooltip=tip + [alt.Tooltip("bound:N", title="bound"),
-                                         alt.Tooltip("max_batch:Q", title="max batch here", format=",")])
+    # a dash pattern per scheme family: two schemes whose curves coincide (KIVI-2 and XQuant-GQA-2 on the fitted
+    # H100, within 1%) both stay visible
+    dash = alt.StrokeDash("family:N", legend=None, scale=alt.Scale(
+        domain=list(FAMILY_DASH), range=list(FAMILY_DASH.values())))
+    lines = base.transform_filter(alt.datum.kind == "curve").transform_calculate(
+        family="split(datum.label, '-')[0]").mark_line(strokeWidth=2).encode(
+        CTX, yenc, color, dash, tooltip=tip + [alt.Tooltip("bound:N", title="bound"),
+                                               alt.Tooltip("max_batch:Q", title="max batch here", format=",")])
     wall = base.transform_filter(alt.datum.marker == MARKERS[0]).mark_point(size=140, strokeWidth=3).encode(
         CTX, yenc, color, shape, tooltip=tip[:2] + [alt.Tooltip("max_context:Q", title="memory wall [tokens]",
                                                                 format=",")])
