@@ -490,7 +490,7 @@ def dashboard(
     port: Annotated[int, typer.Option(help="port to serve the page on")] = 8501,
     headless: Annotated[bool, typer.Option(help="do not open a browser")] = False,
 ) -> None:
-    """Open the Streamlit dashboard (streamlit run app.py; needs pip install -e '.[app]')."""
+    """Open the Streamlit dashboard (streamlit run app.py; needs pip install -e '.\\[app]')."""
     import importlib.util
     import subprocess
 
@@ -570,7 +570,9 @@ def hw_list() -> None:
     for c in ("name", "device", "memory", "usable", "bandwidth", "bf16 dense", "ridge FLOP/B", "fitted"):
         t.add_column(c)
     for hw in loading.list_hardware():
-        t.add_row(hw.name, hw.display_name, _gb(hw.memory_bytes.value), f"{hw.usable_fraction.value:.2f}",
+        mem = hw.memory_bytes.value  # HBM is sold in GiB: 80 "GB" = 80 GiB = 85.9e9 B
+        t.add_row(hw.name, hw.display_name, f"{mem / 2**30:,.0f} GiB ({mem / 1e9:,.1f} GB)",
+                  f"{hw.usable_fraction.value:.2f}",
                   f"{hw.mem_bytes_per_s.value / 1e12:.2f} TB/s", f"{hw.flops_per_s['bf16'].value / 1e12:,.0f} TFLOP/s",
                   f"{hw.ridge_flop_per_byte:.0f}", "yes" if hw.fitted else "no")
     console.print(t)

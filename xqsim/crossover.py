@@ -70,5 +70,7 @@ def memory_walls(df: pd.DataFrame) -> pd.DataFrame:
     """Per hardware, model, scheme and batch: the first context that no longer fits [tokens]."""
     walls = (df.groupby(["hardware", "model", "label", "batch"], observed=True)["max_context"].first()
              .reset_index())
-    walls["memory_wall_context"] = np.where(walls["max_context"] >= MAX_CONTEXT, np.nan, walls["max_context"] + 1)
+    # tokens, an integer; empty where no context up to MAX_CONTEXT hits a wall
+    walls["memory_wall_context"] = pd.array(np.where(walls["max_context"] >= MAX_CONTEXT, pd.NA,
+                                                     walls["max_context"] + 1), dtype="Int64")
     return walls
