@@ -51,6 +51,12 @@ def curves(at: AppTest, i: int = 0) -> pd.DataFrame:
     return charts(at)[i][1]["table"].query("kind == 'curve'")
 
 
+def title(spec: dict) -> str:
+    """A composed chart's title as one line (charts.compose wraps long ones into lines)."""
+    t = spec["title"]["text"]
+    return " ".join(t) if isinstance(t, list) else t
+
+
 def texts(at: AppTest) -> str:
     return "\n".join(m.value for m in at.markdown)
 
@@ -140,7 +146,7 @@ def test_model_batch_context_budget_and_metric():
     at.radio(key="metric").set_value("tokens")
     ok(at.run())
     tps = curves(at)
-    assert charts(at)[0][0]["title"] == "qwen2.5-7b, batch 4: tokens/s per scheme (curves end at the memory wall)"
+    assert title(charts(at)[0][0]) == "qwen2.5-7b, batch 4: tokens/s per scheme (curves end at the memory wall)"
     both = c.merge(tps, on=["hardware", "label", "context"])
     assert np.allclose(both["y_y"], 4 / (both["y_x"] / 1e3)), "tokens/s = batch / step time"
     # a 40 GB budget: fp16 KV of Llama-3.1-8B is 131,072 B per token and sequence, the weights 16.06 GB, so 16
@@ -157,7 +163,7 @@ def test_memory_breakdown_context_and_roofline():
     at.sidebar.select_slider(key="at").set_value(131072)
     ok(at.run())
     spec, d = charts(at)[0]
-    assert "context 131,072" in spec["title"]
+    assert "context 131,072" in title(spec)
     ops = d["table"].query("kind == 'op'")
     assert set(ops["bound"]) <= {"memory", "compute", "overhead"} and len(ops["bound"].unique()) == 3
     roofs = d["table"].query("kind == 'roof'")["roof"].unique()
@@ -208,10 +214,10 @@ def test_url_restores_a_shared_view():
     assert at.subheader[0].value == "Capacity: mistral-7b, up to 64 sequences"
     assert sorted(curves(at)["label"].unique()) == ["fp16", "xquant_gqa-3b-fused"]
     assert at.sidebar.radio(key="strategy:xquant_gqa").value == "remat"
-    assert "context 65,536:" in charts(at)[2][0]["title"]  # 64k = 2^16 is a point of the 2k..256k grid
+    assert "context 65,536:" in title(charts(at)[2][0])  # 64k = 2^16 is a point of the 2k..256k grid
     assert at.query_params["ctx"] == "2k-256k"
     at = ok(app(view="crossovers", metric="tokens"))
-    assert charts(at)[0][0]["title"].endswith("tokens/s per scheme (curves end at the memory wall)")
+    assert title(charts(at)[0][0]).endswith("tokens/s per scheme (curves end at the memory wall)")
     at = ok(app(view="calibration", calhw="a100_80gb"))
     assert at.subheader[0].value.endswith("predicted by a100_80gb")
     assert at.query_params["calhw"] == "a100_80gb" and at.query_params["mset"] == "h100"

@@ -158,7 +158,11 @@ def test_templates_are_valid_vega_lite(name):
     spec = charts.compose(TEMPLATES[name](), "a title", table=pd.DataFrame({"x": [1]}))
     spec.pop("datasets")
     jsonschema.validate(spec, SCHEMA)
-    assert spec["title"] == "a title"
+    assert spec["title"] == {"text": "a title", "limit": 0}
+    long = "Ridge point of each GPU vs the extra FLOPs xquant_gqa-2b-absorb_v-fused spends per byte of step traffic " \
+           "it saves (dashed), batch 16, context 32,768"
+    t = charts.compose(charts.context_curves("step [ms]", 1), long)["title"]
+    assert t["limit"] == 0 and " ".join(t["text"]) == long and max(map(len, t["text"])) <= 110, t
 
 
 def test_chart_exports_render_title_and_crossover(tmp_path):

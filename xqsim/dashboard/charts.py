@@ -27,7 +27,15 @@ PALETTE = alt.Scale(scheme="tableau10")  # distinct hues per scheme (the Streaml
 def compose(template: dict, title: str, **datasets: pd.DataFrame) -> dict:
     """A template with its title and data: a spec for st.vega_lite_chart (which sends the tables as Arrow)."""
     spec = copy.deepcopy(template)
-    spec["title"] = title
+    # never truncated: a long title wraps at about 110 characters a line instead of ending in "..."
+    lines, line = [], ""
+    for word in title.split(" "):
+        if line and len(line) + 1 + len(word) > 110:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    spec["title"] = {"text": [*lines, line] if lines else line, "limit": 0}
     spec["datasets"] = datasets
     return spec
 
@@ -180,7 +188,7 @@ def compare_ratio() -> dict:
     line = alt.Chart(TABLE).transform_filter("isValid(datum.ratio) && datum.ratio > 0").mark_line(
         strokeWidth=2).encode(
         CTX, alt.Y("ratio:Q", scale=alt.Scale(type="log"), title="throughput vs fp16 [×]"),
-        alt.Color("gpu:N", title="GPU (ridge = bf16 peak / bandwidth)", scale=PALETTE,
+        alt.Color("gpu:N", title="GPU (ridge point)", scale=PALETTE,
                   legend=alt.Legend(labelLimit=360)),
         tooltip=[alt.Tooltip("gpu:N", title="GPU"), alt.Tooltip("context:Q", format=",.0f"),
                  alt.Tooltip("ratio:Q", title="× fp16", format=".3g"),

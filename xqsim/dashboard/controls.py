@@ -258,7 +258,8 @@ def sidebar() -> Controls:
                       f"{loading.suggest(ss['model'], list(model_by_name))}; known: {', '.join(model_by_name)}; "
                       f"using {DEFAULTS['model']}")
         ss["model"] = DEFAULTS["model"]
-    box.multiselect("GPUs", list(hw_by_name), key="hw", format_func=lambda n: f"{n}: {hw_by_name[n].display_name}")
+    box.multiselect("GPUs", list(hw_by_name), key="hw",  # short names: a chip cuts "h100_sxm: NVIDIA H100..."
+                    help="; ".join(f"{n}: {h.display_name}" for n, h in hw_by_name.items()))
     box.selectbox("Model", list(model_by_name), key="model",
                   format_func=lambda n: f"{n}: {model_by_name[n].display_name}")
     box.multiselect("Schemes", list(specs.SCHEMES), key="schemes")
