@@ -18,11 +18,41 @@ from .specs import SCHEMES, HardwareProfile, ModelSpec, SchemeConfig, UserError 
 MARKERS = {"matmul": "o", "attention": "s", "remat": "^", "dequant": "v", "quant": "D", "rope": "x", "elementwise": "."}
 
 
+MAX_COLUMNS = 4  # panels a row: a figure no wider than a laptop screen
+
+
+class _Panels:
+    """Panels of (model i, hardware j): one row per model, the GPUs wrapped into rows of at most MAX_COLUMNS; the
+    x label on each column's lowest panel, the y label on each row's first."""
+
+    def __init__(self, models: list[str], hws: list[str], title: str):
+        self.per_row = min(len(hws), MAX_COLUMNS)
+        self.rows_per_model = -(-len(hws) // self.per_row)
+        nrows = len(models) * self.rows_per_model
+        self.fig, self.axes = plt.subplots(nrows, self.per_row, figsize=(4.2 * self.per_row + 3, 3.4 * nrows + 0.8),
+                                           squeeze=False, sharex=True)
+        self.fig.suptitle(title)
+        self.n = (len(models), len(hws))
+        for k in range(len(hws), self.rows_per_model * self.per_row):  # empty cells of a model's last row
+            for i in range(len(models)):
+                self.axes[i * self.rows_per_model + k // self.per_row, k % self.per_row].set_visible(False)
+
+    def __getitem__(self, ij: tuple[int, int]):
+        i, j = ij
+        return self.axes[i * self.rows_per_model + j // self.per_row, j % self.per_row]
+
+    def bottom(self, i: int, j: int) -> bool:
+        """Whether panel (i, j) is the lowest drawn in its column."""
+        below = (i, j + self.per_row) if j + self.per_row < self.n[1] else (i + 1, j)
+        return below[0] >= self.n[0]
+
+    def all(self) -> list:
+        return [self[i, j] for i in range(self.n[0]) for j in range(self.n[1])]
+
+
 def _grid(models: list[str], hws: list[str], title: str):
-    fig, axes = plt.subplots(len(models), len(hws), figsize=(4.2 * len(hws) + 3, 3.4 * len(models) + 0.8),
-                             squeeze=False, sharex=True)
-    fig.suptitle(title)
-    return fig, axes
+    p = _Panels(models, hws, title)
+    return p.fig, p
 
 
 # One hue per scheme family, far apart; the bit width sets the shade (fewer bits: darker)
@@ -98,9 +128,9 @@ def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str, 
             ax.minorticks_off()
             ax.set_title(f"{m} on {h}", fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
-            if i == len(models) - 1:
+            if axes.bottom(i, j):
                 ax.set_xlabel("context [tokens]")
-            if j == 0:
+            if j % axes.per_row == 0:
                 ax.set_ylabel(ylabel)
     return _finish(fig, styles, path)
 
@@ -176,7 +206,7 @@ def throughput_cap_vs_context(df: pd.DataFrame, path: Path) -> list[Path]:
     hws = list(dict.fromkeys(sub["hardware"].astype(str)))
     fig, axes = _grid(models, hws, f"Capacity-limited throughput vs context (the largest batch that fits, up to "
                                    f"{int(df['batch'].max())}; each scheme and bit width in its fastest execution)")
-    for ax in axes.ravel()[1:]:
+    for ax in axes.all()[1:]:
         ax.sharey(axes[0, 0])
     styles = _curve_styles(best)
     curves = list(styles)
@@ -202,9 +232,9 @@ def throughput_cap_vs_context(df: pd.DataFrame, path: Path) -> list[Path]:
             ax.minorticks_off()
             ax.set_title(f"{m} on {h}", fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
-            if i == len(models) - 1:
+            if axes.bottom(i, j):
                 ax.set_xlabel("context [tokens]")
-            if j == 0:
+            if j % axes.per_row == 0:
                 ax.set_ylabel("tokens/s at the largest batch that fits")
     styles["passes fp16 (first grid point after)"] = {"color": "grey", "ls": "none", "marker": "D", "mec": "k"}
     return _finish(fig, styles, path)
@@ -221,9 +251,6 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
             ax = axes[i, j]
             rates = hw.rates(fitted)
             bw, peak = rates["mem_bytes_per_s"], rates["matmul_flops_per_s"]
-            x = np.logspace(-1, 5, 200)
-            ax.plot(x, np.minimum(peak, x * bw) / 1e12, "k-", lw=1.5)
-            ax.plot(x, np.minimum(rates["dequant_flops_per_s"], x * bw) / 1e12, "k:", lw=1)
             pts = {cls: ([], [], []) for cls in MARKERS}  # op class -> x, y, colour: one scatter each
             for cfg in configs:
                 try:
@@ -236,6 +263,10 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
                         x_.append(op["intensity_flop_per_byte"])
                         y_.append(op["flops"] / max(op["t_compute_s"], op["t_mem_s"]) / 1e12)
                         c_.append(styles[cfg.label]["color"])
+            xs = [v for x_, _, _ in pts.values() for v in x_ if np.isfinite(v) and v > 0]
+            x = np.logspace(np.log10(min([0.1, *xs]) / 2), np.log10(max([1e5, *xs]) * 2), 200)  # roofs past every op
+            ax.plot(x, np.minimum(peak, x * bw) / 1e12, "k-", lw=1.5)
+            ax.plot(x, np.minimum(rates["dequant_flops_per_s"], x * bw) / 1e12, "k:", lw=1)
             for cls, (x_, y_, c_) in pts.items():
                 if x_:
                     ax.scatter(x_, y_, s=14, marker=MARKERS[cls], c=c_, alpha=0.8)
@@ -244,9 +275,9 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
             ax.set_yscale("log")
             ax.set_title(f"{m.name} on {hw.name} (ridge {peak / bw:.0f} FLOP/B)", fontsize=9)
             ax.grid(True, alpha=0.3)
-            if i == len(models) - 1:
+            if axes.bottom(i, j):
                 ax.set_xlabel("arithmetic intensity [FLOP/B]")
-            if j == 0:
+            if j % axes.per_row == 0:
                 ax.set_ylabel("attainable [TFLOP/s]")
     for cls, mk in MARKERS.items():
         axes[0, 0].scatter([], [], marker=mk, color="grey", label=cls)
