@@ -169,3 +169,18 @@ def test_accuracy_view_with_fixture_results(page, shots):
         time.sleep(1.5)
         assert page.get_by_text("Pareto front: 3 of 6 results").count() == 1
         page.screenshot(path=shots / "accuracy_fixture.png")
+
+
+@pytest.mark.parametrize("query,verdict", [
+    ("batch=16&at=32k&dppl=50", "h100_sxm: serve with kivi-2b-fused: 1,659 tokens/s at batch 16 (2.89x fp16"),
+    ("batch=16&at=32k", "h100_sxm: serve with kivi-4b-fused: 1,311 tokens/s at batch 16 (2.29x fp16"),
+    ("batch=1&at=1k", "h100_sxm: serve with fp16: 155 tokens/s at batch 1 (the baseline"),
+])
+def test_verdict_in_the_browser(page, server, shots, query, verdict):
+    """The verdict on top of the page, from the committed accuracy results: KIVI-2 fused where its quality is
+    allowed, KIVI-4 fused under the default 5% limit, fp16 where nothing beats it."""
+    page.goto(f"{server}/?hw=h100_sxm&spec=1&schemes=fp16,kivi-2b-fused,kivi-4b-fused&{query}")
+    box = page.locator("[data-testid=stAlert]:has-text('Verdict')").first
+    box.wait_for()
+    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
+    assert verdict in box.inner_text(), box.inner_text()
