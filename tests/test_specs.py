@@ -304,3 +304,23 @@ def test_unreadable_yaml(tmp_path):
         with pytest.raises(UserError) as e:
             loading.load_model(p)
         assert str(e.value) == f"{p}: expected a mapping of fields (name: value), got {got}"
+
+
+def test_default_bits_are_one_table_everywhere(monkeypatch, capsys):
+    """A scheme's bits left out are its paper's (DEFAULT_BITS) in SchemeConfig, a scenario entry and `estimate`
+    (it used 4 in estimate, 16 in measure and scenarios, 2 in the dashboard)."""
+    import json
+    import sys
+
+    from xqsim.cli import main
+
+    assert specs.DEFAULT_BITS == {"fp16": 16, "kivi": 2, "xquant": 4, "xquant_cl": 3, "xquant_gqa": 4,
+                                  "xquant_cl_gqa": 2, "xquant_yang": 2}
+    for s, b in specs.DEFAULT_BITS.items():
+        assert specs.SchemeConfig(scheme=s).bits == b
+        assert [c.bits for c in specs.ScenarioScheme(scheme=s).expand()] == [b]
+    monkeypatch.setattr(sys, "argv", ["xqsim", "estimate", "--hardware", "h100_sxm", "--model", "llama-3.1-8b",
+                                      "--scheme", "xquant_yang", "--json"])
+    main()
+    r = json.loads(capsys.readouterr().out)
+    assert r["bits"] == 2 and r["config"]["v_bits"] == 1  # Yang et al.'s 1.38-bit configuration

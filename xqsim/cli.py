@@ -53,7 +53,8 @@ def estimate(
     scheme: Annotated[str, typer.Option(help=f"one of {', '.join(specs.SCHEMES)}")],
     batch: Annotated[str, typer.Option(help="sequences decoded together")] = "1",
     context: Annotated[str, typer.Option(help="tokens in the cache, e.g. 32768 or 32k")] = "4096",
-    bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized")] = None,
+    bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized; default: the scheme's paper's "
+                                                 "(xqsim.specs.DEFAULT_BITS)")] = None,
     group: Annotated[int | None, typer.Option(help="quantization group size")] = None,
     residual: Annotated[int | None, typer.Option(help="fp16 residual window [tokens]")] = None,
     strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,
@@ -73,7 +74,7 @@ def estimate(
     hw = loading.load_hardware(hardware, where="command line: field 'hardware'")
     m = loading.load_model(model, where="command line: field 'model'")
     cfg = loading.scheme_config(
-        scheme=scheme, bits=bits if bits is not None else (None if scheme == "fp16" else 4), group=group,
+        scheme=scheme, bits=bits, group=group,
         residual=residual, strategy=strategy, fused=fused, first_layers=first_layers, first_bits=first_bits,
         rank_k=rank_k, rank_v=rank_v, v_bits=v_bits, share_from=share_from)
     try:  # options that do not fit this model's shapes (e.g. a rank above its dkv)
@@ -305,7 +306,7 @@ def measure(
     grid: Annotated[Path | None, typer.Option(help="measurement grid YAML (see measurements/h100/grid_*.yaml)")] = None,
     model: Annotated[str | None, typer.Option(help="model name or .yaml (single configuration)")] = None,
     scheme: Annotated[str | None, typer.Option(help=f"one of {', '.join(specs.SCHEMES)}")] = None,
-    bits: Annotated[int, typer.Option(help="code bits; 16 = unquantized")] = 16,
+    bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized; default: the scheme's paper's")] = None,
     strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,
     batch: Annotated[str, typer.Option(help="sequences")] = "1",
     context: Annotated[str, typer.Option(help="tokens, e.g. 4k")] = "1024",

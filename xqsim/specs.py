@@ -20,6 +20,18 @@ TENSOR_CLASSES = ("matmul", "attention", "remat")
 
 UNQUANTIZED = 16
 BITS_ALLOWED = {s: (2, 3, 4, 8, UNQUANTIZED) for s in SCHEMES}
+# Each scheme's default code bits, the same in every command, scenario and the dashboard: its paper's headline
+DEFAULT_BITS = {
+    "fp16": UNQUANTIZED,
+    "kivi": 2,  # Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"
+    "xquant": 4,  # Tomar et al., arXiv 2508.10395, abstract: "~7.7x memory savings with <0.1 perplexity
+    #               degradation" (Table 4: 4-bit X, normalized KV size 0.13)
+    "xquant_cl": 3,  # same abstract: XQuant-CL "10x memory savings ... with only 0.01 perplexity degradation"
+    #                  (Table 4: 3-bit deltas, the first 3 layers at 4 bits, 0.10)
+    "xquant_gqa": 4,  # same paper's GQA rows report 4, 3 and 2 bits with no headline: XQuant's 4
+    "xquant_cl_gqa": 2,  # same paper: the one CL-GQA configuration of its GQA table, 2-bit (0.15)
+    "xquant_yang": 2,  # Yang et al., arXiv 2510.11236: keys 2-bit, values 2 then 1-bit, 1.38 equivalent bits
+}
 BITS_ALLOWED["fp16"] = (UNQUANTIZED,)
 BITS_ALLOWED["xquant_yang"] = (1, 2, 3, 4, 8, UNQUANTIZED)
 
@@ -183,7 +195,8 @@ class SchemeConfig(BaseModel):
 
     model_config = Frozen
     scheme: SchemeName
-    bits: int = Field(UNQUANTIZED, description="code bits of the cached tensors; 16 = unquantized")
+    bits: int = Field(UNQUANTIZED, description="code bits of the cached tensors; 16 = unquantized; left out: the "
+                      "scheme's DEFAULT_BITS")
     group: Positive = Field(128, description="quantization group size [elements]")
     residual: int | None = Field(None, ge=0, description="fp16 residual window [tokens]")
     strategy: Strategy | None = Field(None, description="remat or absorb_v (rematerializing schemes)")
@@ -199,6 +212,14 @@ class SchemeConfig(BaseModel):
                                    "the layer below (default n_layers/2; n_layers or more: no sharing)")
     eta_k: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: key calibration eta")
     eta_v: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: value calibration eta")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_bits(cls, data: Any) -> Any:
+        """bits left out: the scheme's DEFAULT_BITS."""
+        if isinstance(data, dict) and data.get("bits") is None and data.get("scheme") in DEFAULT_BITS:
+            data = {**data, "bits": DEFAULT_BITS[data["scheme"]]}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> SchemeConfig:
@@ -311,7 +332,7 @@ class ScenarioScheme(BaseModel):
 
     model_config = Frozen
     scheme: SchemeName
-    bits: list[int] = [UNQUANTIZED]
+    bits: list[int] | None = None  # None: the scheme's DEFAULT_BITS
     strategy: list[Strategy | None] = [None]
     fused: list[bool] = [False]
     group: Positive = 128
@@ -330,8 +351,9 @@ class ScenarioScheme(BaseModel):
         """One SchemeConfig per combination of the list-valued options."""
         base = self.model_dump(exclude={"bits", "strategy", "fused"})
         strategies = self.strategy if self.scheme in REMAT_SCHEMES else [None]
+        bits = self.bits or [DEFAULT_BITS[self.scheme]]
         return [SchemeConfig(**base, bits=b, strategy=st, fused=f)
-                for b, st, f in itertools.product(self.bits, dict.fromkeys(strategies), self.fused)]
+                for b, st, f in itertools.product(bits, dict.fromkeys(strategies), self.fused)]
 
 
 class ContextRange(BaseModel):

@@ -213,7 +213,7 @@ def _scheme_widgets(box) -> None:
     ss = st.session_state
     for s in ss["schemes"]:
         allowed = list(specs.BITS_ALLOWED[s])
-        ss.setdefault(f"bits:{s}", [specs.UNQUANTIZED] if s == "fp16" else [2])
+        ss.setdefault(f"bits:{s}", [specs.DEFAULT_BITS[s]])
         ss[f"bits:{s}"] = [b for b in ss[f"bits:{s}"] if b in allowed]
         if s == "fp16":
             continue
