@@ -18,12 +18,18 @@ from .controls import Controls, keep_valid
 @st.cache_data(max_entries=64, show_spinner=False)
 def sweep_views(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeConfig, ...], batch: int,
                 ctx_range: tuple[int, int]) -> dict:
-    """The sweep at one batch and what the crossover and capacity views draw from it."""
+    """The sweep at one batch and its memory walls."""
     df, skipped = data.sweep_frame(list(hws), model, list(configs), batch, data.context_grid(*ctx_range))
-    cr = data.exact_crossovers(df, list(hws), model, list(configs), batch,
-                               ("step_time_s", "throughput_cap_tokens_per_s"))
-    return {"df": df, "skipped": skipped, "step": data.context_crossovers(df, cr, "step_time_s"),
-            "tput": data.context_crossovers(df, cr, "throughput_cap_tokens_per_s"), "walls": data.memory_walls(df)}
+    return {"df": df, "skipped": skipped, "walls": data.memory_walls(df)}
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def view_crossovers(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeConfig, ...], batch: int,
+                    ctx_range: tuple[int, int], metric: str) -> pd.DataFrame:
+    """The crossovers of one metric (the one the view draws), solved on the model: only those are computed."""
+    df = sweep_views(hws, model, configs, batch, ctx_range)["df"]
+    cr = data.exact_crossovers(df, list(hws), model, list(configs), batch, (metric,))
+    return data.context_crossovers(df, cr, metric)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -114,6 +120,7 @@ def _skipped(v: dict) -> None:
 
 def render_crossovers(c: Controls) -> None:
     v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts)
+    step = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "step_time_s")
     _skipped(v)
     st.subheader(f"Step time vs context: {c.model.name}, batch {c.batch}")
     shown = {"step": "step time [ms]", "tokens": "tokens/s"}
@@ -124,10 +131,10 @@ def render_crossovers(c: Controls) -> None:
     show("crossovers", charts.context_curves(metric, len(c.hws), tuple(charts.MARKERS)),
          f"{c.model.name}, batch {c.batch}: {metric} per scheme (curves end at the memory wall)",
          frame=df[["hardware", "label", "context", "batch", "fits", "step_time_ms", "tokens_per_s", "bound"]],
-         table=charts.curves_table(df[df["fits"]], y, v["walls"], v["step"]))
+         table=charts.curves_table(df[df["fits"]], y, v["walls"], step))
     st.caption("x: memory wall, the longest context that fits at this batch; ◆: where one scheme's step time "
                "passes another's (both fit). " + _profile_note(c.hws))
-    _crossings(v["step"], "step time")
+    _crossings(step, "step time")
     for r in v["walls"][~v["walls"]["fits_at_start"]].itertuples():
         st.info(f"{r.label} on {r.hardware} does not fit {c.batch} sequences of {c.contexts[0]:,} tokens "
                 f"(longest context at this batch: {r.max_context:,} tokens)")
@@ -139,6 +146,7 @@ def render_crossovers(c: Controls) -> None:
 
 def render_capacity(c: Controls) -> None:
     v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts)
+    tput = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "throughput_cap_tokens_per_s")
     _skipped(v)
     df = v["df"]
     st.subheader(f"Capacity: {c.model.name}, up to {c.batch} sequences")
@@ -147,8 +155,8 @@ def render_capacity(c: Controls) -> None:
                                                  (charts.MARKERS[1],)),
          f"Capacity-limited throughput: tokens/s at the largest batch that fits, at most {c.batch}",
          frame=df[["hardware", "label", "context", "batch_cap", "throughput_cap_tokens_per_s"]],
-         table=charts.curves_table(tp, "throughput_cap_tokens_per_s", cross=v["tput"]))
-    _crossings(v["tput"], "capacity-limited throughput")
+         table=charts.curves_table(tp, "throughput_cap_tokens_per_s", cross=tput))
+    _crossings(tput, "capacity-limited throughput")
     show("max_batch", charts.context_curves("max batch [sequences]", len(c.hws)), "Most sequences that fit vs context",
          frame=df[["hardware", "label", "context", "max_batch"]],
          table=charts.curves_table(df[df["max_batch"] > 0], "max_batch"))
