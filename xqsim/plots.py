@@ -49,6 +49,19 @@ class _Panels:
     def all(self) -> list:
         return [self[i, j] for i in range(self.n[0]) for j in range(self.n[1])]
 
+    def finish(self, i: int, j: int, title: str, xlabel: str, ylabel: str) -> None:
+        """Log axes, major grid, the panel's title; axis labels on the outer panels only."""
+        ax = self[i, j]
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.minorticks_off()
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        if self.bottom(i, j):
+            ax.set_xlabel(xlabel)
+        if j % self.per_row == 0:
+            ax.set_ylabel(ylabel)
+
 
 def _grid(models: list[str], hws: list[str], title: str):
     p = _Panels(models, hws, title)
@@ -123,15 +136,7 @@ def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str, 
                 ax.axhline(sub["capacity_bytes"].iloc[0] / 1e9, color="k", ls="--", lw=1)
                 ax.text(sub["context"].min(), sub["capacity_bytes"].iloc[0] / 1e9, " capacity", va="bottom",
                         fontsize=7)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.minorticks_off()
-            ax.set_title(f"{m} on {h}", fontsize=9)
-            ax.grid(True, which="major", alpha=0.3)
-            if axes.bottom(i, j):
-                ax.set_xlabel("context [tokens]")
-            if j % axes.per_row == 0:
-                ax.set_ylabel(ylabel)
+            axes.finish(i, j, f"{m} on {h}", "context [tokens]", ylabel)
     return _finish(fig, styles, path)
 
 
@@ -227,15 +232,7 @@ def throughput_cap_vs_context(df: pd.DataFrame, path: Path) -> list[Path]:
                 flips = np.nonzero(~lead[:-1] & lead[1:] & served[1:])[0]
                 for k in flips[:1]:  # where it first passes fp16: the grid point after the flip
                     ax.plot(x[k + 1], y[k + 1], "D", color=styles[c]["color"], ms=5, mec="k", mew=0.6)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.minorticks_off()
-            ax.set_title(f"{m} on {h}", fontsize=9)
-            ax.grid(True, which="major", alpha=0.3)
-            if axes.bottom(i, j):
-                ax.set_xlabel("context [tokens]")
-            if j % axes.per_row == 0:
-                ax.set_ylabel("tokens/s at the largest batch that fits")
+            axes.finish(i, j, f"{m} on {h}", "context [tokens]", "tokens/s at the largest batch that fits")
     styles["passes fp16 (first grid point after)"] = {"color": "grey", "ls": "none", "marker": "D", "mec": "k"}
     return _finish(fig, styles, path)
 
@@ -271,14 +268,8 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
                 if x_:
                     ax.scatter(x_, y_, s=14, marker=MARKERS[cls], c=c_, alpha=0.8)
             ax.axvline(peak / bw, color="grey", lw=0.8, ls="--")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{m.name} on {hw.name} (ridge {peak / bw:.0f} FLOP/B)", fontsize=9)
-            ax.grid(True, alpha=0.3)
-            if axes.bottom(i, j):
-                ax.set_xlabel("arithmetic intensity [FLOP/B]")
-            if j % axes.per_row == 0:
-                ax.set_ylabel("attainable [TFLOP/s]")
+            axes.finish(i, j, f"{m.name} on {hw.name} (ridge {peak / bw:.0f} FLOP/B)", "arithmetic intensity [FLOP/B]",
+                        "attainable [TFLOP/s]")
     for cls, mk in MARKERS.items():
         axes[0, 0].scatter([], [], marker=mk, color="grey", label=cls)
     axes[0, 0].legend(fontsize=6, loc="lower right", title="op class (solid: tensor roof, dotted: vector)",
