@@ -313,3 +313,41 @@ def test_sweep_force_overwrites(monkeypatch, capsys, swept, tmp_path):
     assert (out / "scenario.yaml").read_text() == small.read_text()
     for name in FILES:
         assert (out / name).stat().st_size > 0, name
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    import json
+
+    def refuse(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_even_for_zero_work_ops(monkeypatch, capsys):
+    """KIVI-2 at context 1 quantizes and dequantizes nothing: those ops' intensity is 0/0. --json used to print
+    NaN/Infinity; now null, and `non_finite` says which fields and what they were."""
+    import sys
+
+    from xqsim.cli import main
+    monkeypatch.setattr(sys, "argv", ["xqsim", "estimate", "--hardware", "h100_sxm", "--model", "llama-3.1-8b",
+                                      "--scheme", "kivi", "--bits", "2", "--batch", "1", "--context", "1", "--json"])
+    main()
+    r = _strict(capsys.readouterr().out)
+    bad = r["non_finite"]
+    assert bad and all(v in ("nan", "inf", "-inf") for v in bad.values()), bad
+    for path in bad:  # each named field is null where it stands
+        node = r
+        for part in path.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert node is None, path
+
+
+def test_to_json_replaces_every_non_finite_number():
+    import numpy as np
+
+    from xqsim.loading import to_json
+    r = _strict(to_json({"a": float("nan"), "b": [1.0, np.float64("inf"), {"c": -np.inf}], "d": np.int64(3)}))
+    assert r == {"a": None, "b": [1.0, None, {"c": None}], "d": 3,
+                 "non_finite": {"a": "nan", "b.1": "inf", "b.2.c": "-inf"}}

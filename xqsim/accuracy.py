@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import hashlib
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import schemes
+from . import loading, schemes
 from .capacity import memory
 from .engine.cache import Store
 from .engine.model import Engine
@@ -249,7 +248,7 @@ def write_results(out: Path, inputs: dict, rows: list[dict]) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.to_csv(out / "accuracy.csv", index=False, float_format="%.6g")
-    (out / "accuracy.json").write_text(json.dumps({"inputs": inputs, "rows": rows}, indent=1, default=str))
+    (out / "accuracy.json").write_text(loading.to_json({"inputs": inputs, "rows": rows}))
     return df
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -83,7 +82,7 @@ def estimate(
         raise UserError(f"command line: {_named_field(str(err))}{err}") from None
     r = run_estimate(hw, m, cfg, _count(batch, "batch"), _count(context, "context"), fitted=not spec_only)
     if as_json:
-        print(json.dumps(r, indent=1))
+        print(loading.to_json(r))
         return
     _print_estimate(r)
 
@@ -175,9 +174,9 @@ def recommend(
         cols = ["hardware", "verdict", "label", "tokens_per_s", "x_fp16", "batch", "context", "cache_bytes",
                 "delta_ppl_rel", "accuracy_result", "eligible", "rates"]
         out = df[cols].replace({np.nan: None})
-        print(json.dumps({"model": m.name, "batch": b, "context": t, "max_delta_ppl": limit,
-                          "quality_measured_on": df.attrs.get("accuracy_model"), "rows": out.to_dict("records")},
-                         indent=1))
+        print(loading.to_json({"model": m.name, "batch": b, "context": t, "max_delta_ppl": limit,
+                               "quality_measured_on": df.attrs.get("accuracy_model"),
+                               "rows": out.to_dict("records")}))
         return
     basis = "fitted rates" if fitted else "spec roofline"
     console.print(f"[bold]{m.name}[/bold], up to {b} sequences of {t:,} tokens, {fmt_threshold(limit)} "
@@ -375,7 +374,7 @@ def measure(
         print(f"xqsim: interrupted; {len(rows)} rows kept" + (f" in {paths[0]}" if out else ""), file=sys.stderr)
         sys.exit(130)
     if as_json:
-        print(json.dumps({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows}), indent=1))
+        print(loading.to_json({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows})))
 
 
 @app.command()
@@ -466,7 +465,7 @@ def validate(
         df.to_csv(out / "validation.csv", index=False)
         cal.plot_validation(df, out / "validation")
     if as_json:
-        print(json.dumps(report, indent=1))
+        print(loading.to_json(report))
         return
     t = Table(title=f"{len(df)} configurations on {hw.name} ({report['profile']} rates, {report['target']} "
                     f"steps, held out: {report['held_out']})", title_justify="left")

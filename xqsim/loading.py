@@ -232,3 +232,32 @@ def resolve_for(cfg: SchemeConfig, model: ModelSpec) -> SchemeConfig:
         return cfg.resolved(model)
     except UserError as err:
         raise UserError(f"{cfg.label} on {model.name}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- JSON out
+
+
+def to_json(obj: Any, indent: int | None = 1) -> str:
+    """Strict JSON (no NaN or Infinity, which strict parsers reject): a non-finite number becomes null, and where
+    the top level is an object its `non_finite` field names each such path and what it was ('inf', 'nan')."""
+    import json
+    import math
+
+    replaced: dict[str, str] = {}
+
+    def clean(x: Any, path: str) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if hasattr(x, "item") and not isinstance(x, str | bytes):  # numpy scalars
+            x = x.item()
+        if isinstance(x, float) and not math.isfinite(x):
+            replaced[path] = "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+            return None
+        return x
+
+    out = clean(obj, "")
+    if replaced and isinstance(out, dict):
+        out["non_finite"] = replaced
+    return json.dumps(out, indent=indent, allow_nan=False, default=str)

@@ -6,7 +6,6 @@ For one (model, scheme) the whole hardware x batch x context grid is one set of 
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ import pandas as pd
 
 from . import schemes
 from .capacity import MAX_CONTEXT, max_batch, max_context, memory, seq_memory
+from .loading import to_json
 from .roofline import BOUNDS, step_time
 from .schemes.layout import paper_bytes_per_token
 from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfig, UserError
@@ -254,5 +254,5 @@ def write_inputs(out: Path, scenario_path: Path, scenario: Scenario, hws, models
         "max_context_searched": MAX_CONTEXT,
         "op_classes": list(OP_CLASSES),
     }
-    (out / "inputs.json").write_text(json.dumps(inputs, indent=1))
+    (out / "inputs.json").write_text(to_json(inputs))
 

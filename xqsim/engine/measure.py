@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import platform
 import statistics
 import time
@@ -31,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..capacity import memory
+from ..loading import to_json
 from ..specs import ModelSpec, ScenarioScheme, SchemeConfig, UserError
 from .model import Engine, Recorder, init_weights
 
@@ -348,7 +348,7 @@ def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
     """Measured rows as OUT.json (device, software, every row with its config and ops) and OUT.csv (flat)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"device": info, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(to_json({"device": info, "rows": rows}))
     flat = [{k: v for k, v in r.items() if k not in ("config", "ops")}
             | {f"t_{n}_s": o["time_s"] for n, o in r.get("ops", {}).items()}
             | {f"k_{n}_s": o["kernel_time_s"] for n, o in r.get("ops", {}).items() if "kernel_time_s" in o}
