@@ -86,6 +86,21 @@ def test_calibrate_writes_a_new_profile_and_never_overwrites(monkeypatch, tmp_pa
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err and out.read_text() == before
 
 
+def test_validate_never_overwrites_without_force(monkeypatch, capsys, tmp_path):
+    """A user's validation.csv in -o DIR stays as it was (validate overwrote it); --force replaces it."""
+    mine = tmp_path / "validation.csv"
+    mine.write_text("my notes\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "validate", FILES[0], "--hardware", "h100_sxm", "--spec-only", "-o", tmp_path)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == (f"xqsim: error: {mine}: already exists; choose another -o DIR or "
+                                                 f"pass --force to overwrite"), err
+    assert mine.read_text() == "my notes\n" and not (tmp_path / "validation.png").exists()
+    run_cli(monkeypatch, "validate", FILES[0], "--hardware", "h100_sxm", "--spec-only", "-o", tmp_path, "--force")
+    assert mine.read_text().startswith("model,") or "predicted" in mine.read_text()
+    assert (tmp_path / "validation.png").exists()
+
+
 def test_validate_json_and_held_out_blocks(monkeypatch, capsys):
     run_cli(monkeypatch, "validate", FILES[0], "--hardware", "h100_sxm", "--spec-only", "--json")
     spec = json.loads(capsys.readouterr().out)

@@ -433,6 +433,7 @@ def validate(
                                                           "--hardware's spec figures")] = None,
     held_out: Annotated[str | None, typer.Option(help="refit without each block: context or scheme")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="folder for the table and plots")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite the table and plots in OUT")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     target: Annotated[str | None, typer.Option(help="judge against the CUDA-graph step (graph) or the eager "
                                                     "step (eager); default: the fitted block's")] = None,
@@ -441,6 +442,11 @@ def validate(
     """Predict every measured configuration; report the error overall, per regime and per scheme."""
     from . import calibrate as cal
 
+    if out is not None:  # before any work: never over a file that is there unless --force
+        written = [out / "validation.csv", out / "validation.png", out / "validation.svg"]
+        there = [p for p in written if p.exists()]
+        if there and not force:
+            raise UserError(f"{there[0]}: already exists; choose another -o DIR or pass --force to overwrite")
     hw = loading.load_hardware(hardware)
     if spec_only or held_out:  # a held-out fit starts from the spec figures
         hw = hw.model_copy(update={"fitted": None})
