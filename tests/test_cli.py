@@ -351,3 +351,34 @@ def test_to_json_replaces_every_non_finite_number():
     r = _strict(to_json({"a": float("nan"), "b": [1.0, np.float64("inf"), {"c": -np.inf}], "d": np.int64(3)}))
     assert r == {"a": None, "b": [1.0, None, {"c": None}], "d": 3,
                  "non_finite": {"a": "nan", "b.1": "inf", "b.2.c": "-inf"}}
+
+
+@pytest.mark.parametrize("value", ["1e30", "inf", "nan", "2**63", "10**30", "2.5", "3000000000", "-1"])
+def test_counts_at_the_edges_are_one_line(monkeypatch, capsys, value):
+    """Counts that are not whole, not finite or past the stated maximum: exit 2, one line, no traceback (they
+    ended in OverflowError tracebacks or were truncated, 2.5 read as 2)."""
+    import sys
+
+    from xqsim.cli import main
+    monkeypatch.setattr(sys, "argv", ["xqsim", "estimate", "--hardware", "h100_sxm", "--model", "llama-3.1-8b",
+                                      "--scheme", "fp16", "--context", value])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("xqsim: error: command line: field 'context': expected a positive integer like 16, 32k "
+                          f"or 1M, at most 2,147,483,648 (got '{value}')"), err
+
+
+def test_step_totals_do_not_wrap(monkeypatch, capsys):
+    """XQuant-2 on Llama-3.1-8B at batch 4,096 and 10M tokens: 2.3e19 FLOPs, past int64 (it printed -1.49e19)."""
+    import json
+    import sys
+
+    from xqsim.cli import main
+    monkeypatch.setattr(sys, "argv", ["xqsim", "estimate", "--hardware", "h100_sxm", "--model", "llama-3.1-8b",
+                                      "--scheme", "xquant", "--bits", "2", "--batch", "4096", "--context", "10M",
+                                      "--json"])
+    main()
+    r = json.loads(capsys.readouterr().out)
+    assert r["flops"] == pytest.approx(2.3096e19, rel=1e-4) and all(op["flops"] >= 0 for op in r["ops"])

@@ -48,8 +48,11 @@ def attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, B, T) 
 
 
 def step_ops(model: ModelSpec, cfg: SchemeConfig, B, T, groups=None) -> list[Op]:
-    """Every op of one decode step at batch B and context T (arrays broadcast)."""
+    """Every op of one decode step at batch B and context T (arrays broadcast). FLOPs and bytes are float64: a step's
+    FLOP count passes int64 at sizes a user may ask for (XQuant-2 at batch 4,096 and 10M tokens: 2.2e22), where
+    integers wrapped to negative totals; float64 is exact below 2^53 (9e15), so every realistic count stays exact."""
     groups = groups or layout(model, cfg)
+    B, T = np.asarray(B, dtype=np.float64), np.asarray(T, dtype=np.float64)
     return _step_ops(model, groups, lambda g, b, t: attention_ops(model, cfg, g, b, t), B, T)
 
 
