@@ -89,3 +89,18 @@ def test_fitted_block_scales_rates(h100):
     assert r["remat_flops_per_s"] == 0.25 * spec["remat_flops_per_s"]
     assert r["matmul_flops_per_s"] == spec["matmul_flops_per_s"]
     assert r["kernel_overhead_s"] == 7e-6 and spec["kernel_overhead_s"] == h100.kernel_overhead_s.value
+
+
+def test_ops_without_work_are_not_charged_a_kernel():
+    """KIVI-2 at context 1 holds its one token in the fp16 window: dequantize and quantize have nothing to do, so
+    no kernel overhead (it was charged: 14.5 ms against fp16's 8.9 ms on the fitted H100)."""
+    from xqsim import loading, specs
+    from xqsim.estimate import estimate
+
+    hw, m = loading.load_hardware("h100_sxm"), loading.load_model("llama-3.1-8b")
+    kivi = estimate(hw, m, specs.SchemeConfig(scheme="kivi", bits=2), 1, 1)
+    fp16 = estimate(hw, m, specs.SchemeConfig(scheme="fp16"), 1, 1)
+    idle = [op for op in kivi["ops"] if op["flops"] == 0 and op["bytes_read"] + op["bytes_written"] == 0]
+    assert idle and all(op["time_s"] == 0 and op["achieved_flops_per_s"] == 0 for op in idle), idle
+    assert kivi["step_time_s"] == pytest.approx(fp16["step_time_s"], rel=1e-3), (kivi["step_time_s"],
+                                                                                  fp16["step_time_s"])

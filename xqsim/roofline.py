@@ -46,7 +46,9 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
     by_class = dict.fromkeys(OP_CLASSES, zero)
     for kern in kernels(ops):
         n = kern[0].layers
-        overhead = rates[f"{kern[0].cls}_overhead_s"]
+        # a kernel with no work (dequantize at context 1, quantize before a window fills) is not launched
+        work = sum(op.flops + op.bytes for op in kern)
+        overhead = rates[f"{kern[0].cls}_overhead_s"] * (np.asarray(work) > 0)
         parts = [_busy(op, rates) for op in kern]
         tc = sum(p[0] for p in parts)
         tm = sum(p[1] for p in parts)
@@ -86,7 +88,7 @@ def op_table(ops: list[Op], rates: dict) -> list[dict]:
     """One row per op (scalars): FLOPs, bytes, its own roofline time and bound, per layer and in total."""
     rows = []
     for op in ops:
-        overhead = float(rates[f"{op.cls}_overhead_s"])
+        overhead = float(rates[f"{op.cls}_overhead_s"]) * (float(op.flops + op.bytes) > 0)
         tc, tm = (float(x) for x in _busy(op, rates))
         busy = max(tc, tm)
         bound = "overhead" if overhead > busy else ("compute" if tc > tm else "memory")
@@ -95,6 +97,6 @@ def op_table(ops: list[Op], rates: dict) -> list[dict]:
             "flops": float(op.flops), "bytes_read": float(op.read), "bytes_written": float(op.write),
             "intensity_flop_per_byte": float(op.flops) / float(op.bytes) if float(op.bytes) else float("inf"),
             "t_compute_s": tc, "t_mem_s": tm, "time_s": busy + overhead, "bound": bound,
-            "achieved_flops_per_s": float(op.flops) / (busy + overhead),
+            "achieved_flops_per_s": float(op.flops) / (busy + overhead) if busy + overhead > 0 else 0.0,
         })
     return rows
