@@ -382,3 +382,25 @@ def test_step_totals_do_not_wrap(monkeypatch, capsys):
     main()
     r = json.loads(capsys.readouterr().out)
     assert r["flops"] == pytest.approx(2.3096e19, rel=1e-4) and all(op["flops"] >= 0 for op in r["ops"])
+
+
+def test_a_huge_sweep_asks_first(monkeypatch, capsys, tmp_path):
+    """Above 2,000,000 configurations a sweep states its size and stops before any work unless --yes (a sweep of
+    10^7 took 5.6 GB and wrote a 4.9 GB CSV unasked)."""
+    import sys
+
+    from xqsim.cli import main
+    sc = tmp_path / "big.yaml"
+    sc.write_text("name: big\nhardware: [h100_sxm, h200, a100_80gb, b200]\nmodels: [llama-3.1-8b]\n"
+                  "schemes:\n  - {scheme: kivi, bits: [2, 3, 4, 8], fused: [false, true]}\n"
+                  "batch: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]\ncontext: [" + ", ".join(
+                      str(1024 + i) for i in range(10_000)) + "]\n")
+    monkeypatch.setattr(sys, "argv", ["xqsim", "sweep", str(sc), "-o", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert "3,200,000 configurations: about 4.0 GB of memory and 2.14 GB of files" in out.out, out.out
+    assert e.value.code == 2 and out.err.strip() == (
+        f"xqsim: error: {sc}: 3,200,000 configurations (about 4.0 GB of memory, 2.1 GB of files) is above "
+        f"2,000,000; narrow its lists or pass --yes"), out.err
+    assert not (tmp_path / "out").exists()

@@ -223,17 +223,24 @@ def sweep(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="output folder (default results/<name>)")] = None,
     force: Annotated[bool, typer.Option(help="overwrite files a previous sweep wrote there")] = False,
     spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore fitted efficiencies")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="run a sweep above the size that asks first")] = False,
 ) -> None:
     """Evaluate a scenario's whole grid; write the table, crossovers, memory walls and plots."""
     from . import plots
     from .crossover import crossovers, memory_walls
-    from .sweep import check_writable, run, solve_crossovers, summary, write_inputs
+    from .sweep import LARGE_SWEEP, check_writable, run, size_estimate, solve_crossovers, summary, write_inputs
 
     sc = loading.load_scenario(scenario)
     base = scenario.parent
     hws = [loading.load_hardware(h, base, f"{scenario}: field 'hardware.{i}'") for i, h in enumerate(sc.hardware)]
     models = [loading.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
     configs = _scenario_configs(sc, scenario)
+    n = len(hws) * len(models) * len(configs) * len(set(sc.batch)) * len(sc.contexts())
+    mem, files = size_estimate(n)
+    console.print(f"{n:,} configurations: about {mem / 1e9:,.1f} GB of memory and {files / 1e9:,.2f} GB of files")
+    if n > LARGE_SWEEP and not yes:
+        raise UserError(f"{scenario}: {n:,} configurations (about {mem / 1e9:,.1f} GB of memory, {files / 1e9:,.1f} "
+                        f"GB of files) is above {LARGE_SWEEP:,}; narrow its lists or pass --yes")
     out = out or Path("results") / sc.name
     check_writable(out, force)
     out.mkdir(parents=True, exist_ok=True)

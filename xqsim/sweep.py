@@ -20,6 +20,18 @@ from .roofline import BOUNDS, step_time
 from .schemes.layout import paper_bytes_per_token
 from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfig, UserError
 
+# Measured on the flagship sweep (181,440 configurations, 361 MB peak, results.csv 106 MB, results.parquet 15 MB):
+MEMORY_BASE_BYTES = 150e6  # the interpreter and its libraries
+MEMORY_PER_CONFIG_BYTES = 1.2e3  # the table, its copies while written, the crossovers
+FILE_PER_CONFIG_BYTES = 585 + 84  # a CSV row and a Parquet row
+LARGE_SWEEP = 2_000_000  # configurations: above this a sweep asks first (about 2.6 GB of memory, 1.3 GB of files)
+
+
+def size_estimate(n_configs: int) -> tuple[float, float]:
+    """Peak memory and the files' size of a sweep of n configurations [B]."""
+    return (MEMORY_BASE_BYTES + MEMORY_PER_CONFIG_BYTES * n_configs, FILE_PER_CONFIG_BYTES * n_configs)
+
+
 # Column order of the result table (snake_case, unit-suffixed).
 KEY_COLUMNS = ["hardware", "model", "scheme", "label", "bits", "strategy", "fused", "batch", "context"]
 
