@@ -369,12 +369,14 @@ def measure(
     if existing and not force:
         raise UserError(f"{existing[0]}: already exists; choose another --out or pass --force")
     rows: list[dict] = []
+    kept = [0]  # rows in both files
     total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
 
     def on_row(row: dict) -> None:
         rows.append(row)
         if out:
             m.write_measurements(out, info, rows)
+        kept[0] = len(rows)
         if not as_json:
             what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
             took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]
@@ -388,7 +390,8 @@ def measure(
     try:
         m.run_grid(specs_, configs, batches, contexts, dev, dt, repeats, warmup, max_tokens, on_row, kernels)
     except KeyboardInterrupt:
-        print(f"xqsim: interrupted; {len(rows)} rows kept" + (f" in {paths[0]}" if out else ""), file=sys.stderr)
+        print(f"xqsim: interrupted; {kept[0]} rows kept" + (f" in {paths[0]} and {paths[1]}" if out else ""),
+              file=sys.stderr)
         sys.exit(130)
     if as_json:
         print(loading.to_json({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows})))
