@@ -404,3 +404,23 @@ def test_a_huge_sweep_asks_first(monkeypatch, capsys, tmp_path):
         f"xqsim: error: {sc}: 3,200,000 configurations (about 4.0 GB of memory, 2.1 GB of files) is above "
         f"2,000,000; narrow its lists or pass --yes"), out.err
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_never_writes_over_its_own_scenario(monkeypatch, capsys, tmp_path):
+    """A scenario kept as DIR/scenario.yaml, swept into DIR with --force: refused before any work (it ended in a
+    SameFileError traceback after the whole sweep)."""
+    import shutil
+    import sys
+
+    from xqsim.cli import main
+    from xqsim.loading import ROOT
+    sc = tmp_path / "scenario.yaml"
+    shutil.copyfile(ROOT / "tests" / "data" / "tiny_scenario.yaml", sc)
+    before = sc.read_text()
+    monkeypatch.setattr(sys, "argv", ["xqsim", "sweep", str(sc), "-o", str(tmp_path), "--force"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == (f"xqsim: error: {sc}: is an input of this sweep; the sweep would "
+                                                 f"write over it: choose another -o DIR"), err
+    assert sc.read_text() == before and not (tmp_path / "results.csv").exists()

@@ -242,7 +242,8 @@ def sweep(
         raise UserError(f"{scenario}: {n:,} configurations (about {mem / 1e9:,.1f} GB of memory, {files / 1e9:,.1f} "
                         f"GB of files) is above {LARGE_SWEEP:,}; narrow its lists or pass --yes")
     out = out or Path("results") / sc.name
-    check_writable(out, force)
+    inputs = (scenario, *(base / x for x in [*sc.hardware, *sc.models] if str(x).endswith((".yaml", ".yml"))))
+    check_writable(out, force, inputs)
     out.mkdir(parents=True, exist_ok=True)
     contexts, batches = sc.contexts(), sorted(set(sc.batch))
     plot_batch = sc.plot_batch or min(batches, key=lambda b: abs(b - 16))

@@ -246,8 +246,12 @@ def output_files(out: Path) -> list[Path]:
             + [out / f"{p}.{ext}" for p in plots for ext in ("png", "svg")])
 
 
-def check_writable(out: Path, force: bool) -> None:
-    """Refuse to overwrite a file that is already there unless forced."""
+def check_writable(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse to overwrite a file that is already there unless forced, and any of the sweep's own inputs ever."""
+    mine = {p.resolve() for p in inputs}
+    own = [p for p in output_files(out) if p.resolve() in mine]
+    if own:
+        raise UserError(f"{own[0]}: is an input of this sweep; the sweep would write over it: choose another -o DIR")
     existing = [p for p in output_files(out) if p.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]}: already exists ({len(existing)} of the sweep's files are there); "
