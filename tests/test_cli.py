@@ -424,3 +424,32 @@ def test_sweep_never_writes_over_its_own_scenario(monkeypatch, capsys, tmp_path)
     assert e.value.code == 2 and err.strip() == (f"xqsim: error: {sc}: is an input of this sweep; the sweep would "
                                                  f"write over it: choose another -o DIR"), err
     assert sc.read_text() == before and not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "binary_scenario", "latin1_scenario"])
+def test_sweep_paths_and_files_that_cannot_be_used(monkeypatch, capsys, tmp_path, where):
+    """An output that is a file or under one, a scenario that is binary or not UTF-8: one line, exit 2 (they were
+    FileExistsError, NotADirectoryError and UnicodeDecodeError tracebacks)."""
+    import sys
+
+    from xqsim.cli import main
+    from xqsim.loading import ROOT
+    f = tmp_path / "f"
+    f.write_text("mine")
+    sc, out = ROOT / "tests" / "data" / "tiny_scenario.yaml", tmp_path / "out"
+    if where == "file":
+        out, expect = f, f"xqsim: error: {f}: is a file, not a folder; choose another -o DIR"
+    elif where == "under_file":
+        out, expect = f / "sub", f"xqsim: error: {f}: is a file, not a folder; choose another -o DIR ({f / 'sub'} " \
+                                 f"would be under it)"
+    else:
+        sc = tmp_path / "s.yaml"
+        sc.write_bytes(b"\x00\x01binary" if where == "binary_scenario" else b"name: caf\xe9\n")
+        expect = (f"xqsim: error: {sc}: a binary file, not text (a NUL byte near the start)"
+                  if where == "binary_scenario" else f"xqsim: error: {sc}: not UTF-8 text (byte 9: 0xe9)")
+    monkeypatch.setattr(sys, "argv", ["xqsim", "sweep", str(sc), "-o", str(out)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == expect, err
+    assert f.read_text() == "mine"

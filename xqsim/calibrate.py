@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import loading, schemes
+from .loading import read_text
 from .specs import OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, SchemeConfig, UserError
 
 
@@ -303,11 +304,14 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
         if not p.is_file():
             raise UserError(f"{p}: file not found")
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(read_text(p))
         except json.JSONDecodeError as err:
             raise UserError(f"{p}: not a JSON measurement file ({err.msg} at line {err.lineno})") from None
         if not isinstance(data, dict) or "device" not in data or "rows" not in data:
             raise UserError(f"{p}: not an `xqsim measure` file: expected keys 'device' and 'rows'")
+        if not isinstance(data["rows"], list) or not isinstance(data["device"], dict):
+            raise UserError(f"{p}: field '{'rows' if not isinstance(data['rows'], list) else 'device'}': expected "
+                            f"{'a list of rows' if not isinstance(data['rows'], list) else 'an object'}")
         ok = [r for r in data["rows"] if r.get("status") == "ok"]
         if not ok:
             raise UserError(f"{p}: no measured rows (status 'ok')")

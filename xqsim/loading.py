@@ -135,7 +135,18 @@ def read_yaml(path: Path) -> Any:
     """Parse one YAML file, or raise UserError naming it."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    return parse_yaml_text(path.read_text(), path)
+    return parse_yaml_text(read_text(path), path)
+
+
+def read_text(path: Path) -> str:
+    """A text file's content, or a UserError naming it when it is not UTF-8 text (binary, another encoding)."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        raise UserError(f"{path}: a binary file, not text (a NUL byte near the start)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}: 0x{raw[err.start]:02x})") from None
 
 
 def parse_yaml_text(text: str, name: Path | str) -> Any:

@@ -248,6 +248,14 @@ def output_files(out: Path) -> list[Path]:
 
 def check_writable(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse to overwrite a file that is already there unless forced, and any of the sweep's own inputs ever."""
+    import os
+
+    there = next(p for p in [out, *out.parents] if p.exists())  # the nearest part of the path that exists
+    if not there.is_dir():
+        raise UserError(f"{there}: is a file, not a folder; choose another -o DIR"
+                        + (f" ({out} would be under it)" if there != out else ""))
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UserError(f"{there}: not writable; choose another -o DIR")
     mine = {p.resolve() for p in inputs}
     own = [p for p in output_files(out) if p.resolve() in mine]
     if own:
