@@ -309,3 +309,17 @@ def test_prefill_fills_the_quantized_cache_exactly(tiny):
     cache = e.new_cache()
     e.prefill(torch.randint(0, tiny.vocab_size, (3, 50), generator=torch.Generator().manual_seed(0)), cache)
     assert Engine.cache_bytes(cache) == int(memory(tiny, c.resolved(tiny), 3, np.array([50]))["cache_bytes"][0])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats", "0"], "field 'repeats': 0 is not allowed; at least 1"),
+    (["--warmup", "-1"], "field 'warmup': -1 is not allowed; at least 0"),
+    (["--layers", "0"], "field 'layers': 0 is not allowed; at least 1"),  # it ran the full model
+    (["--layers", "-1"], "field 'layers': -1 is not allowed; at least 1"),  # it recorded negative bytes
+    (["--device", "tpu"], "field 'device': 'tpu' is not allowed; allowed: cpu, cuda, cuda:N"),
+])
+def test_measure_options_out_of_range(monkeypatch, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "measure", "--model", "tiny", "--scheme", "fp16", "--context", "64", "--json", *args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == f"xqsim: error: command line: {message}", err

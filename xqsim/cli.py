@@ -346,6 +346,9 @@ def measure(
     except ImportError as err:
         raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
     g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid) if grid is not None else None
+    for name, v, least in (("repeats", repeats, 1), ("warmup", warmup, 0), ("layers", layers, 1)):
+        if v is not None and v < least:
+            raise UserError(f"command line: field '{name}': {v} is not allowed; at least {least}")
     dev, dt = m.check_device(device, dtype or (g.dtype if g else "fp32"))
     kernels = m.check_kernels(kernels, dev)
     if g is not None:

@@ -336,6 +336,8 @@ def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The device and dtype asked for, or a UserError saying why not."""
     if dtype not in DTYPES:
         raise UserError(f"command line: field 'dtype': '{dtype}' is not allowed; allowed: {', '.join(DTYPES)}")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"command line: field 'device': '{device}' is not allowed; allowed: cpu, cuda, cuda:N")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("command line: field 'device': cuda asked for, but torch sees no CUDA device here; "
