@@ -324,3 +324,21 @@ def test_default_bits_are_one_table_everywhere(monkeypatch, capsys):
     main()
     r = json.loads(capsys.readouterr().out)
     assert r["bits"] == 2 and r["config"]["v_bits"] == 1  # Yang et al.'s 1.38-bit configuration
+
+
+@pytest.mark.parametrize("body,message", [
+    ("batch: [1, 2]\nplot_batch: 3\ncontext: [1024]", "field 'plot_batch': plot_batch=3 is not one of batch [1, 2]"),
+    ("batch: [1]\ncontext: []", "field 'context': give at least one context (a list, or a range {start, stop, num})"),
+])
+def test_scenario_lists_that_cannot_be_swept(tmp_path, body, message):
+    """plot_batch outside the batch list and an empty context list ended in ZeroDivisionError and ValueError
+    tracebacks; a GPU listed twice in a Categorical error."""
+    p = tmp_path / "s.yaml"
+    p.write_text(f"name: t\nhardware: [h100_sxm]\nmodels: [tiny]\nschemes:\n  - {{scheme: fp16}}\n{body}\n")
+    with pytest.raises(UserError) as e:
+        loading.load_scenario(p)
+    assert str(e.value) == f"{p}: {message}", str(e.value)
+    p.write_text("name: t\nhardware: [h100_sxm, h100_sxm]\nmodels: [tiny]\nschemes:\n  - {scheme: fp16}\n"
+                 "batch: [1]\ncontext: [1024]\n")
+    with pytest.raises(UserError, match="field 'hardware': 'h100_sxm' is listed twice$"):
+        loading.load_scenario(p)

@@ -403,6 +403,27 @@ class Scenario(BaseModel):
     def _pctx(cls, v: Any) -> Any:
         return parse_count(v)
 
+    @field_validator("context")
+    @classmethod
+    def _ctx_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one context (a list, or a range {start, stop, num})")
+        return v
+
+    @field_validator("hardware", "models")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        twice = next((x for i, x in enumerate(v) if x in v[:i]), None)
+        if twice is not None:
+            raise ValueError(f"'{twice}' is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _plot_batch_in_batch(self) -> Scenario:
+        if self.plot_batch is not None and self.plot_batch not in self.batch:
+            raise ValueError(f"plot_batch={self.plot_batch} is not one of batch {self.batch}")
+        return self
+
     def contexts(self) -> list[int]:
         return self.context.values() if isinstance(self.context, ContextRange) else sorted(set(self.context))
 
