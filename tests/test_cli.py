@@ -453,3 +453,25 @@ def test_sweep_paths_and_files_that_cannot_be_used(monkeypatch, capsys, tmp_path
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip() == expect, err
     assert f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["accuracy", "--schemes", "kivi", "--context", "1"], "field 'context': a window needs at least 2 tokens"),
+    (["accuracy", "--schemes", "kivi", "--bits", ""], "field 'bits': expected comma-separated integers (got '')"),
+    (["accuracy", "--schemes", "kivi", "--jobs", "-5"], "field 'jobs': -5 is not allowed; at least 1"),
+    (["accuracy", "--schemes", "kivi", "--tokens", "100", "--context", "512"],
+     "field 'tokens': 100 tokens do not fill one window of 512"),
+    (["dashboard", "--port", "-1"], "field 'port': -1 is not a TCP port (1 to 65535)"),
+])
+def test_accuracy_and_dashboard_options_before_any_work(monkeypatch, capsys, tmp_path, args, message):
+    """Refused in one line before any work (accuracy --context 1 and --bits '' failed after a minute of work,
+    --jobs -5 ran with 1, dashboard --port -1 reached streamlit)."""
+    import sys
+
+    from xqsim.cli import main
+    monkeypatch.setattr(sys, "argv", ["xqsim", *args, *(["-o", str(tmp_path / "a")] if args[0] == "accuracy" else [])])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == f"xqsim: error: command line: {message}", err
+    assert not (tmp_path / "a").exists()

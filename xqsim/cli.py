@@ -524,6 +524,8 @@ def dashboard(
     import importlib.util
     import subprocess
 
+    if not 1 <= port <= 65535:
+        raise UserError(f"command line: field 'port': {port} is not a TCP port (1 to 65535)")
     if importlib.util.find_spec("streamlit") is None:
         raise UserError("the dashboard needs streamlit: pip install -e '.[app]'")
     cmd = [sys.executable, "-m", "streamlit", "run", str(loading.ROOT / "app.py"), "--server.port", str(port),
@@ -558,9 +560,15 @@ def accuracy(
         if not schemes:
             raise UserError("command line: give --schemes (e.g. kivi,xquant) or --grid FILE")
         n, c = _count(tokens, "tokens"), _count(context, "context")
+        if c < 2 or n < c:  # a window predicts tokens 2..c: at least one prediction, at least one window
+            raise UserError(f"command line: field '{'context' if c < 2 else 'tokens'}': "
+                            + ("a window needs at least 2 tokens" if c < 2 else
+                               f"{n} tokens do not fill one window of {c}"))
         configs = [loading.scheme_config(scheme=s.strip(), strategy=strategy, bits=None if s.strip() == "fp16" else b)
                    for s in schemes.split(",") for b in dict.fromkeys(_ints(bits, "bits"))]
         configs = list(dict.fromkeys(configs))
+    if jobs < 1:
+        raise UserError(f"command line: field 'jobs': {jobs} is not allowed; at least 1")
     acc.check_writable(out, force)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -588,9 +596,12 @@ def accuracy(
 
 def _ints(value: str, field: str) -> list[int]:
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"command line: field '{field}': expected comma-separated integers (got {value!r})") from None
+    if not out:
+        raise UserError(f"command line: field '{field}': expected comma-separated integers (got {value!r})")
+    return out
 
 
 @hw_app.command("list")
