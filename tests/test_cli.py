@@ -460,7 +460,7 @@ def test_sweep_paths_and_files_that_cannot_be_used(monkeypatch, capsys, tmp_path
     (["accuracy", "--schemes", "kivi", "--bits", ""], "field 'bits': expected comma-separated integers (got '')"),
     (["accuracy", "--schemes", "kivi", "--jobs", "-5"], "field 'jobs': -5 is not allowed; at least 1"),
     (["accuracy", "--schemes", "kivi", "--tokens", "100", "--context", "512"],
-     "field 'tokens': 100 tokens do not fill one window of 512"),
+     "field 'context': 512 is more than tokens=100"),
     (["dashboard", "--port", "-1"], "field 'port': -1 is not a TCP port (1 to 65535)"),
 ])
 def test_accuracy_and_dashboard_options_before_any_work(monkeypatch, capsys, tmp_path, args, message):
