@@ -39,12 +39,7 @@ MAX_COUNT = {"batch": 2**20, "context": 2**31}  # sequences; tokens (2.1 billion
 def _count(value: str, field: str) -> int:
     """A whole positive count like 16, 32k or 1M, at most MAX_COUNT[field]; else a one-line error."""
     most = MAX_COUNT.get(field, 2**31)
-    s = str(value).strip().lower()
-    mult = {"k": 1024, "m": 1024**2}.get(s[-1:], 1)
-    try:
-        x = float(s[:-1] if mult > 1 else s) * mult
-    except ValueError:
-        x = float("nan")
+    x = specs.count_value(str(value))
     if not (math.isfinite(x) and x == int(x) and 0 < x <= most):
         raise UserError(f"command line: field '{field}': expected a positive integer like 16, 32k or 1M, at "
                         f"most {most:,} (got {value!r})")

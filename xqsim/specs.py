@@ -315,15 +315,21 @@ def _listify(v: Any) -> Any:
     return v if isinstance(v, list) else [v]
 
 
+def count_value(v: str) -> float:
+    """The number a count spells: '32k' -> 32768.0, '1.5M' -> 1572864.0; nan where it spells none."""
+    s = v.strip().lower()
+    mult = {"k": 1024, "m": 1024**2}.get(s[-1:], 1)
+    try:
+        return float(s[:-1] if mult > 1 else s) * mult
+    except ValueError:
+        return float("nan")
+
+
 def parse_count(v: Any) -> Any:
     """'32k' -> 32768, '1M' -> 1048576; other values pass through."""
     if isinstance(v, str):
-        s = v.strip().lower()
-        mult = {"k": 1024, "m": 1024**2}.get(s[-1:], 1)
-        try:
-            return int(float(s[:-1] if mult > 1 else s) * mult)
-        except ValueError:
-            return v
+        x = count_value(v)
+        return v if x != x else int(x)  # x != x: nan
     return v
 
 

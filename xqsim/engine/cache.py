@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..schemes.layout import CacheTensor
+from .kernels import check as check_kernels
 from .quant import META_DTYPE, dequantize, pack, quantize, unpack
 
 APPEND_PIECE_VALUES = 1 << 22  # a quantized store appends a long prompt in pieces: its fp16 window stays small
@@ -100,9 +101,8 @@ class Store:
 
     def __init__(self, t: CacheTensor, group: int, residual: int, dtype: torch.dtype, eta: float = 0.0,
                  below: Store | None = None, kernels: str = "torch"):
-        if kernels not in ("torch", "triton"):
-            raise ValueError(f"kernels={kernels!r}: allowed: torch, triton")
-        self.t, self.G, self.R, self.dtype, self.eta, self.kernels = t, group, residual, dtype, eta, kernels
+        self.t, self.G, self.R, self.dtype, self.eta = t, group, residual, dtype, eta
+        self.kernels = check_kernels(kernels)
         self.below = below  # a shared store decodes the codes of the layer below
         dim = 1 if t.axis == "token" else 2
         self._fp = Growable(1)  # (B, n, width): unquantized values or the residual window

@@ -324,7 +324,7 @@ def check_kernels(kernels: str | None, device: torch.device) -> str:
     """The engine asked for ('triton' by default on CUDA, else 'torch'), or a UserError saying why not."""
     from .kernels import ENGINES, resolve
 
-    if kernels is not None and kernels not in ENGINES:
+    if kernels is not None and kernels not in ENGINES:  # the command line's own wording for a name it does not know
         raise UserError(f"command line: field 'kernels': '{kernels}' is not allowed; allowed: {', '.join(ENGINES)}")
     try:
         return resolve(kernels, device)

@@ -16,6 +16,7 @@ from ..schemes.layout import LayerGroup
 from ..schemes.ops import ADD_FLOPS, DEQUANT_FLOPS, NORM_FLOPS, QUANT_FLOPS, ROPE_FLOPS, SWIGLU_FLOPS
 from ..specs import REMAT_SCHEMES, ModelSpec, SchemeConfig
 from .cache import Store
+from .kernels import check as check_kernels
 from .kernels import resolve as resolve_kernels
 
 
@@ -51,12 +52,10 @@ def init_weights(spec: ModelSpec, seed: int, device, dtype) -> dict[str, torch.T
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float, kernels: str = "torch") -> torch.Tensor:
     """Rotate pairs (first half, second half) of the last axis of x (..., T, hd) at positions pos (T,).
     kernels='triton' runs it as one Triton kernel (kernels.rope), 'torch' as torch ops (the reference)."""
-    if kernels == "triton":
+    if check_kernels(kernels) == "triton":
         from .kernels.rope import rope as rope_triton
 
         return rope_triton(x, pos, theta)
-    if kernels != "torch":
-        raise ValueError(f"kernels={kernels!r}: allowed: torch, triton")
     hd = x.shape[-1]
     inv = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
     ang = pos.to(torch.float32)[:, None] * inv[None, :]  # (T, hd/2)

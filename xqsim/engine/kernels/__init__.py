@@ -28,13 +28,18 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or interpreted()
 
 
+def check(kernels: str) -> str:
+    """kernels, or a ValueError when it names no engine."""
+    if kernels not in ENGINES:
+        raise ValueError(f"kernels={kernels!r}: allowed: {', '.join(ENGINES)}")
+    return kernels
+
+
 def resolve(kernels: str | None, device: torch.device) -> str:
     """The engine to run: 'triton' by default where it can run on `device`, else 'torch'."""
     if kernels is None:
         return "triton" if device.type == "cuda" and available(device) else "torch"
-    if kernels not in ENGINES:
-        raise ValueError(f"kernels={kernels!r}: allowed: {', '.join(ENGINES)}")
-    if kernels == "triton" and not available(device):
+    if check(kernels) == "triton" and not available(device):
         raise ValueError(f"kernels='triton' needs a CUDA device or TRITON_INTERPRET=1 (device is {device.type})")
     return kernels
 

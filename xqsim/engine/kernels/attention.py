@@ -4,14 +4,15 @@ the fp16 residual window, dequantized in registers.
 
 One program per (sequence, KV head, context split) holds all g query heads of its KV head (GQA) as the rows of
 its tiles, walks its tokens in tiles of BLOCK_N with an online softmax and writes its partial output, max and
-sum; a second kernel merges the splits. The context is split so that about two programs per SM run at batch 1.
+sum; a second kernel merges the splits. The context is split so that the grid's last wave of programs is nearly
+full (n_splits), batch 1 included.
 
 Where the layout allows it (codes of 2, 4 or 8 bits packed in whole 32-bit words, a tile inside one key block,
 one value group per head row: KIVI's and Yang et al.'s defaults), a tile never dequantizes a value: the key
 scale and zero fold into the query, q.(s*c + z) = (q*s).c + q.z, the value scale and zero into the
-probabilities, P.(s*c + z) = (P*s).c + P.z, and codes become fp16 without a conversion instruction (the code's
-bits OR-ed into the mantissa of 1024.0, whose offset is folded out the same way); both products run on the
-tensor cores. Other tiles (the residual window, 3-bit codes, other groups) dequantize in fp32.
+probabilities, P.(s*c + z) = (P*s).c + P.z, and codes become fp16 two at a time without a conversion
+instruction (two codes OR-ed into the mantissas of a pair of 1024.0, then one paired subtraction of 1024); both
+products run on the tensor cores. Other tiles (the residual window, 3-bit codes, other groups) dequantize in fp32.
 """
 
 from __future__ import annotations
@@ -125,8 +126,7 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
         if s.bits >= 16:
             return dummy8, dummy8, dummy16, dummy16, (0, 0, 0), (0, 0, 0)
         c = s.codes.view(torch.int32) if s.packed_words else s.codes
-        sc = s.scale
-        return s.codes, c, sc, s.zero, tuple(s.codes.stride()[:3]), tuple(sc.stride()[:3])
+        return s.codes, c, s.scale, s.zero, tuple(s.codes.stride()[:3]), tuple(s.scale.stride()[:3])
 
     kc8, kc32, ks, kz, kcs, kss = meta(k)
     vc8, vc32, vs, vz, vcs, vss = meta(v)
@@ -139,7 +139,7 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
         vcs[0], vcs[1], vcs[2], vss[0], vss[1], vss[2], fp_v.stride(0), fp_v.stride(1),
         HKV=Hkv, G=g, BLOCK_G=block_g, HD=hd, BLOCK_N=block_n,
         KB=k.bits, VB=v.bits, GK=k.group, GV=v.group, FAST_K=fast_k, FAST_V=fast_v, CONV=conv,
-        TAIL_N=min(block_n, tail_n) if k.bits < 16 or v.bits < 16 else block_n,
+        TAIL_N=min(block_n, tail_n) if quantized else block_n,
         num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(B, H, hd, dtype=q.dtype, device=q.device)
     _merge_kernel[(B * H,)](o_part, ml, out, splits, out.stride(0), out.stride(1),
@@ -184,7 +184,7 @@ def _tree(x0, x1, x2, x3, x4, x5, x6, x7):
 @triton.jit
 def _unpack_words(w, BITS: tl.constexpr, ASM: tl.constexpr):
     """int32 words (R, NW) of packed codes -> fp16 codes (R, NW * 32/BITS), each word's codes in the order
-    perm(e) = e // 2 + (16/BITS) * (e % 2) (see `word_order`): one fp16x2 register holds codes m and m + 16/BITS,
+    perm(e) = e // 2 + (16/BITS) * (e % 2) (see _word_order): one fp16x2 register holds codes m and m + 16/BITS,
     and lies at elements 2m, 2m + 1, so no instruction moves a half. ASM: the two-codes-per-instruction
     conversion in PTX; else plain Triton (the interpreter's path), in the same order."""
     if BITS == 8:
@@ -222,6 +222,16 @@ def _word_order(i, BITS: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     e = i % PER
     return i - e + e // 2 + (PER // 2) * (e % 2)
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One tile of scores s (rows, n), log2 domain, into the running max m_i and sum l_i: (p, alpha, m, l), with
+    p = 2^(s - m) and alpha the factor that rescales what was accumulated before."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -292,10 +302,7 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
                          + w0 + wk[None, :])  # (HD, NWK)
             kc = _unpack_words(kw, KB, CONV == 3)  # (HD, BLOCK_N)
             s = tl.dot(qs, kc) + qz[:, None]  # (BLOCK_G, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
             # V: fold the per-token scale and zero into the probabilities
             tok = t0 + _word_order(tl.arange(0, BLOCK_N), KB)  # the scores' columns: key codes' unpack order
             vs = tl.load(Vs + b * svs_b + tok * svs_t + h * svs_r).to(tl.float32)  # (BLOCK_N,)
@@ -306,14 +313,13 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
                          + wv[None, :])  # (BLOCK_N, NWV)
             vc = _unpack_words(vw, VB, CONV == 3)  # (BLOCK_N, HD)
             acc = acc * alpha[:, None] + tl.dot(ps, vc) + pz[:, None]
-            m_i = m_new
         if start < fast_stop:
             start = fast_stop
 
     for t0 in range(start, end, TAIL_N):
         tok = t0 + tl.arange(0, TAIL_N)
         ok = tok < end
-        # K^T tile (HD, BLOCK_N): codes where tok < TQK, the fp16 part after
+        # K^T tile (HD, TAIL_N): codes where tok < TQK, the fp16 part after
         kt = tl.load(Kf + b * skf_b + (tok - TQK)[None, :] * skf_t + chan[:, None],
                      mask=(ok & (tok >= TQK))[None, :], other=0.0).to(tl.float32)
         if KB < 16:
@@ -324,14 +330,11 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
             ks = tl.load(Ks + b * sks_b + chan[:, None] * sks_c + blk[None, :] * sks_n, mask=inq, other=0.0)
             kz = tl.load(Kz + b * sks_b + chan[:, None] * sks_c + blk[None, :] * sks_n, mask=inq, other=0.0)
             kt = tl.where(inq, c.to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32), kt)
-        s = tl.dot(q.to(dt), kt.to(dt))  # (BLOCK_G, BLOCK_N)
+        s = tl.dot(q.to(dt), kt.to(dt))  # (BLOCK_G, TAIL_N)
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         vt = tl.load(Vf + b * svf_b + (tok - TQV)[:, None] * svf_t + chan_v[None, :],
-                     mask=(ok & (tok >= TQV))[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, HD)
+                     mask=(ok & (tok >= TQV))[:, None], other=0.0).to(tl.float32)  # (TAIL_N, HD)
         if VB < 16:
             inq = (ok & (tok < TQV))[:, None]
             grp = vcol // GV
@@ -340,7 +343,6 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
             vz = tl.load(Vz + b * svs_b + tok[:, None] * svs_t + h * svs_r + grp[None, :], mask=inq, other=0.0)
             vt = tl.where(inq, c.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32), vt)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), vt.to(dt))
-        m_i = m_new
 
     out = (pid_bh * n_splits + pid_s).to(tl.int64)
     tl.store(O_part + (out * G + rows)[:, None] * HD + vcol[None, :], acc, mask=row_ok[:, None])

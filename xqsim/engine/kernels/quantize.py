@@ -177,6 +177,16 @@ def _check(t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, what: str) 
         raise ValueError(f"{what}: expected {shape} {dtype}, got {tuple(t.shape)} {t.dtype}")
 
 
+def _check_outputs(codes: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor, codes_shape: tuple,
+                   meta_shape: tuple) -> None:
+    """The buffers a launch writes: codes uint8 (or None), scale and zero fp16 of one shape and one layout."""
+    _check(codes, codes_shape, torch.uint8, "codes")
+    _check(scale, meta_shape, META_DTYPE, "scale")
+    _check(zero, meta_shape, META_DTYPE, "zero")
+    if scale.stride() != zero.stride():
+        raise ValueError("scale and zero must have the same strides")
+
+
 def _units(codes: torch.Tensor | None, bits: int, n: int, scale: torch.Tensor):
     """How codes are stored: (pointer tensor, its 4 strides, codes a unit, WORDS). Whole 32-bit words (32/bits
     codes) where bits divides 32 and rows of n codes are whole, 4-byte aligned words (the cache's buffers);
@@ -200,11 +210,7 @@ def quantize_tokens(x: torch.Tensor, row: int, bits: int, group: int, eta: float
     rows, ng, nbytes = W // row, -(-row // group), -(-row * bits // 8)
     if rows * row != W or not 1 <= bits <= 8:
         raise ValueError(f"width {W} is not a multiple of row {row}, or bits {bits} not in 1..8")
-    _check(codes, (B, K, rows, nbytes), torch.uint8, "codes")
-    _check(scale, (B, K, rows, ng), META_DTYPE, "scale")
-    _check(zero, (B, K, rows, ng), META_DTYPE, "zero")
-    if scale.stride() != zero.stride():
-        raise ValueError("scale and zero must have the same strides")
+    _check_outputs(codes, scale, zero, (B, K, rows, nbytes), (B, K, rows, ng))
     if B * K * rows == 0:
         return
     c1, e = _calibration(eta)
@@ -228,11 +234,7 @@ def quantize_channels(x: torch.Tensor, bits: int, group: int, eta: float, codes:
     nb, nbytes = K // group, -(-group * bits // 8)
     if nb * group != K or not 1 <= bits <= 8:
         raise ValueError(f"{K} tokens are not whole blocks of {group}, or bits {bits} not in 1..8")
-    _check(codes, (B, W, nb, nbytes), torch.uint8, "codes")
-    _check(scale, (B, W, nb), META_DTYPE, "scale")
-    _check(zero, (B, W, nb), META_DTYPE, "zero")
-    if scale.stride() != zero.stride():
-        raise ValueError("scale and zero must have the same strides")
+    _check_outputs(codes, scale, zero, (B, W, nb, nbytes), (B, W, nb))
     if B * nb * W == 0:
         return
     c1, e = _calibration(eta)
