@@ -309,9 +309,10 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
             raise UserError(f"{p}: not a JSON measurement file ({err.msg} at line {err.lineno})") from None
         if not isinstance(data, dict) or "device" not in data or "rows" not in data:
             raise UserError(f"{p}: not an `xqsim measure` file: expected keys 'device' and 'rows'")
-        if not isinstance(data["rows"], list) or not isinstance(data["device"], dict):
-            raise UserError(f"{p}: field '{'rows' if not isinstance(data['rows'], list) else 'device'}': expected "
-                            f"{'a list of rows' if not isinstance(data['rows'], list) else 'an object'}")
+        if not isinstance(data["rows"], list):
+            raise UserError(f"{p}: field 'rows': expected a list of rows")
+        if not isinstance(data["device"], dict):
+            raise UserError(f"{p}: field 'device': expected an object")
         ok = [r for r in data["rows"] if r.get("status") == "ok"]
         if not ok:
             raise UserError(f"{p}: no measured rows (status 'ok')")

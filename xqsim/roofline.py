@@ -46,16 +46,16 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
     by_class = dict.fromkeys(OP_CLASSES, zero)
     for kern in kernels(ops):
         n = kern[0].layers
+        flops, nbytes = sum(op.flops for op in kern), sum(op.bytes for op in kern)
         # a kernel with no work (dequantize at context 1, quantize before a window fills) is not launched
-        work = sum(op.flops + op.bytes for op in kern)
-        overhead = rates[f"{kern[0].cls}_overhead_s"] * (np.asarray(work) > 0)
+        overhead = rates[f"{kern[0].cls}_overhead_s"] * (np.asarray(flops + nbytes) > 0)
         parts = [_busy(op, rates) for op in kern]
         tc = sum(p[0] for p in parts)
         tm = sum(p[1] for p in parts)
         busy = np.maximum(tc, tm)
         t = busy + overhead
-        tot["flops"] = tot["flops"] + n * sum(op.flops for op in kern)
-        tot["bytes_moved"] = tot["bytes_moved"] + n * sum(op.bytes for op in kern)
+        tot["flops"] = tot["flops"] + n * flops
+        tot["bytes_moved"] = tot["bytes_moved"] + n * nbytes
         tot["t_compute_s"] = tot["t_compute_s"] + n * tc
         tot["t_mem_s"] = tot["t_mem_s"] + n * tm
         tot["t_overhead_s"] = tot["t_overhead_s"] + n * overhead

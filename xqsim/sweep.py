@@ -69,21 +69,23 @@ def _metrics(rates: dict, cap, model: ModelSpec, cfg: SchemeConfig, B, T, limit:
     out["tokens_per_s"] = B / out["step_time_s"]
     out["tpot_s"] = out["step_time_s"]
     out["intensity_flop_per_byte"] = out["flops"] / out["bytes_moved"]
-    # Throughput under capacity: the most sequences that fit at this context, at most `limit`.
-    b_cap = np.minimum(out["max_batch"], limit)
-    t_cap = step_time(schemes.step_ops(model, cfg, np.maximum(b_cap, 1), T, groups), rates, per_class=False)
-    out["batch_cap"] = b_cap
-    out["throughput_cap_tokens_per_s"] = np.where(b_cap > 0, b_cap / t_cap["step_time_s"], 0.0)
+    out["batch_cap"], out["throughput_cap_tokens_per_s"] = _throughput_cap(rates, out["max_batch"], model, cfg,
+                                                                           groups, T, limit)
     return out
 
 
-def _point_values(hws: list[HardwareProfile], hw_index, model: ModelSpec, cfg: SchemeConfig, B, T, limit: int,
-                  metric: np.ndarray, fitted: bool) -> np.ndarray:
-    """One crossover metric per point (step_time_s, tokens_per_s or throughput_cap_tokens_per_s): the part of
-    _metrics each needs, no more."""
-    cfg = cfg.resolved(model)
-    groups = schemes.layout(model, cfg)
-    rates = {k: v[:, 0, 0][hw_index] for k, v in hardware_rates(hws, fitted).items()}
+def _throughput_cap(rates: dict, most: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, T, limit: int):
+    """Throughput under capacity: (the batch, tokens/s) at the most sequences that fit at context T (`most`, the
+    max batch), at most `limit`; 0 tokens/s where not even one fits."""
+    b_cap = np.minimum(most, limit)
+    t_cap = step_time(schemes.step_ops(model, cfg, np.maximum(b_cap, 1), T, groups), rates, per_class=False)
+    return b_cap, np.where(b_cap > 0, b_cap / t_cap["step_time_s"], 0.0)
+
+
+def _point_values(rates: dict, cap: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, B, T, limit: int,
+                  metric: np.ndarray) -> np.ndarray:
+    """One crossover metric per point (step_time_s, tokens_per_s or throughput_cap_tokens_per_s) of a resolved
+    config, rates and capacity given per point: the part of _metrics each needs, no more."""
     out = np.empty(len(B))
     cap_rows = metric == "throughput_cap_tokens_per_s"
     plain = ~cap_rows
@@ -93,12 +95,9 @@ def _point_values(hws: list[HardwareProfile], hw_index, model: ModelSpec, cfg: S
         out[plain] = np.where(metric[plain] == "step_time_s", t, B[plain] / t)
     if cap_rows.any():
         r = {k: v[cap_rows] for k, v in rates.items()}
-        cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[hw_index[cap_rows]]
         Tc = T[cap_rows]
-        W = schemes.weights_bytes(model, cfg)
-        b_cap = np.minimum(max_batch(cap, W, seq_memory(model, cfg, groups), Tc), limit)
-        t = step_time(schemes.step_ops(model, cfg, np.maximum(b_cap, 1), Tc, groups), r, per_class=False)
-        out[cap_rows] = np.where(b_cap > 0, b_cap / t["step_time_s"], 0.0)
+        most = max_batch(cap[cap_rows], schemes.weights_bytes(model, cfg), seq_memory(model, cfg, groups), Tc)
+        out[cap_rows] = _throughput_cap(r, most, model, cfg, groups, Tc, limit)[1]
     return out
 
 
@@ -125,6 +124,13 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
     loser = np.where(winner == cr["scheme_a"].astype(str).to_numpy(), cr["scheme_b"].astype(str).to_numpy(),
                      cr["scheme_a"].astype(str).to_numpy())
     models_ = cr["model"].astype(str).to_numpy()
+    # per point: the rates and capacity of its GPU; per (model, scheme): the resolved config and layout, once
+    rates = {k: v[:, 0, 0][hw_i] for k, v in hardware_rates(hws, fitted).items()}
+    cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[hw_i]
+    resolved = {}
+    for mname, label in set(zip(models_, winner, strict=True)) | set(zip(models_, loser, strict=True)):
+        rc = cfg_of[label].resolved(model_of[mname])
+        resolved[mname, label] = (model_of[mname], rc, schemes.layout(model_of[mname], rc))
     # rows of each (model, scheme) in each role, found once
     roles = {role: pd.DataFrame({"m": models_, "l": labels}).groupby(["m", "l"], sort=False).indices
              for role, labels in (("w", winner), ("l", loser))}
@@ -139,8 +145,9 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
             for (mname, label), idx in groups.items():
                 idx = idx[active[idx]]
                 if len(idx):
-                    vals[role][idx] = _point_values(hws, hw_i[idx], model_of[mname], cfg_of[label], B[idx], T[idx],
-                                                    batch_limit, metric[idx], fitted)
+                    m, rc, groups_ = resolved[mname, label]
+                    vals[role][idx] = _point_values({k: v[idx] for k, v in rates.items()}, cap[idx], m, rc, groups_,
+                                                    B[idx], T[idx], batch_limit, metric[idx])
         wins = np.where(higher, vals["w"] > vals["l"], vals["w"] < vals["l"])
         hi = np.where(active & wins, mid, hi)
         lo = np.where(active & ~wins, mid, lo)
