@@ -115,8 +115,8 @@ def _finish(fig, styles: dict, path: Path) -> list[Path]:
     return save(fig, path)
 
 
-def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str, wall: bool = False,
-                 capacity: bool = False) -> list[Path]:
+def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str) -> list[Path]:
+    """y vs context of every variant, one panel per model and GPU, each curve ending at its memory wall (x)."""
     models = list(dict.fromkeys(df["model"].astype(str)))
     hws = list(dict.fromkeys(df["hardware"].astype(str)))
     fig, axes = _grid(models, hws, title)
@@ -127,15 +127,11 @@ def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str, 
             sub = df[(df["model"] == m) & (df["hardware"] == h)]
             for lab, s in sub.groupby("label", observed=True, sort=False):
                 s = s.sort_values("context")
-                ok = s[s["fits"]] if wall else s
+                ok = s[s["fits"]]
                 ax.plot(ok["context"], ok[y], **styles[str(lab)])
-                if wall and len(ok) and len(ok) < len(s):  # memory wall: the last context that fits
+                if len(ok) and len(ok) < len(s):  # memory wall: the last context that fits
                     ax.plot(ok["context"].iloc[-1], ok[y].iloc[-1], "x", color=styles[str(lab)]["color"], ms=7,
                             mew=2)
-            if capacity and len(sub):
-                ax.axhline(sub["capacity_bytes"].iloc[0] / 1e9, color="k", ls="--", lw=1)
-                ax.text(sub["context"].min(), sub["capacity_bytes"].iloc[0] / 1e9, " capacity", va="bottom",
-                        fontsize=7)
             axes.finish(i, j, f"{m} on {h}", "context [tokens]", ylabel)
     return _finish(fig, styles, path)
 
@@ -143,8 +139,7 @@ def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str, 
 def step_time_vs_context(df: pd.DataFrame, batch: int, path: Path) -> list[Path]:
     sub = df[df["batch"] == batch].assign(step_time_ms=lambda d: d["step_time_s"] * 1e3)
     return _per_context(sub, path, "step_time_ms", "decode step time [ms]",
-                        f"Decode step time vs context, batch {batch} (x = memory wall: last context that fits)",
-                        wall=True)
+                        f"Decode step time vs context, batch {batch} (x = memory wall: last context that fits)")
 
 
 def _curve_names(d: pd.DataFrame) -> pd.DataFrame:

@@ -32,15 +32,16 @@ def quality_key(cfg: SchemeConfig, acc_model: ModelSpec) -> tuple:
     return tuple(round(v, 6) if isinstance(v, float) else v for v in (getattr(c, f) for f in QUALITY_FIELDS))
 
 
-def read_quality(path: Path = ACCURACY_CSV) -> tuple[dict[tuple, dict], str | None]:
-    """{quality_key: {delta_ppl_rel, ppl, label}} from an `xqsim accuracy` CSV, and the model it was measured on."""
+def read_quality(path: Path = ACCURACY_CSV) -> tuple[dict[tuple, dict], ModelSpec | None]:
+    """{quality_key: {delta_ppl_rel, accuracy_label}} from an `xqsim accuracy` CSV, and the model it was measured
+    on."""
     if not path.is_file():
         return {}, None
     return _read_quality(path, path.stat().st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_quality(path: Path, mtime_ns: int) -> tuple[dict[tuple, dict], str | None]:
+def _read_quality(path: Path, mtime_ns: int) -> tuple[dict[tuple, dict], ModelSpec]:
     """read_quality, once per file version (the dashboard asks on every redraw)."""
     df = pd.read_csv(path)
     need = ("model", "scheme", "bits", "ppl", "delta_ppl")
@@ -69,9 +70,8 @@ def _read_quality(path: Path, mtime_ns: int) -> tuple[dict[tuple, dict], str | N
             key = quality_key(SchemeConfig(**fields), acc_model)
         except (ValueError, UserError):  # a row this version cannot express: left out
             continue
-        out[key] = {"delta_ppl_rel": float(r.delta_ppl) / ppl_ref, "ppl": float(r.ppl),
-                    "accuracy_label": str(getattr(r, "label", ""))}
-    return out, acc_model.name
+        out[key] = {"delta_ppl_rel": float(r.delta_ppl) / ppl_ref, "accuracy_label": str(getattr(r, "label", ""))}
+    return out, acc_model
 
 
 def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig], batch: int, context: int,
@@ -81,8 +81,7 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
     sequences, x fp16, the batch that fits, the cache it holds, the relative perplexity increase, and whether it
     is eligible (fits at least one sequence; quality known and under max_delta_ppl when one is given).
     `verdict` is 'best' and 'runner-up' for the two fastest eligible."""
-    quality, acc_model_name = read_quality(accuracy)
-    acc_model = load_model(acc_model_name) if acc_model_name else None
+    quality, acc_model = read_quality(accuracy)
     fp16 = SchemeConfig(scheme="fp16")
     cands = list(dict.fromkeys([fp16, *configs]))
     rows = []
@@ -91,9 +90,10 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
             a = evaluate(hws, model, cfg, [batch], [context], fitted, batch_limit=batch)
         except UserError:
             continue
-        q = quality.get(quality_key(cfg, acc_model)) if acc_model else None
         if cfg.scheme == "fp16":  # the baseline: the cache itself, no loss by construction
-            q = {"delta_ppl_rel": 0.0, "ppl": math.nan, "accuracy_label": "fp16 (baseline)"}
+            q = {"delta_ppl_rel": 0.0, "accuracy_label": "fp16 (baseline)"}
+        else:
+            q = quality.get(quality_key(cfg, acc_model)) if acc_model else None
         for i, hw in enumerate(hws):
             b = int(a["batch_cap"][i, 0, 0])
             per_seq = float(a["cache_bytes"][i, 0, 0]) / batch  # cache bytes of one sequence at this context
@@ -101,7 +101,6 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
                          "batch": b, "context": context,
                          "tokens_per_s": float(a["throughput_cap_tokens_per_s"][i, 0, 0]),
                          "cache_bytes": per_seq * b,
-                         "max_context_at_batch": int(a["max_context"][i, 0, 0]),
                          "delta_ppl_rel": q["delta_ppl_rel"] if q else math.nan,
                          "accuracy_result": q["accuracy_label"] if q else "",
                          "rates": "fitted" if fitted and hw.fitted else "spec"})
@@ -117,7 +116,7 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
     df["verdict"] = ""
     df.loc[rank.index[rank == 0], "verdict"] = "best"
     df.loc[rank.index[rank == 1], "verdict"] = "runner-up"
-    df.attrs["accuracy_model"] = acc_model_name
+    df.attrs["accuracy_model"] = acc_model.name if acc_model else None
     return df
 
 

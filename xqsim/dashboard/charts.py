@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import textwrap
 
 import altair as alt
 import pandas as pd
@@ -28,14 +29,8 @@ def compose(template: dict, title: str, **datasets: pd.DataFrame) -> dict:
     """A template with its title and data: a spec for st.vega_lite_chart (which sends the tables as Arrow)."""
     spec = copy.deepcopy(template)
     # never truncated: a long title wraps at about 110 characters a line instead of ending in "..."
-    lines, line = [], ""
-    for word in title.split(" "):
-        if line and len(line) + 1 + len(word) > 110:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    spec["title"] = {"text": [*lines, line] if lines else line, "limit": 0}
+    lines = textwrap.wrap(title, 110, break_long_words=False)
+    spec["title"] = {"text": lines if len(lines) > 1 else title, "limit": 0}
     spec["datasets"] = datasets
     return spec
 
