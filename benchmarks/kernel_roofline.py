@@ -52,12 +52,12 @@ def warm_up(seconds: float = 3.0) -> None:
         torch.cuda.synchronize()
 
 
-def layer_stores(spec, cfg, B: int, T: int, dtype, seed: int) -> dict[str, Store]:
-    """One layer's K and V stores holding T random tokens (unit-scale values)."""
+def layer_stores(spec, cfg, B: int, T: int, dtype, seed: int, kernels: str = "triton") -> dict[str, Store]:
+    """One layer's K and V stores holding T random tokens (unit-scale values), packed as `kernels`' engine packs."""
     from xqsim.engine.measure import fill
 
     group = schemes.layout(spec, cfg)[-1]
-    stores = {t.name: Store(t, cfg.group, cfg.residual or 0, dtype) for t in group.tensors}
+    stores = {t.name: Store(t, cfg.group, cfg.residual or 0, dtype, kernels=kernels) for t in group.tensors}
     fill(types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype), [stores], B, T, seed)
     return stores
 
@@ -148,10 +148,8 @@ def maintenance_cases(spec, batches, out_rows) -> None:
             for flush in (False, True):
                 caches = []
                 for i in range(16):  # rotate over 16 layers' stores
-                    st = layer_stores(spec, cfg, B, 8192 + (R - 1 if flush else 0), dtype, seed=i)
-                    for x in st.values():
-                        x.kernels = kernels
-                    caches.append(st)
+                    caches.append(layer_stores(spec, cfg, B, 8192 + (R - 1 if flush else 0), dtype, seed=i,
+                                               kernels=kernels))
                 new = torch.randn(B, 1, spec.dkv, device="cuda", dtype=dtype)
                 snaps = [[x.snapshot() for x in st.values()] for st in caches]
 
@@ -260,9 +258,9 @@ def main() -> None:
                ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4)),
                ("kivi-8", specs.SchemeConfig(scheme="kivi", bits=8))]
     if a.tune:
-        variants = [("default", {}), ("per_sm2", {"per_sm": 2}), ("per_sm4", {"per_sm": 4}), ("n64", {"block_n": 64}),
-                    ("s3", {"num_stages": 3}), ("conv0", {"conv": 0})]
-        attention_cases(spec, configs[:2] + configs[3:4], [1, 8, 32], [8192, 32768, 131072], variants, hw, rows,
+        variants = [("default", {}), ("unmixed", {"mixed": False}), ("per_sm1", {"per_sm": 1}),
+                    ("per_sm3", {"per_sm": 3}), ("s1", {"num_stages": 1})]
+        attention_cases(spec, configs[1:2] + configs[3:4], [1, 8, 32], [8192, 32768, 131072], variants, hw, rows,
                         check=True)
     else:
         attention_cases(spec, configs, [1, 8, 32], [8192, 32768, 131072], [("triton", {})], hw, rows, check=True)

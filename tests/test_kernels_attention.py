@@ -12,7 +12,7 @@ from xqsim import loading, specs  # noqa: E402
 from xqsim.capacity import memory  # noqa: E402
 from xqsim.engine.cache import Store  # noqa: E402
 from xqsim.engine.kernels import available  # noqa: E402
-from xqsim.engine.kernels.attention import Source, decode_attention, n_splits  # noqa: E402
+from xqsim.engine.kernels.attention import Source, decode_attention, fast_tiles, n_splits  # noqa: E402
 from xqsim.engine.model import Engine  # noqa: E402
 from xqsim.schemes.ops import tensor  # noqa: E402
 
@@ -31,51 +31,61 @@ def reference(q, K, V):
     return (s.softmax(-1) @ Vh)[:, :, 0]
 
 
-def stores(bits, G, R, T, B, Hkv, hd, seed):
-    """A layer's K (per channel) and V (per token, rows of one head) holding T random tokens."""
+def stores(bits, G, R, T, B, Hkv, hd, seed, kernels="triton"):
+    """A layer's K (per channel) and V (per token, rows of one head) holding T random tokens; kernels='triton' packs
+    2-, 4- and 8-bit codes along the contracted axis (the Triton engine's stores), 'torch' as quant.pack does."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     dkv = Hkv * hd
     dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float16
-    k = Store(tensor("k", dkv, bits, axis="channel"), G, R, dtype)
-    v = Store(tensor("v", dkv, bits, row=hd), G, R, dtype)
+    k = Store(tensor("k", dkv, bits, axis="channel"), G, R, dtype, kernels=kernels)
+    v = Store(tensor("v", dkv, bits, row=hd), G, R, dtype, kernels=kernels)
     k.append(torch.randn(B, T, dkv, generator=g, device=DEV))
     v.append(torch.randn(B, T, dkv, generator=g, device=DEV))
     return k, v
 
 
-CASES = [  # bits, group, residual, context, batch, KV heads, query heads per KV head, head dim, tile
-    (16, 128, 0, 77, 2, 2, 4, 32, 32),
-    (16, 128, 0, 300, 1, 4, 1, 16, 64),  # MHA
-    (2, 32, 32, 200, 2, 2, 4, 32, 32),  # fast tiles, then a residual tail
-    (2, 16, 32, 131, 1, 2, 2, 16, 16),
-    (4, 32, 64, 333, 2, 2, 4, 32, 32),
-    (8, 32, 64, 333, 1, 2, 4, 32, 32),
-    (3, 32, 64, 333, 2, 2, 4, 32, 32),  # codes straddle bytes: every tile through the general path
-    (2, 64, 64, 333, 1, 1, 8, 32, 32),  # a tile inside a 64-token key block
-    (2, 8, 8, 45, 2, 2, 4, 16, 16),  # value groups of 8 < head dim: general path
-    (4, 32, 32, 31, 2, 2, 4, 32, 32),  # nothing quantized yet (T < R)
+CASES = [  # bits, group, residual, context, batch, KV heads, query heads per KV head, head dim, tile, fast tiles
+    (16, 128, 0, 77, 2, 2, 4, 32, 32, False),
+    (16, 128, 0, 300, 1, 4, 1, 16, 64, False),  # MHA
+    (2, 64, 64, 333, 2, 2, 4, 64, 64, True),  # fast tiles, then a residual tail
+    (2, 128, 128, 300, 1, 1, 8, 64, 128, True),  # a 128-token tile: 8 words a row
+    (4, 32, 32, 200, 2, 2, 4, 32, 32, True),
+    (8, 32, 64, 333, 1, 2, 4, 16, 16, True),
+    (4, 64, 32, 333, 1, 2, 2, 32, 32, True),  # two tiles in a 64-token key block
+    (2, 32, 32, 200, 2, 2, 4, 32, 32, False),  # 2 words a row: general path
+    (2, 16, 32, 131, 1, 2, 2, 16, 16, False),
+    (3, 32, 64, 333, 2, 2, 4, 32, 32, False),  # codes straddle bytes: every tile through the general path
+    (2, 8, 8, 45, 2, 2, 4, 16, 16, False),  # value groups of 8 < head dim: general path
+    (4, 32, 32, 31, 2, 2, 4, 32, 32, False),  # nothing quantized yet (T < R)
 ]
 
 
-@pytest.mark.parametrize("bits,G,R,T,B,Hkv,g,hd,tile", CASES)
-def test_kernel_equals_reference(bits, G, R, T, B, Hkv, g, hd, tile):
-    k, v = stores(bits, G, R, T, B, Hkv, hd, seed=bits * 1000 + T)
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("bits,G,R,T,B,Hkv,g,hd,tile,fast_path", CASES)
+def test_kernel_equals_reference(bits, G, R, T, B, Hkv, g, hd, tile, fast_path, kernels):
+    """Both packings of the codes (cross: the Triton engine's; quant.pack's: the general path only)."""
+    k, v = stores(bits, G, R, T, B, Hkv, hd, seed=bits * 1000 + T, kernels=kernels)
     q = torch.randn(B, Hkv * g, hd, device=DEV, generator=torch.Generator(device=DEV).manual_seed(T))
     ref = reference(q, k.read(torch.float64), v.read(torch.float64))
-    for fast in (True, False):
-        out = decode_attention(q.to(k.dtype), Source.of(k), Source.of(v), block_n=tile, fast=fast)
+    if bits < 16:
+        assert fast_tiles(Source.of(k), Source.of(v), hd, tile) == (fast_path and kernels == "triton"), \
+            f"bits {bits} hd {hd} tile {tile} {kernels}: fast tiles not as this case expects"
+    for fast, mixed in ((True, True), (False, True)) + (((True, False),) if fast_path else ()):
+        out = decode_attention(q.to(k.dtype), Source.of(k), Source.of(v), block_n=tile, fast=fast, mixed=mixed)
         assert out.shape == ref.shape and out.dtype == k.dtype
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, f"bits {bits} G {G} R {R} T {T} fast={fast}: relative error {err:.2e} (limit 1e-2)"
+        assert err < 1e-2, f"bits {bits} G {G} R {R} T {T} fast={fast} mixed={mixed}: relative error {err:.2e}" \
+                           " (limit 1e-2)"
 
 
 def test_split_boundaries_do_not_change_the_result():
     """The same cache attended with 1 and with many context splits (and tiles of 16 and 32) agrees to the rounding
     of the output's dtype (bf16 on a GPU: 2^-8 relative)."""
-    k, v = stores(2, 32, 32, 250, 1, 2, 16, seed=3)
-    q = torch.randn(1, 8, 16, device=DEV, dtype=k.dtype)
+    k, v = stores(4, 64, 64, 250, 1, 2, 32, seed=3)
+    q = torch.randn(1, 8, 32, device=DEV, dtype=k.dtype)
+    assert fast_tiles(Source.of(k), Source.of(v), 32, 32)
     outs = [decode_attention(q, Source.of(k), Source.of(v), block_n=bn, per_sm=ps).double()
-            for bn, ps in ((32, 1), (16, 64), (32, 64))]
+            for bn, ps in ((32, 1), (16, 64), (32, 64), (64, 64))]
     for o in outs[1:]:
         err = ((o - outs[0]).norm() / outs[0].norm()).item()
         assert err < 4e-3, f"split or tile changed the output by {err:.2e} (limit 4e-3)"
@@ -133,3 +143,21 @@ def test_engine_records_kernel_attention_as_fused_ops():
     e.step(tokens, cache, rec)
     names = [n for n, _, _ in rec.ops]
     assert names.count("attention") == m.n_layers and names.count("dequant_k") == m.n_layers, names
+
+
+def test_small_value_scales_keep_their_precision():
+    """8-bit values of a small range (scales ~3e-5) under spread scores: most of P*s lies below fp16's normal range
+    (6e-5) unless the kernel scales it; the fast tiles must still match the reference to fp16 rounding."""
+    bits, G, R, T, B, Hkv, g, hd = 8, 32, 32, 512, 1, 1, 4, 32
+    dkv, dtype = Hkv * hd, (torch.bfloat16 if DEV.type == "cuda" else torch.float16)
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    k = Store(tensor("k", dkv, bits, axis="channel"), G, R, dtype, kernels="triton")
+    v = Store(tensor("v", dkv, bits, row=hd), G, R, dtype, kernels="triton")
+    k.append(torch.randn(B, T, dkv, generator=gen, device=DEV))
+    v.append(1e-3 * torch.randn(B, T, dkv, generator=gen, device=DEV))
+    q = 3 * torch.randn(B, Hkv * g, hd, device=DEV, generator=gen)
+    assert fast_tiles(Source.of(k), Source.of(v), hd, 32)
+    ref = reference(q, k.read(torch.float64), v.read(torch.float64))
+    out = decode_attention(q.to(dtype), Source.of(k), Source.of(v), block_n=32)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 5e-3, f"relative error {err:.2e} (limit 5e-3)"

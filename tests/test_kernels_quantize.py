@@ -168,7 +168,7 @@ def assert_same(ref: Store, st: Store, what: str) -> None:
     if ref.n_quantized:
         assert bits_equal(ref.scale, st.scale) and bits_equal(ref.zero, st.zero), f"{what}: scale/zero differ"
         if not ref.t.shared:
-            bad = (ref.codes != st.codes).float().mean().item()
+            bad = (ref.packed() != st.packed()).float().mean().item()
             assert bad <= 1e-3, f"{what}: {bad:.2e} of the packed code bytes differ"
         v_ref, v = ref.read(torch.float32), st.read(torch.float32)
         assert torch.allclose(v_ref, v, rtol=0, atol=1e-2 * v_ref.abs().max().item()), f"{what}: values differ"
@@ -252,15 +252,16 @@ def test_window_is_the_last_tokens_in_order():
         assert torch.equal(st.fp, torch.cat(seen[-6:], 1)), f"step {i}: window {st.fp[0, :, 0].tolist()}"
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels,bits", [("torch", 3), ("triton", 3), ("triton", 2)])
 @pytest.mark.parametrize("axis", ["token", "channel"])
-def test_snapshot_rollback_restores_exactly(axis, kernels):
+def test_snapshot_rollback_restores_exactly(axis, kernels, bits):
     """A step and its rollback from one snapshot, repeated (as measure.py and the CUDA-graph replay do),
     including a step that compacts the window, and 2R + 2 steps that overwrite where the window was; then the
     store goes on exactly as one that never stepped."""
-    t, R, G = tensor_of(axis, 3), 8, 8
+    t, R, G = tensor_of(axis, bits), 8, 8
     st = Store(t, G, R, torch.float16, kernels=kernels)
     twin = Store(t, G, R, torch.float16, kernels=kernels)
+    assert st.cross == (kernels == "triton" and bits == 2), "packing not the one this case is for"
     st.reserve(100, 2, DEV)
     twin.reserve(100, 2, DEV)
     g = gen(9)
@@ -273,7 +274,9 @@ def test_snapshot_rollback_restores_exactly(axis, kernels):
         for s in (st, twin):
             s.push(x)
             s.flush()
-    state = [v.clone() for v in (st.fp, st.codes, st.scale, st.zero)]
+    # codes as quant.pack lays out the held tokens' codes (a cross-packed value store's partly held last byte
+    # keeps the bits of a rolled-back token: bits no reader takes)
+    state = [v.clone() for v in (st.fp, st.packed(), st.scale, st.zero)]
     snap = st.snapshot()
     moved = []
     for rep in range(3):
@@ -283,12 +286,34 @@ def test_snapshot_rollback_restores_exactly(axis, kernels):
             st.flush()
         moved.append(st._fp.moves != m)
         st.rollback(snap)
-        after = [st.fp, st.codes, st.scale, st.zero]
+        after = [st.fp, st.packed(), st.scale, st.zero]
         assert all(torch.equal(a, b) for a, b in zip(state, after, strict=True)), f"{axis}: rollback {rep} differs"
+        assert torch.equal(st.packed(), twin.packed()), f"{axis}: rollback {rep}: codes differ from the twin's"
         assert (st.tokens, st.nbytes()) == (twin.tokens, twin.nbytes())
     assert st._fp.capacity == 2 * R + 1 and moved[0], "no compaction in the rolled-back step: path not tested"
     feed([st, twin], 1, 2 * R + 3, t.width, torch.float16, 10)
-    assert_same(twin, st, f"{axis} {kernels}: after rollbacks")
+    assert_same(twin, st, f"{axis} {kernels} {bits}-bit: after rollbacks")
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_cross_packing_holds_the_analytic_bytes_at_every_count(axis):
+    """The Triton engine's K/V stores pack along the contracted axis; token by token (a value store's last word
+    partly held) they count exactly the bytes the analytic layout counts."""
+    import numpy as np
+
+    from xqsim.schemes.layout import codes_bytes, meta_bytes, residual_bytes
+
+    t = tensor_of(axis, 2)
+    st = Store(t, 8, 8, torch.float16, kernels="triton")
+    assert st.cross
+    g = gen(5)
+    for i in range(40):
+        x = torch.randn(2, 1, t.width, generator=g, device=DEV).to(torch.float16)
+        st.push(x)
+        st.flush()
+        T = np.array([st.tokens])
+        want = 2 * int((codes_bytes(t, T, 8, 8) + meta_bytes(t, T, 8, 8) + residual_bytes(t, T, 8))[0])
+        assert st.nbytes() == want, f"{axis} step {i}: {st.nbytes()} bytes held, analytic {want}"
 
 
 def test_unknown_kernels_refused():
@@ -334,8 +359,8 @@ def test_engine_triton_cache_matches_torch(monkeypatch):
             # the torch engine: the same cache (layer 0's inputs can differ only by the RoPE kernel's rounding)
             r = lr[name]
             assert (r.n_quantized, r.tokens, r.nbytes()) == (st.n_quantized, st.tokens, st.nbytes())
-            bad = (unpack(r.codes, st.t.bits, st.G if st.t.axis == "channel" else st.t.row)
-                   != unpack(st.codes, st.t.bits, st.G if st.t.axis == "channel" else st.t.row)).float().mean().item()
+            n = st.G if st.t.axis == "channel" else st.t.row
+            bad = (unpack(r.packed(), st.t.bits, n) != unpack(st.packed(), st.t.bits, n)).float().mean().item()
             fp = (r.fp.float() - st.fp.float()).abs().max().item()
             sz = max((r.scale.float() - st.scale.float()).abs().max().item(),
                      (r.zero.float() - st.zero.float()).abs().max().item())

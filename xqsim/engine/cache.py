@@ -1,6 +1,13 @@
 """Real caches: one Store per cached tensor per layer, holding exactly the bytes that
 xqsim.schemes.layout counts (codes bit-packed, fp16 scale and zero, fp16 residual window).
 
+Codes are packed along the axis their groups run along (quant.pack's layout: per-token rows, per-channel blocks of
+G tokens), except in the Triton engine's K and V stores at 2, 4 or 8 bits, which pack them along the axis the
+attention products contract ("cross" packing): keys token by token along their channels (q.K^T sums over
+channels), values channel by channel along their tokens (P.V sums over tokens). Each 32-bit word then holds codes
+that one tensor-core operand fragment takes in the order it takes them, so the attention kernel unpacks them in
+registers with no shared-memory transposition. The bits held are the same; only their order differs.
+
 Each tensor grows along its token axis inside a buffer with spare capacity (doubling, or reserved up
 front for timing), so a decode step writes only its new token; the residual window slides by an offset
 and is copied to the front only when its buffer runs out of room. `nbytes` counts the tokens held, the
@@ -26,8 +33,9 @@ class Growable:
     which is when a snapshot's copy of them is needed to roll back.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, align: int = 1):
         self.dim, self.buf, self.start, self.n, self.moves = dim, None, 0, 0, 0
+        self.align = align  # capacities are multiples of this (4: the buffer reads as 32-bit words)
 
     @property
     def value(self) -> torch.Tensor | None:
@@ -45,6 +53,7 @@ class Growable:
         """reserve() by shape (the axis' size in it is ignored), dtype and device."""
         if self.capacity >= capacity:
             return
+        capacity = -(-capacity // self.align) * self.align
         shape = list(shape)
         shape[self.dim] = capacity
         buf = torch.empty(shape, dtype=dtype, device=device)
@@ -93,26 +102,51 @@ class Growable:
         return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
 
 
+def cross_packing(t: CacheTensor, group: int, kernels: str) -> bool:
+    """Whether a store packs its codes along the contracted axis (module docstring): the Triton engine's K and V
+    at 2, 4 or 8 bits whose rows (channel axis: a token's channels; token axis: a row, and a block of G tokens)
+    are whole bytes, and whose channel-axis rows are whole 32-bit words."""
+    if kernels != "triton" or t.name not in ("k", "v") or t.bits not in (2, 4, 8):
+        return False
+    if t.axis == "channel":
+        return t.width * t.bits % 32 == 0 and group * t.bits % 8 == 0
+    return t.row * t.bits % 8 == 0
+
+
 class Store:
     """One CacheTensor of one layer for a batch: append tokens, read them back as values.
 
     kernels='torch' quantizes with quant.quantize and quant.pack (the reference); 'triton' with one launch of
-    kernels.quantize per flush, writing codes, scale and zero straight into the buffers."""
+    kernels.quantize per flush, writing codes, scale and zero straight into the buffers (cross-packed where
+    `cross_packing` says so)."""
 
     def __init__(self, t: CacheTensor, group: int, residual: int, dtype: torch.dtype, eta: float = 0.0,
                  below: Store | None = None, kernels: str = "torch"):
         self.t, self.G, self.R, self.dtype, self.eta = t, group, residual, dtype, eta
         self.kernels = check_kernels(kernels)
         self.below = below  # a shared store decodes the codes of the layer below
+        self.cross = cross_packing(t, group, self.kernels)
         dim = 1 if t.axis == "token" else 2
         self._fp = Growable(1)  # (B, n, width): unquantized values or the residual window
-        self._codes = Growable(dim)  # token: (B, Tq, rows, ceil(row*b/8)); channel: (B, width, nb, ceil(G*b/8))
+        # token: (B, Tq, rows, ceil(row*b/8)); channel: (B, width, nb, ceil(G*b/8)); cross-packed: token axis
+        # (B, width, ceil(Tq*b/8)) in buffers of whole 32-bit words, channel axis (B, Tq, width*b/8)
+        self._codes = Growable(3 - dim, align=4) if self.cross else Growable(dim)
         self._scale = Growable(dim)  # token: (B, Tq, rows, ngroups); channel: (B, width, nb)
         self._zero = Growable(dim)
         self.n_quantized = 0
 
     fp = property(lambda self: self._fp.value)
     codes = property(lambda self: self.below.codes if self.t.shared else self._codes.value)
+
+    @property
+    def code_words(self) -> torch.Tensor:
+        """Cross-packed codes as int32 words: token axis (B, width, words), channel axis (B, Tq, width*b/32)."""
+        if self.t.shared:
+            return self.below.code_words
+        g = self._codes
+        if self.t.axis == "channel":
+            return g.value.view(torch.int32)
+        return g.buf.narrow(2, 0, -(-g.n // 4) * 4).view(torch.int32)  # the last word may be partly held
     scale = property(lambda self: self._scale.value)
     zero = property(lambda self: self._zero.value)
 
@@ -178,19 +212,29 @@ class Store:
         from .kernels.quantize import quantize_channels, quantize_tokens
 
         B, k, w = x.shape
-        t, dev = self.t, x.device
+        t, dev, cross = self.t, x.device, self.cross
         if t.axis == "token":
             rows, ng, nbytes = w // t.row, -(-t.row // self.G), -(-t.row * t.bits // 8)
-            codes = None if t.shared else self._codes.claim((B, k, rows, nbytes), torch.uint8, dev)
+            if t.shared:
+                codes = None
+            elif cross:  # the bytes that tokens [0, Tq + k) reach along each channel, then all as words
+                grow = -(-(self.n_quantized + k) * t.bits // 8) - self._codes.n
+                if grow > 0:
+                    self._codes.claim((B, w, grow), torch.uint8, dev)
+                codes = self.code_words
+            else:
+                codes = self._codes.claim((B, k, rows, nbytes), torch.uint8, dev)
             scale = self._scale.claim((B, k, rows, ng), META_DTYPE, dev)  # (B, k, rows, ng) view
             zero = self._zero.claim((B, k, rows, ng), META_DTYPE, dev)
-            quantize_tokens(x, t.row, t.bits, self.G, self.eta, codes, scale, zero, self.dtype)
+            quantize_tokens(x, t.row, t.bits, self.G, self.eta, codes, scale, zero, self.dtype,
+                            first=self.n_quantized if cross else None)
         else:
             nb, nbytes = k // self.G, -(-self.G * t.bits // 8)
-            codes = None if t.shared else self._codes.claim((B, w, nb, nbytes), torch.uint8, dev)
+            shape = (B, k, w * t.bits // 8) if cross else (B, w, nb, nbytes)
+            codes = None if t.shared else self._codes.claim(shape, torch.uint8, dev)
             scale = self._scale.claim((B, w, nb), META_DTYPE, dev)  # (B, width, nb) view
             zero = self._zero.claim((B, w, nb), META_DTYPE, dev)
-            quantize_channels(x, t.bits, self.G, self.eta, codes, scale, zero, self.dtype)
+            quantize_channels(x, t.bits, self.G, self.eta, codes, scale, zero, self.dtype, cross=cross)
         self.n_quantized += k
 
     def reserve(self, tokens: int, batch: int, device) -> None:
@@ -202,18 +246,26 @@ class Store:
                          tokens if not t.quantized else 2 * self.R + 1)
         if not t.quantized:
             return
+        u8 = dict(dtype=torch.uint8, device=device)
         if t.axis == "token":
             rows, ng = t.width // t.row, -(-t.row // self.G)
             meta = torch.empty(batch, 1, rows, ng, dtype=torch.float16, device=device)
-            if not t.shared:
-                self._codes.reserve(torch.empty(batch, 1, rows, -(-t.row * t.bits // 8), dtype=torch.uint8,
-                                                device=device), tokens)
+            if t.shared:
+                pass
+            elif self.cross:
+                self._codes.reserve(torch.empty(batch, t.width, 1, **u8), -(-tokens * t.bits // 8))
+            else:
+                self._codes.reserve(torch.empty(batch, 1, rows, -(-t.row * t.bits // 8), **u8), tokens)
             cap = tokens
         else:
             meta = torch.empty(batch, t.width, 1, dtype=torch.float16, device=device)
-            if not t.shared:
-                self._codes.reserve(torch.empty(batch, t.width, 1, -(-self.G * t.bits // 8), dtype=torch.uint8,
-                                                device=device), -(-tokens // self.G))
+            if t.shared:
+                pass
+            elif self.cross:
+                self._codes.reserve(torch.empty(batch, 1, t.width * t.bits // 8, **u8), tokens)
+            else:
+                self._codes.reserve(torch.empty(batch, t.width, 1, -(-self.G * t.bits // 8), **u8),
+                                    -(-tokens // self.G))
             cap = -(-tokens // self.G)
         self._scale.reserve(meta, cap)
         self._zero.reserve(meta, cap)
@@ -247,7 +299,9 @@ class Store:
         if start < nq:
             e = min(end, nq)
             t = self.t
-            if t.axis == "token":
+            if self.cross:
+                parts.append(self._dequantize_cross(start, e, dtype))
+            elif t.axis == "token":
                 c = unpack(self.codes[:, start:e], t.bits, t.row)  # (B, n, rows, row)
                 parts.append(dequantize(c, self.scale[:, start:e], self.zero[:, start:e], self.G, dtype).flatten(2))
             else:
@@ -267,9 +321,44 @@ class Store:
         """How many of tokens [start, end) are held as codes."""
         return max(0, min(end, self.n_quantized) - start)
 
+    def _cross_codes(self, start: int, end: int) -> torch.Tensor:
+        """Codes of quantized tokens [start, end) of a cross-packed store, as (B, end - start, width) uint8."""
+        t, codes = self.t, self.codes
+        if t.axis == "channel":  # token rows packed along channels
+            return unpack(codes[:, start:end], t.bits, t.width)
+        b0, b1 = start * t.bits // 8, -(-end * t.bits // 8)  # channels packed along tokens: the bytes they reach
+        c = unpack(codes[:, :, b0:b1], t.bits, (b1 - b0) * 8 // t.bits)  # (B, width, tokens from b0's first)
+        off = start - b0 * 8 // t.bits
+        return c[:, :, off:off + end - start].transpose(1, 2)
+
+    def _dequantize_cross(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Quantized tokens [start, end) of a cross-packed store as values (B, end - start, width): the same
+        operation, value for value, as the reference layout's dequantization."""
+        t, c = self.t, self._cross_codes(start, end)
+        if t.axis == "token":
+            B, n, w = c.shape
+            rows = c.reshape(B, n, w // t.row, t.row)
+            return dequantize(rows, self.scale[:, start:end], self.zero[:, start:end], self.G, dtype).flatten(2)
+        blk = torch.arange(start, end, device=c.device) // self.G
+        s = self.scale[:, :, blk].transpose(1, 2).to(dtype)  # (B, n, width)
+        z = self.zero[:, :, blk].transpose(1, 2).to(dtype)
+        return torch.addcmul(z, c.to(dtype), s)
+
+    def packed(self) -> torch.Tensor:
+        """The codes in quant.pack's layout (the torch path's), whatever this store's packing."""
+        if not self.cross:
+            return self.codes
+        t, c = self.t, self._cross_codes(0, self.n_quantized)  # (B, Tq, width)
+        B, n, w = c.shape
+        if t.axis == "token":
+            return pack(c.reshape(B, n, w // t.row, t.row), t.bits)
+        return pack(c.transpose(1, 2).reshape(B, w, n // self.G, self.G), t.bits)
+
     def read_quantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The quantized tokens dequantized (B, Tq, width)."""
         t, codes = self.t, self.codes
+        if self.cross:
+            return self._dequantize_cross(0, self.n_quantized, dtype)
         if t.axis == "token":
             c = unpack(codes, t.bits, t.row)  # (B, Tq, rows, row)
             return dequantize(c, self.scale, self.zero, self.G, dtype).flatten(2)
@@ -283,8 +372,17 @@ class Store:
 
     def nbytes(self) -> int:
         """Bytes of the tokens this store holds (a shared store holds no codes)."""
-        return self._fp.nbytes() + self._scale.nbytes() + self._zero.nbytes() + \
-            (0 if self.t.shared else self._codes.nbytes())
+        return self._fp.nbytes() + self._scale.nbytes() + self._zero.nbytes() + self.code_bytes()
+
+    def code_bytes(self) -> int:
+        """Bytes of the codes held: a cross-packed token-axis store counts the bits of its tokens (its last byte
+        per channel may be partly held, as the analytic layout's rows never are)."""
+        if self.t.shared:
+            return 0
+        if self.cross and self.t.axis == "token" and self._codes.buf is not None:
+            B, w = self._codes.buf.shape[:2]
+            return B * w * self.n_quantized * self.t.bits // 8
+        return self._codes.nbytes()
 
     def reserved_bytes(self) -> int:
         return sum(g.reserved_bytes() for g in (self._fp, self._codes, self._scale, self._zero))

@@ -14,6 +14,10 @@ Two layouts, one program each per (sequence, token, row) or per (sequence, block
   partial): codes (B, k, rows, ceil(row*b/8)), scale and zero (B, k, rows, ceil(row/G));
 - per-channel blocks: k tokens (a multiple of G) of each channel: codes (B, width, k/G, ceil(G*b/8)),
   scale and zero (B, width, k/G).
+Cross packing (xqsim.engine.cache; b = 2, 4, 8) puts the same codes along the other axis: per-token groups
+write each channel's code of token `first + t` into the int32 words (B, width, words) packed along tokens (a
+word's other tokens' bits are left as they are: two atomic operations a word, so the tokens of one launch
+never race), per-channel blocks write token rows (B, k, width*b/8) packed along channels.
 """
 
 from __future__ import annotations
@@ -64,20 +68,33 @@ def _store_units(ptr, sy, q, shifts, unit, um, AXIS: tl.constexpr, BITS: tl.cons
 
 
 @triton.jit
+def _store_cross(ptrs, q, shift, mask, LEVELS: tl.constexpr):
+    """Write codes q at bit `shift` of the words at ptrs, keeping the words' other bits: clear, then set."""
+    tl.atomic_and(ptrs, ~(LEVELS << shift), mask=mask, sem="relaxed")
+    tl.atomic_or(ptrs, q << shift, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _quantize_tokens_kernel(
         x_ptr, codes_ptr, scale_ptr, zero_ptr, c1, eta, K, ROWS,
         sx_b, sx_t, sx_w, sc_b, sc_t, sc_r, sc_y, sm_b, sm_t, sm_r, sm_g,
         ROW: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, NBYTES: tl.constexpr, BITS: tl.constexpr,
         LEVELS: tl.constexpr, PER: tl.constexpr, NGP: tl.constexpr, UPGP: tl.constexpr, NUP: tl.constexpr,
         STORE: tl.constexpr, CALIB: tl.constexpr, CODES: tl.constexpr, WORDS: tl.constexpr,
-        ALIGNED: tl.constexpr):
-    """One program per (sequence, token, row): one row of ROW values in groups of G; codes in units of PER."""
+        ALIGNED: tl.constexpr, CROSS: tl.constexpr, first):
+    """One program per (sequence, token, row): one row of ROW values in groups of G; codes in units of PER (CROSS:
+    into the words along tokens, sc_t the stride of channels, sc_r unused)."""
     pid = tl.program_id(0)
     r = (pid % ROWS).to(tl.int64)
     t = ((pid // ROWS) % K).to(tl.int64)
     b = (pid // ROWS // K).to(tl.int64)
     x_row = x_ptr + b * sx_b + t * sx_t + r * ROW * sx_w
-    c_row = codes_ptr + b * sc_b + t * sc_t + r * sc_r
+    if CROSS:
+        tok = first + t  # this token's bits in each channel's words: word tok // (32/BITS)
+        c_row = codes_ptr + b * sc_b + r * ROW * sc_t + tok // (32 // BITS)
+        shift = ((tok % (32 // BITS)) * BITS).to(tl.int32)
+    else:
+        c_row = codes_ptr + b * sc_b + t * sc_t + r * sc_r
     m_off = b * sm_b + t * sm_t + r * sm_r
     gi = tl.arange(0, NGP)  # (NGP,)
     gm = gi < NG
@@ -92,7 +109,10 @@ def _quantize_tokens_kernel(
         s16, z16 = _scale_zero(tl.where(gm, mn, 0.0), tl.where(gm, mx, 0.0), c1, eta, LEVELS, CALIB)
         tl.store(scale_ptr + m_off + gi * sm_g, s16, mask=gm)
         tl.store(zero_ptr + m_off + gi * sm_g, z16, mask=gm)
-        if CODES:
+        if CODES and CROSS:
+            q = _codes(xf, s16.to(tl.float32)[:, None, None], z16.to(tl.float32)[:, None, None], LEVELS)
+            _store_cross(c_row + i * sc_t, q, shift, valid, LEVELS)
+        elif CODES:
             q = _codes(xf, s16.to(tl.float32)[:, None, None], z16.to(tl.float32)[:, None, None], LEVELS)
             q = tl.where(valid, q, 0)  # (NGP, UPGP, PER); padding packs as zeros
             ui = tl.arange(0, UPGP)[None, :]
@@ -114,7 +134,11 @@ def _quantize_tokens_kernel(
             s = tl.sum(tl.where(member, s16.to(tl.float32)[:, None, None], 0.0), axis=0)  # (NUP, PER): exact
             z = tl.sum(tl.where(member, z16.to(tl.float32)[:, None, None], 0.0), axis=0)
             q = tl.where(valid, _codes(xf, s, z, LEVELS), 0)  # (NUP, PER)
-            _store_units(c_row, sc_y, q, (si * BITS)[None, :].to(tl.uint32), ui, ui * PER < ROW, 1, BITS, NBYTES, WORDS)
+            if CROSS:
+                _store_cross(c_row + i * sc_t, q, shift, valid, LEVELS)
+            else:
+                _store_units(c_row, sc_y, q, (si * BITS)[None, :].to(tl.uint32), ui, ui * PER < ROW, 1, BITS,
+                             NBYTES, WORDS)
 
 
 @triton.jit
@@ -123,9 +147,10 @@ def _quantize_channels_kernel(
         sx_b, sx_t, sx_w, sc_b, sc_w, sc_n, sc_y, sm_b, sm_w, sm_n,
         G: tl.constexpr, NBYTES: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, PER: tl.constexpr,
         UPGP: tl.constexpr, CB: tl.constexpr, STORE: tl.constexpr, CALIB: tl.constexpr, CODES: tl.constexpr,
-        WORDS: tl.constexpr, EVEN: tl.constexpr):
+        WORDS: tl.constexpr, EVEN: tl.constexpr, CROSS: tl.constexpr):
     """One program per (sequence, block of G tokens, CB channels): tile (unit, PER, channel), coalesced along
-    the channels of each token; EVEN: the tile is whole (no masks)."""
+    the channels of each token; EVEN: the tile is whole (no masks). CROSS: token rows of int32 words along the
+    channels (sc_w the stride of tokens, 32/BITS channels a word; CB a multiple of it, W of CB)."""
     pid = tl.program_id(0)
     cb = pid % NCB
     n = ((pid // NCB) % NB).to(tl.int64)
@@ -150,7 +175,16 @@ def _quantize_channels_kernel(
     m_off = b * sm_b + ch * sm_w + n * sm_n  # (CB,)
     tl.store(scale_ptr + m_off, s16, mask=chm)
     tl.store(zero_ptr + m_off, z16, mask=chm)
-    if CODES:
+    if CODES and CROSS:
+        PW: tl.constexpr = 32 // BITS
+        q = _codes(xf, s16.to(tl.float32)[None, None, :], z16.to(tl.float32)[None, None, :], LEVELS)
+        q = tl.reshape(q, (UPGP * PER, CB // PW, PW))  # (token in block, word, code in word)
+        word = tl.sum(q.to(tl.uint32) << (tl.arange(0, PW) * BITS).to(tl.uint32)[None, None, :], axis=2)
+        tk = tl.arange(0, UPGP * PER)[:, None]
+        wi = cb * (CB // PW) + tl.arange(0, CB // PW)[None, :]
+        tl.store(codes_ptr + b * sc_b + (n * G + tk) * sc_w + wi, word.to(tl.int32, bitcast=True),
+                 mask=(tk < G) & (wi * PW < W))
+    elif CODES:
         q = _codes(xf, s16.to(tl.float32)[None, None, :], z16.to(tl.float32)[None, None, :], LEVELS)
         if not EVEN:
             q = tl.where(valid, q, 0)  # (UPGP, PER, CB)
@@ -202,19 +236,36 @@ def _units(codes: torch.Tensor | None, bits: int, n: int, scale: torch.Tensor):
 
 
 def quantize_tokens(x: torch.Tensor, row: int, bits: int, group: int, eta: float, codes: torch.Tensor | None,
-                    scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+                    scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype | None = None,
+                    first: int | None = None) -> None:
     """Per-token groups, in place: x (B, k, width) as rows of `row` values -> codes (B, k, rows, ceil(row*bits/8))
     uint8 (None for a shared store: no codes), scale and zero (B, k, rows, ceil(row/group)) fp16. x's values are
-    taken in `dtype` (the store's element type; default x.dtype). Any strides; one launch."""
+    taken in `dtype` (the store's element type; default x.dtype). Any strides; one launch. With `first` (cross
+    packing, bits 2, 4 or 8), codes are int32 words (B, width, words) along tokens, x's tokens being tokens
+    first .. first + k - 1 of them."""
     B, K, W = x.shape
     rows, ng, nbytes = W // row, -(-row // group), -(-row * bits // 8)
     if rows * row != W or not 1 <= bits <= 8:
         raise ValueError(f"width {W} is not a multiple of row {row}, or bits {bits} not in 1..8")
-    _check_outputs(codes, scale, zero, (B, K, rows, nbytes), (B, K, rows, ng))
+    cross = first is not None
+    if cross:
+        if bits not in (2, 4, 8):
+            raise ValueError(f"cross packing takes 2, 4 or 8 bits, not {bits}")
+        need = -(-(first + K) * bits // 32)
+        if codes is not None and (codes.dtype != torch.int32 or tuple(codes.shape[:2]) != (B, W)
+                                  or codes.shape[2] < need):
+            raise ValueError(f"codes: expected int32 words ({B}, {W}, >= {need}), "
+                             f"got {tuple(codes.shape)} {codes.dtype}")
+        _check_outputs(None, scale, zero, (), (B, K, rows, ng))
+    else:
+        _check_outputs(codes, scale, zero, (B, K, rows, nbytes), (B, K, rows, ng))
     if B * K * rows == 0:
         return
     c1, e = _calibration(eta)
-    cz, cs, per, words = _units(codes, bits, row, scale)
+    if cross and codes is not None:
+        cz, cs, per, words = codes, (codes.stride(0), codes.stride(1), 0, 0), 32 // bits, True
+    else:
+        cz, cs, per, words = _units(codes, bits, row, scale)
     aligned = group % per == 0
     ngp, upgp, nup = _p2(ng), _p2(-(-group // per)), _p2(-(-row // per))
     tile = ngp * upgp * per if aligned else ngp * nup * per
@@ -222,23 +273,31 @@ def quantize_tokens(x: torch.Tensor, row: int, bits: int, group: int, eta: float
         x, cz, scale, zero, c1, e, K, rows, *x.stride(), *cs, *scale.stride(),
         ROW=row, G=group, NG=ng, NBYTES=nbytes, BITS=bits, LEVELS=2**bits - 1, PER=per, NGP=ngp, UPGP=upgp,
         NUP=nup, STORE=_TL[dtype or x.dtype], CALIB=eta != 0, CODES=codes is not None, WORDS=words,
-        ALIGNED=aligned, num_warps=_warps(tile), enable_fp_fusion=False)
+        ALIGNED=aligned, CROSS=cross, first=first or 0, num_warps=_warps(tile), enable_fp_fusion=False)
 
 
 def quantize_channels(x: torch.Tensor, bits: int, group: int, eta: float, codes: torch.Tensor | None,
-                      scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+                      scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype | None = None,
+                      cross: bool = False) -> None:
     """Per-channel blocks, in place: x (B, k, width), k a multiple of `group` -> codes (B, width, k/group,
     ceil(group*bits/8)) uint8 packed along tokens (None for a shared store), scale and zero (B, width, k/group)
-    fp16. x's values are taken in `dtype` (default x.dtype). Any strides; one launch."""
+    fp16. x's values are taken in `dtype` (default x.dtype). Any strides; one launch. cross: codes are token rows
+    (B, k, width*bits/8) packed along channels (bits 2, 4 or 8; width*bits a multiple of 32)."""
     B, K, W = x.shape
     nb, nbytes = K // group, -(-group * bits // 8)
     if nb * group != K or not 1 <= bits <= 8:
         raise ValueError(f"{K} tokens are not whole blocks of {group}, or bits {bits} not in 1..8")
-    _check_outputs(codes, scale, zero, (B, W, nb, nbytes), (B, W, nb))
+    if cross and (bits not in (2, 4, 8) or W * bits % 32):
+        raise ValueError(f"cross packing takes 2, 4 or 8 bits and rows of whole words, not {bits} bits x {W}")
+    _check_outputs(codes, scale, zero, (B, K, W * bits // 8) if cross else (B, W, nb, nbytes), (B, W, nb))
     if B * nb * W == 0:
         return
     c1, e = _calibration(eta)
-    cz, cs, per, words = _units(codes, bits, group, scale)
+    if cross and codes is not None:
+        w = codes.view(torch.int32)
+        cz, cs, per, words = w, (w.stride(0), w.stride(1), 0, 0), 32 // bits, True
+    else:
+        cz, cs, per, words = _units(codes, bits, group, scale)
     upgp = _p2(-(-group // per))
     # small programs (each thread's serial work sets the time): ~1024 values, 2048 where that still leaves
     # plenty of programs; 2 warps only when there are few (H200, G 128: 3.5 / 5.4 / 10.2 us at batch 1 / 8 / 32)
@@ -246,10 +305,14 @@ def quantize_channels(x: torch.Tensor, bits: int, group: int, eta: float, codes:
     if B * nb * -(-W // (2 * cb)) >= 1024:
         cb *= 2
     cb = min(cb, _p2(W))
+    if cross:  # whole words of channels, and W whole programs of them
+        cb = max(cb, 32 // bits)
+        while W % cb:
+            cb //= 2
     ncb = -(-W // cb)
     warps = 2 if B * nb * ncb < 264 else 1
     _quantize_channels_kernel[(B * nb * ncb,)](
         x, cz, scale, zero, c1, e, nb, W, ncb, *x.stride(), *cs, *scale.stride(),
         G=group, NBYTES=nbytes, BITS=bits, LEVELS=2**bits - 1, PER=per, UPGP=upgp, CB=cb,
         STORE=_TL[dtype or x.dtype], CALIB=eta != 0, CODES=codes is not None, WORDS=words,
-        EVEN=upgp * per == group and W % cb == 0, num_warps=warps, enable_fp_fusion=False)
+        EVEN=upgp * per == group and W % cb == 0, CROSS=cross, num_warps=warps, enable_fp_fusion=False)
