@@ -23,6 +23,7 @@ from .schemes.layout import (
 from .specs import ModelSpec, SchemeConfig
 
 MAX_CONTEXT = 2**31  # search ceiling [tokens]
+SEARCH_WAYS = 64  # max_context's search: points per step
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,15 @@ def max_context(capacity, weights: float, mem: SeqMemory, B) -> np.ndarray:
     budget = (np.asarray(capacity, dtype=float) - weights) / np.asarray(B, dtype=float)
     lo = np.zeros(np.shape(budget), dtype=np.int64)
     hi = np.full(np.shape(budget), MAX_CONTEXT, dtype=np.int64)
-    while np.any(lo < hi):  # largest T with envelope(T) <= budget (envelope is non-decreasing)
-        mid = (lo + hi + 1) // 2
-        ok = mem.envelope(mid) <= budget
-        lo = np.where(ok, mid, lo)
-        hi = np.where(ok, hi, mid - 1)
+    steps = np.arange(1, SEARCH_WAYS, dtype=np.int64)
+    while np.any(lo < hi):  # largest T with envelope(T) <= budget (envelope is non-decreasing): a 64-way search
+        # SEARCH_WAYS - 1 points split (lo, hi] into parts; the largest that fits becomes lo, the next one hi + 1
+        width = hi - lo
+        pts = lo[..., None] + -(-(width[..., None] * steps) // SEARCH_WAYS)  # (..., ways - 1), non-decreasing
+        ok = mem.envelope(pts) <= budget[..., None]
+        n_ok = ok.sum(-1)  # points that fit: a prefix, envelope being non-decreasing
+        fits = np.take_along_axis(pts, np.maximum(n_ok - 1, 0)[..., None], -1)[..., 0]
+        fails = np.take_along_axis(pts, np.minimum(n_ok, SEARCH_WAYS - 2)[..., None], -1)[..., 0]
+        lo = np.where(n_ok > 0, fits, lo)
+        hi = np.where(n_ok < SEARCH_WAYS - 1, fails - 1, hi)
     return lo

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .loading import ROOT, load_model
 from .specs import HardwareProfile, ModelSpec, SchemeConfig, UserError
-from .sweep import evaluate
+from .sweep import capped_point
 
 ACCURACY_CSV = ROOT / "measurements" / "accuracy" / "accuracy.csv"
 QUALITY_FIELDS = ("scheme", "bits", "v_bits", "group", "residual", "first_layers", "first_bits", "rank_k", "rank_v",
@@ -87,7 +87,7 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
     rows = []
     for cfg in cands:
         try:
-            a = evaluate(hws, model, cfg, [batch], [context], fitted, batch_limit=batch)
+            a = capped_point(hws, model, cfg, batch, context, fitted)
         except UserError:
             continue
         if cfg.scheme == "fp16":  # the baseline: the cache itself, no loss by construction
@@ -95,12 +95,11 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
         else:
             q = quality.get(quality_key(cfg, acc_model)) if acc_model else None
         for i, hw in enumerate(hws):
-            b = int(a["batch_cap"][i, 0, 0])
-            per_seq = float(a["cache_bytes"][i, 0, 0]) / batch  # cache bytes of one sequence at this context
+            b = int(a["batch_cap"][i])
             rows.append({"hardware": hw.name, "model": model.name, "label": cfg.label, "scheme": cfg.scheme,
                          "batch": b, "context": context,
-                         "tokens_per_s": float(a["throughput_cap_tokens_per_s"][i, 0, 0]),
-                         "cache_bytes": per_seq * b,
+                         "tokens_per_s": float(a["throughput_cap_tokens_per_s"][i]),
+                         "cache_bytes": float(a["cache_bytes_per_seq"][i]) * b,
                          "delta_ppl_rel": q["delta_ppl_rel"] if q else math.nan,
                          "accuracy_result": q["accuracy_label"] if q else "",
                          "rates": "fitted" if fitted and hw.fitted else "spec"})

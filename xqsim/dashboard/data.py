@@ -50,7 +50,7 @@ def sweep_frame(hws: list[HardwareProfile], model: ModelSpec, configs: list[Sche
 def exact_crossovers(df: pd.DataFrame, hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig],
                      batch: int, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
     """crossovers(df), each placed on the model to 0.1% (sweep.solve_crossovers; the table is at one batch, its
-    capacity-limited throughput at most that batch): about half the bisection steps of the exact integer."""
+    capacity-limited throughput at most that batch): fewer search steps than the exact integer."""
     return sweep.solve_crossovers(crossovers(df, metrics), hws, [model], configs, batch, rel_tol=1e-3)
 
 

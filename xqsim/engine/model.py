@@ -233,9 +233,9 @@ class Engine:
         pos = torch.arange(T0, T0 + 1, device=h.device)
         with rec("kv_proj", "matmul", 2 * B * s.d_model * 2 * s.dkv):
             k, v = h @ w[f"{i}.wk"], h @ w[f"{i}.wv"]  # (B, 1, dkv)
-        with rec("rope", "rope", ROPE_FLOPS * B * s.dq):  # two ops of one name, as the analytic model has them
+        with rec("rope_q", "rope", ROPE_FLOPS * B * s.dq):
             qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos, s.rope_theta, self.kernels)  # (B, H, 1, hd)
-        with rec("rope", "rope", ROPE_FLOPS * B * s.dkv):
+        with rec("rope_k", "rope", ROPE_FLOPS * B * s.dkv):
             k = rope(k.view(B, 1, Hkv, hd).transpose(1, 2), pos, s.rope_theta, self.kernels)  # (B, Hkv, 1, hd)
             k = k.transpose(1, 2).reshape(B, 1, -1)  # (B, 1, dkv)
         self._store(stores, {"k": k, "v": v}, rec)

@@ -25,8 +25,8 @@ def attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, B, T) 
     kern = "attention" if cfg.fused else ""
     return [
         matmul("kv_proj", B, 1, model.d_model, 2 * model.dkv, model.weight_bytes),
-        rope("rope", B * dq),  # RoPE of the query heads and of the new key: two kernels, one op name
-        rope("rope", B * model.dkv),
+        rope("rope_q", B * dq),  # RoPE of the query heads and of the new key
+        rope("rope_k", B * model.dkv),
         *store_ops(cfg, group, B, T),
         *dequant_ops(cfg, group, B, T, cfg.fused, kern),
         Op("attention", "attention",
