@@ -247,6 +247,12 @@ def test_user_files_by_path_and_relative_to_base(tmp_path):
      ["field 'fitted.mem_eficiency'", "did you mean 'mem_efficiency'", "allowed: source, mem_efficiency"]),
     (lambda d: d.update(fitted={"source": "fit", "compute_efficiency": {"matmull": 0.8}}),
      ["field 'fitted.compute_efficiency.matmull'", "did you mean 'matmul'"]),
+    (lambda d: d["mem_bytes_per_s"].update(value=float("inf")), ["field 'mem_bytes_per_s.value'", "finite number"]),
+    (lambda d: d["mem_bytes_per_s"].update(value=1e-300),
+     ["field 'mem_bytes_per_s'", "mem_bytes_per_s=1e-300 is outside the plausible [1e+08, 1e+15] B/s"]),
+    (lambda d: d["memory_bytes"].update(value=80), ["field 'memory_bytes'", "outside the plausible", " B"]),
+    (lambda d: d["flops_per_s"]["bf16"].update(value=1e30), ["field 'flops_per_s'", "flops_per_s.bf16=1e+30"]),
+    (lambda d: d["kernel_overhead_s"].update(value=4), ["field 'kernel_overhead_s'", "[1e-08, 0.1] s"]),
 ])
 def test_bad_hardware_file(tmp_path, change, fragments):
     assert_bad_file(tmp_path, "hardware", "h100_sxm", loading.load_hardware, change, fragments)
@@ -260,6 +266,10 @@ def test_bad_hardware_file(tmp_path, change, fragments):
     (lambda d: d.update(n_layer=2), ["field 'n_layer'", "did you mean 'n_layers'"]),
     (lambda d: d.pop("source"), ["field 'source'", "required but missing"]),
     (lambda d: d.update(tie_embeddings="sometimes"), ["field 'tie_embeddings'", "valid boolean"]),
+    (lambda d: d.update(n_layers=True), ["field 'n_layers'", "valid integer", "(got True)"]),
+    (lambda d: d.update(d_model=64.0), ["field 'd_model'", "valid integer", "(got 64.0)"]),
+    (lambda d: d.update(vocab_size=2**40), ["field 'vocab_size'", "less than 2147483648"]),
+    (lambda d: d.update(rope_theta=float("nan")), ["field 'rope_theta'", "finite number"]),
 ])
 def test_bad_model_file(tmp_path, change, fragments):
     assert_bad_file(tmp_path, "models", "tiny", loading.load_model, change, fragments)

@@ -35,7 +35,9 @@ DEFAULT_BITS = {
 BITS_ALLOWED["fp16"] = (UNQUANTIZED,)
 BITS_ALLOWED["xquant_yang"] = (1, 2, 3, 4, 8, UNQUANTIZED)
 
-Positive = Annotated[int, Field(gt=0)]
+MAX_COUNT = 2**31  # every count a spec holds (layers, widths, heads, vocabulary, group, rank, batch, context)
+# whole numbers, not booleans or floats, in [1, MAX_COUNT)
+Positive = Annotated[int, Field(gt=0, lt=MAX_COUNT, strict=True)]
 Frozen = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -50,7 +52,7 @@ class Figure(BaseModel):
     """A spec figure with where it comes from."""
 
     model_config = Frozen
-    value: float = Field(gt=0, description="the figure, SI base units")
+    value: float = Field(gt=0, allow_inf_nan=False, description="the figure, SI base units")
     source: str = Field(min_length=3, description="datasheet, paper or measurement it comes from")
 
 
@@ -75,6 +77,15 @@ class Fitted(BaseModel):
 
 
 FlopKey = Literal["bf16", "fp16", "fp8", "int8", "tf32", "fp32"]
+# plausible ranges of hardware figures: from an embedded accelerator to well past today's largest parts
+FIGURE_RANGES = {
+    "memory_bytes": (2**20, 2**50, "B"),  # 1 MiB .. 1 PiB
+    "mem_bytes_per_s": (1e8, 1e15, "B/s"),  # 0.1 GB/s .. 1 PB/s
+    "flops_per_s": (1e8, 1e18, "FLOP/s"),  # 0.1 GFLOP/s .. 1 EFLOP/s
+    "l2_bytes": (0, 2**40, "B"),
+    "interconnect_bytes_per_s": (1e6, 1e15, "B/s"),
+    "kernel_overhead_s": (1e-8, 1e-1, "s"),  # 10 ns .. 100 ms
+}
 
 
 class HardwareProfile(BaseModel):
@@ -107,6 +118,20 @@ class HardwareProfile(BaseModel):
         if not 0 < v.value <= 1:
             raise ValueError(f"value must be in (0, 1], got {v.value}")
         return v
+
+    @model_validator(mode="after")
+    def _plausible(self) -> HardwareProfile:
+        """Each figure inside what any accelerator has or will soon have (FIGURE_RANGES): a unit slip (GB for B,
+        TB/s for B/s) or a typo is an error, not a GPU a million times off."""
+        figures = {k: getattr(self, k) for k in FIGURE_RANGES if k != "flops_per_s"}
+        figures |= {f"flops_per_s.{k}": v for k, v in self.flops_per_s.items()}
+        for name, fig in figures.items():
+            if fig is None:
+                continue
+            lo, hi, unit = FIGURE_RANGES[name.split(".")[0]]
+            if not lo <= fig.value <= hi:
+                raise ValueError(f"{name}={fig.value:g} is outside the plausible [{lo:g}, {hi:g}] {unit}")
+        return self
 
     @property
     def capacity_bytes(self) -> float:
@@ -155,8 +180,8 @@ class ModelSpec(BaseModel):
     ffn_dim: Positive
     vocab_size: Positive
     tie_embeddings: bool = False
-    rope_theta: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0, allow_inf_nan=False)
+    norm_eps: float = Field(1e-5, gt=0, lt=1)
     weight_bytes: Literal[1, 2, 4] = Field(2, description="bytes per weight element")
 
     @model_validator(mode="after")
