@@ -126,7 +126,7 @@ def test_linear_memory_form_matches_exact_bytes(scheme, kw, strategy, fused):
     """capacity.seq_memory (used for max batch/context) equals the exact breakdown at every context."""
     model = loading.load_model("llama-3.1-8b")
     strategy = strategy if scheme in specs.REMAT_SCHEMES else None
-    c = cfg(scheme, model, strategy=strategy, fused=fused, **kw)
+    c = cfg(scheme, model, strategy=strategy, fused=fused and scheme != "fp16", **kw)
     T = np.arange(0, 700, dtype=np.int64)
     exact = memory(model, c, 1, T)
     per_seq = exact["cache_bytes"] + exact["transient_bytes"]

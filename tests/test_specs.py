@@ -203,7 +203,30 @@ def test_resolved_checks_model_shapes(tiny_gqa):
     with pytest.raises(UserError, match="first_layers=3 exceeds tiny-gqa's 2 layers"):
         loading.scheme_config(scheme="xquant_cl", bits=2, first_layers=3).resolved(tiny_gqa)
     r = loading.scheme_config(scheme="kivi", bits=2).resolved(tiny_gqa)
-    assert (r.residual, r.group, r.strategy) == (128, 128, "remat")
+    assert (r.residual, r.group, r.strategy) == (128, 128, None)  # K/V schemes have no strategy
+    assert loading.scheme_config(scheme="xquant", bits=2).resolved(tiny_gqa).strategy == "remat"
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    ({"scheme": "fp16", "strategy": "remat"}, "strategy remat applies only to rematerializing schemes"),
+    ({"scheme": "kivi", "strategy": "remat"}, "kivi caches K and V"),
+    ({"scheme": "fp16", "fused": True}, "fused applies only to compressed caches"),
+    ({"scheme": "xquant_cl", "bits": 4, "first_bits": 2}, "first_bits=2 is below bits=4"),
+])
+def test_options_that_mean_nothing_for_a_scheme_are_refused(fields, fragment):
+    with pytest.raises(UserError, match=fragment):
+        loading.scheme_config(**fields)
+
+
+def test_stored_configs_of_earlier_versions_still_read():
+    """Measurement rows keep the resolved config of the version that wrote them: strategy 'remat' for every scheme,
+    fused fp16 from the Triton engine, first_bits 4 under 8-bit XQuant-CL. They read as the same configuration."""
+    old = specs.SchemeConfig.stored({"scheme": "kivi", "bits": 2, "strategy": "remat", "fused": True, "group": 128})
+    assert (old.scheme, old.bits, old.strategy, old.fused) == ("kivi", 2, None, True)
+    assert specs.SchemeConfig.stored({"scheme": "fp16", "bits": 16, "strategy": "remat", "fused": True}).fused is False
+    cl = specs.SchemeConfig.stored({"scheme": "xquant_cl", "bits": 8, "first_bits": 4, "first_layers": 3})
+    assert cl.first_bits is None and cl.first_layers == 3
+    assert specs.SchemeConfig.stored({"scheme": "xquant", "bits": 2, "strategy": "absorb_v"}).strategy == "absorb_v"
 
 
 # ----------------------------------------------------------------------------- files and their errors

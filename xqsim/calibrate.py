@@ -25,7 +25,7 @@ def row_model_config(r: dict) -> tuple:
 @functools.cache
 def _row_model_config(name: str, layers: int, config: str):
     model = loading.load_model(name).model_copy(update={"n_layers": layers})
-    cfg = SchemeConfig(**{k: v for k, v in json.loads(config).items() if v is not None}).resolved(model)
+    cfg = SchemeConfig.stored(json.loads(config)).resolved(model)
     return model, cfg
 
 

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import loading, specs
-from .specs import UserError
+from .specs import REMAT_SCHEMES, UserError
 
 try:  # typer < 0.20 raises click's exceptions; newer typer vendors click as its own
     from click.exceptions import ClickException as _ClickException
@@ -557,7 +557,8 @@ def accuracy(
         n, c = _count(tokens, "tokens"), _count(context, "context")
         if c < 2:  # a window predicts its tokens 2..c from the ones before
             raise UserError("command line: field 'context': a window needs at least 2 tokens")
-        configs = [loading.scheme_config(scheme=s.strip(), strategy=strategy, bits=None if s.strip() == "fp16" else b)
+        configs = [loading.scheme_config(scheme=s.strip(), bits=None if s.strip() == "fp16" else b,
+                                         strategy=strategy if s.strip() in REMAT_SCHEMES else None)  # K/V: none
                    for s in schemes.split(",") for b in dict.fromkeys(_ints(bits, "bits"))]
         configs = list(dict.fromkeys(configs))
     if jobs < 1:

@@ -254,8 +254,15 @@ class SchemeConfig(BaseModel):
             v = getattr(self, field)
             if v is not None and v not in allowed:
                 raise ValueError(f"{field}={v} is not supported by {s}; allowed: {list(allowed)}")
-        if self.strategy == "absorb_v" and s not in REMAT_SCHEMES:
-            raise ValueError(f"strategy absorb_v applies only to rematerializing schemes {list(REMAT_SCHEMES)}")
+        if self.strategy is not None and s not in REMAT_SCHEMES:
+            raise ValueError(f"strategy {self.strategy} applies only to rematerializing schemes "
+                             f"{list(REMAT_SCHEMES)}; {s} caches K and V")
+        if self.fused and s == "fp16":
+            raise ValueError("fused applies only to compressed caches: fp16 has nothing to dequantize or rebuild")
+        if (self.first_bits is not None and s != "xquant_yang" and self.bits < UNQUANTIZED
+                and self.first_bits < self.bits):
+            raise ValueError(f"first_bits={self.first_bits} is below bits={self.bits}: the leading layers are kept "
+                             f"at first_bits or more, never fewer")
         only = {"rank_k": ("xquant_gqa", "xquant_cl_gqa"), "rank_v": ("xquant_gqa", "xquant_cl_gqa"),
                 "keep_first_channel": ("xquant_gqa",), "v_bits": ("xquant_yang",),
                 "share_from": ("xquant_yang",), "eta_k": ("xquant_yang",), "eta_v": ("xquant_yang",)}
@@ -271,11 +278,27 @@ class SchemeConfig(BaseModel):
             raise ValueError(f"{s} needs first_layers >= 1 (the last of them is the base layer)")
         return self
 
+    @classmethod
+    def stored(cls, data: dict) -> SchemeConfig:
+        """A config as xqsim wrote it into a file (a measurement row's `config`), read by today's rules: options
+        that earlier versions filled in although they mean nothing for the scheme (strategy for K/V schemes,
+        fused for fp16 under the Triton engine, a default first_bits below bits) are left out."""
+        d = {k: v for k, v in data.items() if v is not None}
+        s = d.get("scheme")
+        if s not in REMAT_SCHEMES:
+            d.pop("strategy", None)
+        if s == "fp16":
+            d.pop("fused", None)
+        bits = d.get("bits", DEFAULT_BITS.get(s, UNQUANTIZED))
+        if s != "xquant_yang" and "first_bits" in d and bits < UNQUANTIZED and d["first_bits"] < bits:
+            d.pop("first_bits")
+        return cls(**d)
+
     def resolved(self, model: ModelSpec) -> SchemeConfig:
         """Fill model-dependent defaults and check the options against the model's shapes."""
         s, upd = self.scheme, {}
         quant = self.bits < UNQUANTIZED
-        if self.strategy is None:
+        if self.strategy is None and s in REMAT_SCHEMES:
             upd["strategy"] = "remat"
         if self.residual is None:
             # KIVI's code keeps R=128 fp16 tokens; per-channel layouts need R to be a multiple of G.

@@ -229,7 +229,7 @@ def _frame(blocks: list[tuple[dict, dict[str, np.ndarray]]], hws: list[HardwareP
 
 def _names(model: ModelSpec, cfg: SchemeConfig, resolved: SchemeConfig) -> dict:
     return {"model": model.name, "scheme": cfg.scheme, "label": cfg.label, "bits": cfg.bits,
-            "strategy": resolved.strategy, "fused": cfg.fused}
+            "strategy": resolved.strategy or "", "fused": cfg.fused}  # "": the scheme has none
 
 
 def evaluate_frame(hws, model, cfg, batch, context, fitted=True, batch_limit=None) -> pd.DataFrame:

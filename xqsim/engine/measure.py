@@ -284,7 +284,7 @@ def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list
                     if b * t > max_tokens:
                         continue
                     row = {"model": spec.name, "layers": spec.n_layers, "scheme": cfg.scheme, "label": cfg.label,
-                           "bits": cfg.bits, "strategy": cfg.strategy or "remat", "fused": cfg.fused,
+                           "bits": cfg.bits, "strategy": cfg.strategy, "fused": cfg.fused,
                            "batch": b, "context": t, "config": cfg.model_dump(mode="json")}
                     try:
                         row |= {"status": "ok"} | measure_one(spec, cfg, b, t, device, dtype, repeats, warmup,

@@ -82,7 +82,7 @@ class Engine:
         self.spec, self.cfg, self.tile = spec, cfg.resolved(spec), tile
         self.device, self.dtype, self.store_dtype = torch.device(device), dtype, store_dtype
         self.kernels = resolve_kernels(kernels, self.device)  # 'triton' (default on CUDA) or 'torch'
-        if self.kernels == "triton" and self.cfg.scheme not in REMAT_SCHEMES:
+        if self.kernels == "triton" and self.cfg.scheme not in REMAT_SCHEMES and self.cfg.scheme != "fp16":
             # K/V schemes attend in one kernel that dequantizes in registers: the fused execution, whatever was asked
             self.cfg = self.cfg.model_copy(update={"fused": True})
 
