@@ -159,16 +159,16 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
             q.stride(0), q.stride(1),
             *kcs, *kss, fp_k.stride(0), fp_k.stride(1),
             vcs[0], vcs[1], vcs[2], vss[0], vss[1], vss[2], fp_v.stride(0), fp_v.stride(1))
-    meta = dict(HKV=Hkv, G=g, BLOCK_G=block_g, HD=hd, BLOCK_N=block_n, KB=k.bits, VB=v.bits, GK=k.group,
-                GV=v.group, KX=k.cross, VX=v.cross, CONV=conv, TAIL_N=min(block_n, tail_n) if quantized else block_n,
-                num_warps=num_warps, num_stages=num_stages)
+    consts = dict(HKV=Hkv, G=g, BLOCK_G=block_g, HD=hd, BLOCK_N=block_n, KB=k.bits, VB=v.bits, GK=k.group,
+                  GV=v.group, KX=k.cross, VX=v.cross, CONV=conv, TAIL_N=min(block_n, tail_n) if quantized else block_n,
+                  num_warps=num_warps, num_stages=num_stages)
     # the fast splits and the split past `main` are two launches of two compilations: the tiles that reach into the
     # fp16 window take registers that would make the fast loop spill (H200: 16% slower at batch 32, 128k)
     n_main = splits - (main < T) if fast else splits
     if n_main:
-        _split_kernel[(B * Hkv, n_main)](*args, 0, FAST=fast, MIXED=False, **meta)
+        _split_kernel[(B * Hkv, n_main)](*args, 0, FAST=fast, MIXED=False, **consts)
     if n_main < splits:
-        _split_kernel[(B * Hkv, 1)](*args, n_main, FAST=fast, MIXED=mixed, **meta)
+        _split_kernel[(B * Hkv, 1)](*args, n_main, FAST=fast, MIXED=mixed, **consts)
     out = torch.empty(B, H, hd, dtype=q.dtype, device=q.device)
     _merge_kernel[(B * H,)](o_part, ml, out, splits, out.stride(0), out.stride(1),
                             HKV=Hkv, G=g, HD=hd, num_warps=4)
