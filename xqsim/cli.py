@@ -628,7 +628,11 @@ def models_list() -> None:
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 for a Ctrl-C inside a command instead of raising
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as err:
         print(f"xqsim: error: {err}", file=sys.stderr)
         sys.exit(2)
