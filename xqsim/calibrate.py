@@ -46,13 +46,12 @@ def _row_ops(name: str, layers: int, config: str, batch: int, context: int) -> t
 LEGACY_OPS = {"rope": ("rope_q", "rope_k")}
 
 
-def with_legacy_names(by_name: dict[str, list], measured: dict) -> dict[str, list]:
-    """Per-name analytic sums ([class, then numbers]) with the LEGACY_OPS names a measured row uses added: each the
-    sum of the ops it stands for."""
+def with_legacy_names(by_name: dict, measured: dict, combine=sum) -> dict:
+    """Per-name analytic values with the LEGACY_OPS names a measured row uses added: each `combine` of the values of
+    the ops it stands for (the sum of amounts; for their class, pass the first)."""
     for old, new in LEGACY_OPS.items():
         if old in measured and old not in by_name and all(n in by_name for n in new):
-            parts = [by_name[n] for n in new]
-            by_name[old] = [parts[0][0], *(sum(p[i] for p in parts) for i in range(1, len(parts[0])))]
+            by_name[old] = combine([by_name[n] for n in new])
     return by_name
 
 
@@ -76,14 +75,15 @@ def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
     fp32 vector peak for the rest)."""
     out = []
     for r in rows:
-        analytic: dict[str, list[float]] = {}
+        analytic: dict[str, np.ndarray] = {}  # FLOPs and bytes per op name
+        classes = {}
         for op in row_ops(r):
-            a = analytic.setdefault(op.name, [op.cls, 0.0, 0.0])
-            a[1] += float(op.flops) * op.layers
-            a[2] += float(op.bytes) * op.layers
+            analytic[op.name] = analytic.get(op.name, 0.0) + np.array([float(op.flops), float(op.bytes)]) * op.layers
+            classes[op.name] = op.cls
         analytic = with_legacy_names(analytic, r["ops"])
+        classes = with_legacy_names(classes, r["ops"], combine=lambda parts: parts[0])
         for name, m in r["ops"].items():
-            cls, flops, nbytes = analytic[name]
+            cls, (flops, nbytes) = classes[name], analytic[name]
             t = measured_op_s(m)
             if t <= 0:
                 continue
@@ -299,10 +299,10 @@ def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_
     for r in rows:
         if r.get("fused"):
             continue
-        pred: dict[str, list] = {}
+        pred: dict[str, float] = {}
         for o in op_table(row_ops(r), rates):
-            pred.setdefault(o["name"], ["", 0.0])[1] += o["time_s"] * o["layers"]
-        pred = {k: v[1] for k, v in with_legacy_names(pred, r["ops"]).items()}
+            pred[o["name"]] = pred.get(o["name"], 0.0) + o["time_s"] * o["layers"]
+        pred = with_legacy_names(pred, r["ops"])
         for name, m in r["ops"].items():
             t = measured_op_s(m)
             if t >= min_time_s and pred.get(name, 0) > 0:

@@ -215,6 +215,12 @@ class ModelSpec(BaseModel):
 # ----------------------------------------------------------------------------- scheme
 
 
+def _first_bits_below(scheme: str, bits: int, first_bits: int | None) -> bool:
+    """Leading layers asked at fewer bits than the rest (they are kept at max(first_bits, bits); XQuant-Yang's
+    first_bits is its own setting)."""
+    return first_bits is not None and scheme != "xquant_yang" and bits < UNQUANTIZED and first_bits < bits
+
+
 class SchemeConfig(BaseModel):
     """One KV-cache scheme with its options; model-dependent defaults are resolved by `resolved`."""
 
@@ -259,8 +265,7 @@ class SchemeConfig(BaseModel):
                              f"{list(REMAT_SCHEMES)}; {s} caches K and V")
         if self.fused and s == "fp16":
             raise ValueError("fused applies only to compressed caches: fp16 has nothing to dequantize or rebuild")
-        if (self.first_bits is not None and s != "xquant_yang" and self.bits < UNQUANTIZED
-                and self.first_bits < self.bits):
+        if _first_bits_below(s, self.bits, self.first_bits):
             raise ValueError(f"first_bits={self.first_bits} is below bits={self.bits}: the leading layers are kept "
                              f"at first_bits or more, never fewer")
         only = {"rank_k": ("xquant_gqa", "xquant_cl_gqa"), "rank_v": ("xquant_gqa", "xquant_cl_gqa"),
@@ -289,8 +294,7 @@ class SchemeConfig(BaseModel):
             d.pop("strategy", None)
         if s == "fp16":
             d.pop("fused", None)
-        bits = d.get("bits", DEFAULT_BITS.get(s, UNQUANTIZED))
-        if s != "xquant_yang" and "first_bits" in d and bits < UNQUANTIZED and d["first_bits"] < bits:
+        if _first_bits_below(s, d.get("bits", DEFAULT_BITS.get(s, UNQUANTIZED)), d.get("first_bits")):
             d.pop("first_bits")
         return cls(**d)
 

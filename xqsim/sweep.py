@@ -82,6 +82,12 @@ def _throughput_cap(rates: dict, most: np.ndarray, model: ModelSpec, cfg: Scheme
     return b_cap, np.where(b_cap > 0, b_cap / t_cap["step_time_s"], 0.0)
 
 
+def _throughput_in(rates: dict, cap: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, T, limit: int):
+    """_throughput_cap with the max batch found from the capacity `cap` (per point) first."""
+    most = max_batch(cap, schemes.weights_bytes(model, cfg), seq_memory(model, cfg, groups), T)
+    return _throughput_cap(rates, most, model, cfg, groups, T, limit)
+
+
 def capped_point(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch: int, context: int,
                  fitted: bool = True) -> dict[str, np.ndarray]:
     """At one batch and context, per GPU: the most sequences up to `batch` that fit (batch_cap), their tokens/s
@@ -92,8 +98,7 @@ def capped_point(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig
     rates = {k: v[:, 0, 0] for k, v in hardware_rates(hws, fitted).items()}
     cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)
     T = np.full(len(hws), context, dtype=np.int64)
-    most = max_batch(cap, schemes.weights_bytes(model, cfg), seq_memory(model, cfg, groups), T)
-    b_cap, tput = _throughput_cap(rates, most, model, cfg, groups, T, batch)
+    b_cap, tput = _throughput_in(rates, cap, model, cfg, groups, T, batch)
     per_seq = memory(model, cfg, 1, T, groups)["cache_bytes"]
     return {"batch_cap": b_cap, "throughput_cap_tokens_per_s": tput, "cache_bytes_per_seq": per_seq}
 
@@ -111,9 +116,7 @@ def _point_values(rates: dict, cap: np.ndarray, model: ModelSpec, cfg: SchemeCon
         out[plain] = np.where(metric[plain] == "step_time_s", t, B[plain] / t)
     if cap_rows.any():
         r = {k: v[cap_rows] for k, v in rates.items()}
-        Tc = T[cap_rows]
-        most = max_batch(cap[cap_rows], schemes.weights_bytes(model, cfg), seq_memory(model, cfg, groups), Tc)
-        out[cap_rows] = _throughput_cap(r, most, model, cfg, groups, Tc, limit)[1]
+        out[cap_rows] = _throughput_in(r, cap[cap_rows], model, cfg, groups, T[cap_rows], limit)[1]
     return out
 
 

@@ -164,7 +164,7 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
                   num_warps=num_warps, num_stages=num_stages)
     # the fast splits and the split past `main` are two launches of two compilations: the tiles that reach into the
     # fp16 window take registers that would make the fast loop spill (H200: 16% slower at batch 32, 128k)
-    n_main = splits - (main < T) if fast else splits
+    n_main = splits - (main < T)  # main == T unless fast
     if n_main:
         _split_kernel[(B * Hkv, n_main)](*args, 0, FAST=fast, MIXED=False, **consts)
     if n_main < splits:
