@@ -106,6 +106,8 @@ def attention_cases(spec, configs, batches, contexts, variants, hw, out_rows, ch
                 row0 = {"scheme": label, "batch": B, "context": T, "bytes": nbytes, "flops": flops, "layers": layers}
                 ref = reference(q, caches[0]["k"], caches[0]["v"]) if check and B * T <= 2**19 else None
                 for vname, kw in variants:
+                    if len(variants) > 1:
+                        print(f"{label} B{B} T{T} {vname} ...", flush=True)
                     try:
                         t = graph_time(lambda kw=kw, q=q, srcs=srcs: [decode_attention(q, k, v, **kw)
                                                                       for k, v in srcs]) / layers
@@ -258,10 +260,9 @@ def main() -> None:
                ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4)),
                ("kivi-8", specs.SchemeConfig(scheme="kivi", bits=8))]
     if a.tune:
-        variants = [("default", {}), ("unmixed", {"mixed": False}), ("per_sm1", {"per_sm": 1}),
-                    ("per_sm3", {"per_sm": 3}), ("s1", {"num_stages": 1})]
-        attention_cases(spec, configs[1:2] + configs[3:4], [1, 8, 32], [8192, 32768, 131072], variants, hw, rows,
-                        check=True)
+        variants = [("default", {}), ("s2", {"num_stages": 2}), ("s3", {"num_stages": 3}), ("ps1", {"per_sm": 1}),
+                    ("ps3", {"per_sm": 3}), ("unmixed", {"mixed": False})]
+        attention_cases(spec, configs[1:2] + configs[3:5], [1, 8, 32], [32768], variants, hw, rows, check=True)
     else:
         attention_cases(spec, configs, [1, 8, 32], [8192, 32768, 131072], [("triton", {})], hw, rows, check=True)
         summary(rows)

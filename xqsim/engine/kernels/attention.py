@@ -111,11 +111,12 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
     if conv is None:
         conv = 0 if interpreted() else 3
     # defaults measured on the H200 (benchmarks/kernel_roofline.py --tune): 3 stages and 3 programs an SM for bf16
-    # tiles, 2 and 2 where codes are unpacked in registers; 64-token bf16 tiles where the sequences' KV heads
-    # alone fill less than half the GPU (batch 1: more, shorter splits); 128-token code tiles at every batch
+    # tiles, 2 programs where codes are unpacked in registers, with 3 stages for 2-bit codes and 2 for wider ones
+    # (whose third stage spills); 64-token bf16 tiles where the sequences' KV heads alone fill less than half the
+    # GPU (batch 1: more, shorter splits); 128-token code tiles at every batch
     quantized = k.bits < 16 or v.bits < 16
     if num_stages is None:
-        num_stages = 2 if quantized else 3
+        num_stages = 3 if max(k.bits, v.bits) <= 2 or not quantized else 2
     if per_sm is None:
         per_sm = 2 if quantized else 3
     Hkv = k.width // hd
@@ -284,17 +285,29 @@ def _code_at(ptr, row_off, i, BITS: tl.constexpr, mask):
 
 
 @triton.jit
-def _fast_tile(t0, b, h, qt, ck, tk, chan, wk, wv, m_i, l_n, z_n, acc_t,
-               Ks, Kz, Kc32, Vs, Vz, Vc32, Vf, TQV, sks_b, sks_c, sks_n, skc_b, skc_c,
-               svs_b, svs_t, svs_r, svc_b, svc_t, svf_b, svf_t,
-               HD: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, GK: tl.constexpr,
+def _tile_meta(t0, b, h, ck, tk, Ks, Kz, Vs, Vz, sks_b, sks_c, sks_n, svs_b, svs_t, svs_r, ok, v_ok,
+               HD: tl.constexpr, GK: tl.constexpr):
+    """The fast tile at t0's key scale and zero (HD,) and value scale and zero (BLOCK_N,), as stored (fp16); the
+    keys' read if ok, the values' if ok and v_ok. The loop over whole tiles loads the next tile's while it computes
+    this one's: Triton's pipeliner leaves loads this small alone, and loaded where they are used they cost a round
+    trip to memory a tile (H200, KIVI-2 at batch 32, context 32k: 983 us a layer, 724 us with them loaded ahead)."""
+    kp = b * sks_b + (h * HD + ck) * sks_c + (t0 // GK) * sks_n
+    vp = b * svs_b + (t0 + tk) * svs_t + h * svs_r
+    return (tl.load(Ks + kp, mask=ok, other=0.0), tl.load(Kz + kp, mask=ok, other=0.0),
+            tl.load(Vs + vp, mask=ok & v_ok, other=0.0), tl.load(Vz + vp, mask=ok & v_ok, other=0.0))
+
+
+@triton.jit
+def _fast_tile(t0, b, h, qt, tk, chan, wk, wv, m_i, l_n, z_n, acc_t, ks, kz, vs, vz,
+               Kc32, Vs, Vz, Vc32, Vf, TQV, skc_b, skc_c, svs_b, svs_t, svs_r, svc_b, svc_t, svf_b, svf_t,
+               HD: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                CONV: tl.constexpr, MIXED: tl.constexpr):
-    """One fast tile of tokens [t0, t0 + BLOCK_N) into the running state (max, deferred sums, out^T). MIXED: the
-    values' fp16 window starts inside the tile (its tokens read from Vf with scale 1 and zero 0)."""
-    blk = t0 // GK
+    """One fast tile of tokens [t0, t0 + BLOCK_N) into the running state (max, deferred sums, out^T), with its
+    scales and zeros (_tile_meta). MIXED: the values' fp16 window starts inside the tile (its tokens read from Vf
+    with scale 1 and zero 0; the tile reads its own value scales and zeros)."""
     # K: the block's per-channel scale and zero fold into the query
-    ks = tl.load(Ks + b * sks_b + (h * HD + ck) * sks_c + blk * sks_n).to(tl.float32)  # (HD,)
-    kz = tl.load(Kz + b * sks_b + (h * HD + ck) * sks_c + blk * sks_n).to(tl.float32)
+    ks = ks.to(tl.float32)  # (HD,)
+    kz = kz.to(tl.float32)
     qs = (qt * ks[:, None]).to(tl.float16)
     qz = tl.sum(qt * kz[:, None], axis=0)  # (BLOCK_G,)
     kw = tl.load(Kc32 + b * skc_b + (t0 + tk)[:, None] * skc_c + h * (HD * KB // 32) + wk[None, :])
@@ -304,8 +317,8 @@ def _fast_tile(t0, b, h, qt, ck, tk, chan, wk, wv, m_i, l_n, z_n, acc_t,
     p = tl.exp2(s_t - m_new[None, :])
     # V: the per-token scale and zero fold into the probabilities
     vp = Vc32 + b * svc_b + chan[:, None] * svc_t + t0 * VB // 32 + wv[None, :]  # (HD, words)
-    sz = b * svs_b + (t0 + tk) * svs_t + h * svs_r  # (BLOCK_N,)
     if MIXED:
+        sz = b * svs_b + (t0 + tk) * svs_t + h * svs_r  # (BLOCK_N,)
         coded = t0 + tk < TQV
         vs = tl.load(Vs + sz, mask=coded, other=1.0).to(tl.float32)
         vz = tl.load(Vz + sz, mask=coded, other=0.0).to(tl.float32)
@@ -314,8 +327,8 @@ def _fast_tile(t0, b, h, qt, ck, tk, chan, wk, wv, m_i, l_n, z_n, acc_t,
                      other=0.0)  # (HD, BLOCK_N)
         vc = tl.where(coded[None, :], _cross_unpack(vw, VB, CONV == 3), vf.to(tl.float16))
     else:
-        vs = tl.load(Vs + sz).to(tl.float32)  # (BLOCK_N,)
-        vz = tl.load(Vz + sz).to(tl.float32)
+        vs = vs.to(tl.float32)  # (BLOCK_N,)
+        vz = vz.to(tl.float32)
         vc = _cross_unpack(tl.load(vp), VB, CONV == 3)
     # P*s is taken in fp16 scaled by 2^8: unscaled, a long context's small probabilities times 8-bit codes' small
     # scales fall below fp16's normal range (H200, 8 bits, 128k tokens: 1e-2 relative error); scaled, it holds
@@ -384,16 +397,25 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
             whole = TQV // BLOCK_N * BLOCK_N
         if whole < start:
             whole = start
-        for t0 in range(start, whole, BLOCK_N):
-            m_i, l_n, z_n, acc_t = _fast_tile(t0, b, h, qt, ck, tk, chan, wk, wv, m_i, l_n, z_n, acc_t,
-                                              Ks, Kz, Kc32, Vs, Vz, Vc32, Vf, TQV, sks_b, sks_c, sks_n, skc_b, skc_c,
-                                              svs_b, svs_t, svs_r, svc_b, svc_t, svf_b, svf_t,
-                                              HD, BLOCK_N, KB, VB, GK, CONV, False)
-        for t0 in range(whole, fast_stop if MIXED else whole, BLOCK_N):
-            m_i, l_n, z_n, acc_t = _fast_tile(t0, b, h, qt, ck, tk, chan, wk, wv, m_i, l_n, z_n, acc_t,
-                                              Ks, Kz, Kc32, Vs, Vz, Vc32, Vf, TQV, sks_b, sks_c, sks_n, skc_b, skc_c,
-                                              svs_b, svs_t, svs_r, svc_b, svc_t, svf_b, svf_t,
-                                              HD, BLOCK_N, KB, VB, GK, CONV, True)
+        if MIXED:  # the launch past `main`: the (at most two) tiles whose values reach into the fp16 window
+            for t0 in range(whole, fast_stop, BLOCK_N):
+                mk_s, mk_z, mv_s, mv_z = _tile_meta(t0, b, h, ck, tk, Ks, Kz, Vs, Vz, sks_b, sks_c, sks_n,
+                                                    svs_b, svs_t, svs_r, True, False, HD, GK)  # values: the tile's
+                m_i, l_n, z_n, acc_t = _fast_tile(t0, b, h, qt, tk, chan, wk, wv, m_i, l_n, z_n, acc_t,
+                                                  mk_s, mk_z, mv_s, mv_z, Kc32, Vs, Vz, Vc32, Vf, TQV, skc_b, skc_c,
+                                                  svs_b, svs_t, svs_r, svc_b, svc_t, svf_b, svf_t,
+                                                  HD, BLOCK_N, KB, VB, CONV, True)
+        else:  # whole tiles of value codes, each tile's scales and zeros loaded while the one before computes
+            mk_s, mk_z, mv_s, mv_z = _tile_meta(start, b, h, ck, tk, Ks, Kz, Vs, Vz, sks_b, sks_c, sks_n,
+                                                svs_b, svs_t, svs_r, start < whole, True, HD, GK)
+            for t0 in range(start, whole, BLOCK_N):
+                nk_s, nk_z, nv_s, nv_z = _tile_meta(t0 + BLOCK_N, b, h, ck, tk, Ks, Kz, Vs, Vz, sks_b, sks_c,
+                                                    sks_n, svs_b, svs_t, svs_r, t0 + BLOCK_N < whole, True, HD, GK)
+                m_i, l_n, z_n, acc_t = _fast_tile(t0, b, h, qt, tk, chan, wk, wv, m_i, l_n, z_n, acc_t,
+                                                  mk_s, mk_z, mv_s, mv_z, Kc32, Vs, Vz, Vc32, Vf, TQV, skc_b, skc_c,
+                                                  svs_b, svs_t, svs_r, svc_b, svc_t, svf_b, svf_t,
+                                                  HD, BLOCK_N, KB, VB, CONV, False)
+                mk_s, mk_z, mv_s, mv_z = nk_s, nk_z, nv_s, nv_z
         # an empty loop leaves m -inf and zeros: the state every split starts from
         acc_t = acc_t * (1.0 / P_SCALE)
         acc = tl.trans(tl.sum(tl.reshape(acc_t, (HD, BLOCK_G, 4)), axis=2) + tl.sum(z_n, axis=0)[None, :])
