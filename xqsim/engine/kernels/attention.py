@@ -31,7 +31,7 @@ from ...schemes.layout import CacheTensor
 from . import interpreted
 
 LOG2E = 1.4426950408889634
-P_SCALE = tl.constexpr(256.0)  # fast tiles' P*s in fp16, scaled (see _fast_tile)
+
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,14 @@ def _code_at(ptr, row_off, i, BITS: tl.constexpr, mask):
 
 
 @triton.jit
+def _p_scale(VB: tl.constexpr):
+    """The factor fast tiles scale P*s by before rounding it to fp16: 2^(6 + VB). A value scale s is the range of a
+    token's row over 2^VB - 1, so P*s*2^(6 + VB) stays below fp16's largest (65504) for rows of a range up to 1023,
+    and above its smallest normal (6.1e-5) down to p*range = 1e-6 (a uniform 1M-token softmax over unit ranges)."""
+    return (1 << (6 + VB)) * 1.0
+
+
+@triton.jit
 def _tile_meta(t0, b, h, ck, tk, Ks, Kz, Vs, Vz, sks_b, sks_c, sks_n, svs_b, svs_t, svs_r, ok, v_ok,
                HD: tl.constexpr, GK: tl.constexpr):
     """The fast tile at t0's key scale and zero (HD,) and value scale and zero (BLOCK_N,), as stored (fp16); the
@@ -330,10 +338,9 @@ def _fast_tile(t0, b, h, qt, tk, chan, wk, wv, m_i, l_n, z_n, acc_t, ks, kz, vs,
         vs = vs.to(tl.float32)  # (BLOCK_N,)
         vz = vz.to(tl.float32)
         vc = _cross_unpack(tl.load(vp), VB, CONV == 3)
-    # P*s is taken in fp16 scaled by 2^8: unscaled, a long context's small probabilities times 8-bit codes' small
-    # scales fall below fp16's normal range (H200, 8 bits, 128k tokens: 1e-2 relative error); scaled, it holds
-    # value scales up to 255 (out_t is unscaled once, after the loop)
-    ps = (p * (vs * P_SCALE)[:, None]).to(tl.float16)
+    # P*s is taken in fp16 scaled by 2^(6 + VB) (_p_scale): unscaled, a long context's small probabilities times
+    # small value scales fall below fp16's normal range (H200, 8 bits, 128k tokens: 1e-2 relative error at 2^8)
+    ps = (p * (vs * _p_scale(VB))[:, None]).to(tl.float16)
     l_n = l_n * alpha[None, :] + p
     z_n = z_n * alpha[None, :] + p * vz[:, None]
     zero = tl.zeros_like(ps)
@@ -417,7 +424,7 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
                                                   HD, BLOCK_N, KB, VB, CONV, False)
                 mk_s, mk_z, mv_s, mv_z = nk_s, nk_z, nv_s, nv_z
         # an empty loop leaves m -inf and zeros: the state every split starts from
-        acc_t = acc_t * (1.0 / P_SCALE)
+        acc_t = acc_t * (1.0 / _p_scale(VB))
         acc = tl.trans(tl.sum(tl.reshape(acc_t, (HD, BLOCK_G, 4)), axis=2) + tl.sum(z_n, axis=0)[None, :])
         l_i = tl.sum(l_n, axis=0)
         if start < fast_stop:
