@@ -307,12 +307,14 @@ def test_sweep_force_overwrites(monkeypatch, capsys, swept, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(swept, out)
     small = scenario_with(tmp_path, "context: {start: 16, stop: 64k, num: 12}", "context: [16, 32]", "small.yaml")
-    run(monkeypatch, "sweep", small, "-o", out, "--force")  # returns normally
-    df = pd.read_csv(out / "results.csv")
+    run(monkeypatch, "sweep", small, "-o", out, "--force", "--no-csv", "--workers", "1")  # returns normally
+    df = pd.read_parquet(out / "results.parquet")
     assert sorted(df["context"].unique()) == [16, 32] and len(df) == 2 * 22 * 3 * 2
     assert (out / "scenario.yaml").read_text() == small.read_text()
+    assert not (out / "results.csv").exists()  # the previous sweep's, which no longer matched the table
+    assert "no results.csv: pass --csv to write it" in capsys.readouterr().out
     for name in FILES:
-        assert (out / name).stat().st_size > 0, name
+        assert name == "results.csv" or (out / name).stat().st_size > 0, name
 
 
 def _strict(text: str):
@@ -386,7 +388,8 @@ def test_step_totals_do_not_wrap(monkeypatch, capsys):
 
 def test_a_huge_sweep_asks_first(monkeypatch, capsys, tmp_path):
     """Above 2,000,000 configurations a sweep states its size and stops before any work unless --yes (a sweep of
-    10^7 took 5.6 GB and wrote a 4.9 GB CSV unasked)."""
+    10^7 took 5.6 GB and wrote a 4.9 GB CSV unasked; streamed, it takes about 0.4 GB and writes no CSV unless
+    --csv)."""
     import sys
 
     from xqsim.cli import main
@@ -399,9 +402,10 @@ def test_a_huge_sweep_asks_first(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main()
     out = capsys.readouterr()
-    assert "3,200,000 configurations: about 4.0 GB of memory and 2.14 GB of files" in out.out, out.out
+    assert ("3,200,000 configurations: about 0.3 GB of memory and 0.48 GB of files (no results.csv: pass --csv to "
+            "write it)") in out.out, out.out
     assert e.value.code == 2 and out.err.strip() == (
-        f"xqsim: error: {sc}: 3,200,000 configurations (about 4.0 GB of memory, 2.1 GB of files) is above "
+        f"xqsim: error: {sc}: 3,200,000 configurations (about 0.3 GB of memory, 0.5 GB of files) is above "
         f"2,000,000; narrow its lists or pass --yes"), out.err
     assert not (tmp_path / "out").exists()
 

@@ -219,11 +219,13 @@ def sweep(
     force: Annotated[bool, typer.Option(help="overwrite files a previous sweep wrote there")] = False,
     spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore fitted efficiencies")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="run a sweep above the size that asks first")] = False,
+    csv: Annotated[bool | None, typer.Option("--csv/--no-csv", help="write results.csv beside results.parquet "
+                                             "(default: up to 2,000,000 configurations)")] = None,
+    workers: Annotated[int, typer.Option(help="processes that evaluate the grid", min=1, max=256)] = 1,
 ) -> None:
     """Evaluate a scenario's whole grid; write the table, crossovers, memory walls and plots."""
     from . import plots
-    from .crossover import crossovers, memory_walls
-    from .sweep import LARGE_SWEEP, check_writable, run, size_estimate, solve_crossovers, summary, write_inputs
+    from . import sweep as sw
 
     sc = loading.load_scenario(scenario)
     base = scenario.parent
@@ -231,51 +233,51 @@ def sweep(
     models = [loading.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
     configs = _scenario_configs(sc, scenario)
     n = len(hws) * len(models) * len(configs) * len(set(sc.batch)) * len(sc.contexts())
-    mem, files = size_estimate(n)
-    console.print(f"{n:,} configurations: about {mem / 1e9:,.1f} GB of memory and {files / 1e9:,.2f} GB of files")
-    if n > LARGE_SWEEP and not yes:
+    csv = n <= sw.LARGE_SWEEP if csv is None else csv
+    mem, files = sw.size_estimate(n, csv, workers)
+    console.print(f"{n:,} configurations: about {mem / 1e9:,.1f} GB of memory and {files / 1e9:,.2f} GB of files"
+                  + ("" if csv else " (no results.csv: pass --csv to write it)"))
+    if n > sw.LARGE_SWEEP and not yes:
         raise UserError(f"{scenario}: {n:,} configurations (about {mem / 1e9:,.1f} GB of memory, {files / 1e9:,.1f} "
-                        f"GB of files) is above {LARGE_SWEEP:,}; narrow its lists or pass --yes")
+                        f"GB of files) is above {sw.LARGE_SWEEP:,}; narrow its lists or pass --yes")
     out = out or Path("results") / sc.name
     inputs = (scenario, *(base / x for x in [*sc.hardware, *sc.models] if str(x).endswith((".yaml", ".yml"))))
-    check_writable(out, force, inputs)
+    sw.check_writable(out, force, inputs)
     out.mkdir(parents=True, exist_ok=True)
     contexts, batches = sc.contexts(), sorted(set(sc.batch))
     plot_batch = sc.plot_batch or min(batches, key=lambda b: abs(b - 16))
     plot_context = sc.plot_context or min(contexts, key=lambda c: abs(c - 32768))
-    n_configs = len(hws) * len(models) * len(configs) * len(batches) * len(contexts)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    fitted = sc.fitted and not spec_only
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task(f"evaluating {n_configs:,} configurations", total=len(models) * len(configs) + 6)
+        task = progress.add_task(f"evaluating and writing {n:,} configurations", total=n)
 
-        def step(msg: str) -> None:
+        def step(msg: str, rows: int) -> None:
             if msg:
                 progress.console.print(f"[yellow]{msg}")
-            else:
-                progress.advance(task)
+            progress.update(task, completed=rows)
 
-        df = run(hws, models, configs, batches, contexts, fitted=sc.fitted and not spec_only, on_step=step)
-        progress.update(task, description="writing tables")
-        df.to_parquet(out / "results.parquet", index=False)
-        df.to_csv(out / "results.csv", index=False)
-        progress.advance(task)
-        progress.update(task, description="placing crossovers on the model")
-        cross = solve_crossovers(crossovers(df), hws, models, configs, int(max(batches)),
-                                 fitted=sc.fitted and not spec_only)
+        res = sw.stream(hws, models, configs, batches, contexts, out / "results.parquet",
+                     out / "results.csv" if csv else None, keep_batches=(plot_batch, batches[0]),
+                     keep_contexts=sw.thinned(contexts, near=(plot_context,)), fitted=fitted, workers=workers,
+                     on_step=step)
+        progress.update(task, description="placing crossovers on the model", total=res.rows, completed=res.rows)
+        if not csv:  # a CSV of an earlier sweep there (--force) no longer matches the table
+            (out / "results.csv").unlink(missing_ok=True)
+        cross = sw.solve_crossovers(res.crossovers, hws, models, configs, int(max(batches)), fitted=fitted)
         cross.to_csv(out / "crossovers.csv", index=False)
-        memory_walls(df).to_csv(out / "memory_walls.csv", index=False)
-        write_inputs(out, scenario, sc, hws, models, configs)
-        progress.advance(task)
+        res.walls.to_csv(out / "memory_walls.csv", index=False)
+        sw.write_inputs(out, scenario, sc, hws, models, configs)
+        df = res.kept  # the rows at the plotted batch and the smallest (at most 512 contexts of a longer axis)
         for name, fn in (("step_time_vs_context", lambda p: plots.step_time_vs_context(df, plot_batch, p)),
                          ("memory_vs_context", lambda p: plots.memory_vs_context(df, plot_batch, p)),
                          ("throughput_cap_vs_context", lambda p: plots.throughput_cap_vs_context(df, p)),
                          ("roofline", lambda p: plots.roofline(hws, models, configs, plot_batch, plot_context, p,
-                                                               fitted=sc.fitted and not spec_only))):
+                                                               fitted=fitted))):
             progress.update(task, description=f"plotting {name}")
             fn(out / name)
-            progress.advance(task)
-        progress.update(task, description=f"evaluated {len(df):,} configurations")
-    best = summary(df, plot_batch, plot_context)
+        progress.update(task, description=f"evaluated {res.rows:,} configurations")
+    best = sw.summary(df, plot_batch, plot_context)
     _print_summary(best, plot_batch, plot_context)
     _print_crossovers(cross, best, plot_batch)
     console.print(f"{len(cross):,} crossovers in all (crossovers.csv); results in {out}/")
@@ -634,11 +636,17 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as err:
-        print(f"xqsim: error: {err}", file=sys.stderr)
+        print(f"xqsim: error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         print("xqsim: interrupted", file=sys.stderr)
         sys.exit(130)
     except CLI_ERRORS as err:
-        print(f"xqsim: error: {err.format_message()}", file=sys.stderr)
+        print(f"xqsim: error: {one_line(err.format_message())}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: what a user wrote may hold line breaks and control characters (a YAML key
+    '\x1e' or '\n'), which are shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)

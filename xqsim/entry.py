@@ -17,3 +17,7 @@ def main() -> None:
         run()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+if __name__ == "__main__":  # python -m xqsim.entry, as the console script
+    main()
