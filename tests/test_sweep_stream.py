@@ -53,7 +53,13 @@ def test_streamed_sweep_equals_the_table_in_memory(grid, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.parquet"]
 
 
-def test_two_workers_write_the_same_table(grid, tmp_path):
+def test_two_workers_write_the_same_table(grid, tmp_path, monkeypatch):
+    """Workers are spawned, and like any spawned process import the caller's main module by its path; a test
+    run's may be a Streamlit page an earlier test left there, so this one runs under a plain main module."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     hws, models, configs, batch, context = grid
     one = sweep.stream(hws, models, configs, batch, context, tmp_path / "one.parquet")
     two = sweep.stream(hws, models, configs, batch, context, tmp_path / "two.parquet", workers=2)

@@ -349,7 +349,9 @@ def _evaluate_unit(unit: tuple) -> tuple:
 
 
 def _pool(job: dict, workers: int):
-    """`workers` processes that each hold the job once (None for one: everything runs here)."""
+    """`workers` processes that each hold the job once (None for one: everything runs here). They are spawned, not
+    forked (the progress display's thread may hold a lock at any moment), so, as with any spawned process, the
+    caller's main module must be safe to import (the `xqsim` command's is)."""
     if workers <= 1:
         return None
     import multiprocessing
