@@ -138,6 +138,35 @@ def test_bad_measurement_files(monkeypatch, capsys, tmp_path, content, fragment)
     assert e.value.code == 2 and fragment in err and str(bad) in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("where,edit,fragment", [
+    (0, {"step_time_s": float("nan")}, "field 'rows.0.step_time_s': nan is not a time"),
+    (3, {"step_time_graph_s": -1.0}, "field 'rows.3.step_time_graph_s': -1.0 is not a time"),
+    (5, {"step_time_s": 0}, "field 'rows.5.step_time_s': 0 is not a time"),
+    (7, {"batch": 1.5}, "field 'rows.7.batch': expected a whole number >= 1 (got 1.5)"),
+    (9, {"config": {"scheme": "kivi", "bits": 5}}, "field 'rows.9.config': Value error, bits=5 is not supported"),
+    (11, {"config": None}, "field 'rows.11': 'model' must be a name and 'config' an object"),
+    (13, {"ops": {"attention": {"time_s": float("inf")}}}, "field 'rows.13.ops.attention.time_s': inf is not a time"),
+    (2, "drop config", "field 'rows.2': missing config"),
+])
+def test_every_measured_row_is_checked(tmp_path, where, edit, fragment):
+    """Each row the fit reads is checked where it lies, not only the first: NaN, zero or negative times (the fit
+    died with 'Residuals are not finite'), a configuration the scheme refuses, a fractional batch, a row without
+    its configuration (a KeyError)."""
+    data = json.loads(FILES[0].read_text())
+    ok = [i for i, r in enumerate(data["rows"]) if r["status"] == "ok"]
+    assert ok[:14] == list(range(14))
+    row = data["rows"][where]
+    if edit == "drop config":
+        del row["config"]
+    else:
+        row.update(edit)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(specs.UserError) as e:
+        calibrate.read_measurements([bad])
+    assert str(e.value).startswith(f"{bad}: {fragment}"), str(e.value)
+
+
 def test_files_of_two_devices_are_refused(tmp_path):
     data = json.loads(FILES[0].read_text())
     data["device"]["device_name"] = "NVIDIA H200"

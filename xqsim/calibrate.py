@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -341,9 +342,9 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
         ok = [r for r in data["rows"] if r.get("status") == "ok"]
         if not ok:
             raise UserError(f"{p}: no measured rows (status 'ok')")
-        missing = [k for k in REQUIRED if k not in ok[0]]
-        if missing:
-            raise UserError(f"{p}: field 'rows.0': missing {', '.join(missing)}")
+        for i, r in enumerate(data["rows"]):
+            if r.get("status") == "ok":
+                _check_row(p, i, r)
         name = data["device"].get("device_name", "?")
         if device and name != device:
             raise UserError(f"{p}: field 'device.device_name': '{name}', but the other files are from '{device}'; "
@@ -357,6 +358,45 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
         infos.append(data["device"])
         rows += [{"engine": eng} | r | {"file": p.name} for r in ok]
     return infos, rows
+
+
+def _time(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_row(p: Path, i: int, r) -> None:
+    """A measured row (status 'ok') as the fit and the predictions read it, or a UserError naming its field: the
+    keys a row has, a model this xqsim knows with its layers, a configuration valid for it, whole positive batch
+    and context, and times that are finite and positive (a step) or finite and not negative (an op)."""
+    where = f"{p}: field 'rows.{i}"
+    if not isinstance(r, dict):
+        raise UserError(f"{where}': expected an object")
+    missing = [k for k in REQUIRED if k not in r]
+    if missing:
+        raise UserError(f"{where}': missing {', '.join(missing)}")
+    for k in ("layers", "batch", "context"):
+        if not isinstance(r[k], int) or isinstance(r[k], bool) or r[k] < 1:
+            raise UserError(f"{where}.{k}': expected a whole number >= 1 (got {r[k]!r})")
+    if not isinstance(r["model"], str) or not isinstance(r["config"], dict):
+        raise UserError(f"{where}': 'model' must be a name and 'config' an object")
+    try:
+        row_model_config(r)
+    except UserError as err:
+        raise UserError(f"{where}.config': {err}") from None
+    except ValueError as err:  # pydantic's, from a stored configuration it refuses
+        msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
+        raise UserError(f"{where}.config': {msg}") from None
+    for k in TARGETS.values():
+        if k in r and not _time(r[k]):
+            raise UserError(f"{where}.{k}': {r[k]!r} is not a time; expected a finite number of seconds > 0")
+    if not isinstance(r["ops"], dict):
+        raise UserError(f"{where}.ops': expected an object of ops")
+    for name, m in r["ops"].items():
+        for k in ("time_s", "kernel_time_s"):
+            v = m.get(k, 0.0) if isinstance(m, dict) else None
+            if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise UserError(f"{where}.ops.{name}.{k}': {v!r} is not a time; expected a finite number of "
+                                f"seconds >= 0")
 
 
 def _family(label: str) -> str:
