@@ -257,6 +257,13 @@ def test_sweep_writes_every_file(swept):
     assert [m["name"] for m in inputs["models"]] == ["tiny", "tiny-gqa"]
 
 
+def test_sweep_plots_state_the_sweeps_batch_limit(swept):
+    """The plots are drawn from the rows kept at the plotted batch and the smallest, yet the throughput cap's
+    title states the sweep's own limit (its largest batch, 64), not the largest batch kept (8)."""
+    svg = (swept / "throughput_cap_vs_context.svg").read_text()
+    assert "up to 64" in svg and "up to 8;" not in svg
+
+
 def test_sweep_table(swept):
     df = pd.read_parquet(swept / "results.parquet")
     need = ["hardware", "model", "label", "batch", "context", "cache_bytes", "step_time_s", "bound", "fits",

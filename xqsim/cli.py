@@ -271,7 +271,8 @@ def sweep(
         df = res.kept  # the rows at the plotted batch and the smallest (at most 512 contexts of a longer axis)
         for name, fn in (("step_time_vs_context", lambda p: plots.step_time_vs_context(df, plot_batch, p)),
                          ("memory_vs_context", lambda p: plots.memory_vs_context(df, plot_batch, p)),
-                         ("throughput_cap_vs_context", lambda p: plots.throughput_cap_vs_context(df, p)),
+                         ("throughput_cap_vs_context",
+                          lambda p: plots.throughput_cap_vs_context(df, p, int(max(batches)))),
                          ("roofline", lambda p: plots.roofline(hws, models, configs, plot_batch, plot_context, p,
                                                                fitted=fitted))):
             progress.update(task, description=f"plotting {name}")

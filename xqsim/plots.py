@@ -195,17 +195,19 @@ def memory_vs_context(df: pd.DataFrame, batch: int, path: Path) -> list[Path]:
     return _finish(fig, styles, path)
 
 
-def throughput_cap_vs_context(df: pd.DataFrame, path: Path) -> list[Path]:
+def throughput_cap_vs_context(df: pd.DataFrame, path: Path, limit: int | None = None) -> list[Path]:
     """Per model and GPU, each scheme at each bit width in its fastest execution (strategy, fusion) at every
     context, one hue per family and a shade per bit width; a diamond where a scheme's curve passes fp16's (or
-    where fp16 stops fitting while it still serves). One y scale for the whole figure."""
+    where fp16 stops fitting while it still serves). One y scale for the whole figure. limit: the most sequences
+    the sweep allowed (its largest batch; default the table's, for a table of every batch)."""
     sub = _curve_names(df[df["batch"] == df["batch"].min()])
     best = (sub.groupby(["model", "hardware", "curve", "family", "bits", "context"], observed=True)
             ["throughput_cap_tokens_per_s"].max().reset_index())
     models = list(dict.fromkeys(sub["model"].astype(str)))
     hws = list(dict.fromkeys(sub["hardware"].astype(str)))
     fig, axes = _grid(models, hws, f"Capacity-limited throughput vs context (the largest batch that fits, up to "
-                                   f"{int(df['batch'].max())}; each scheme and bit width in its fastest execution)")
+                                   f"{limit or int(df['batch'].max())}; each scheme and bit width in its fastest "
+                                   "execution)")
     for ax in axes.all()[1:]:
         ax.sharey(axes[0, 0])
     styles = _curve_styles(best)
