@@ -89,3 +89,22 @@ def test_thinned_keeps_the_ends_and_the_nearest_points():
     kept = sweep.thinned(ctx, most=512, near=(32768, 5000.4))
     assert len(kept) <= 514 and kept[0] == 1000 and kept[-1] == 20999 and 20999 in kept and 5000 in kept
     assert sweep.thinned([16, 32, 64], most=512) == [16, 32, 64]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    """Every file a command writes goes through loading.write_atomic: interrupted halfway, the old file stands and
+    no temporary one is left."""
+    from xqsim import loading
+
+    p = tmp_path / "crossovers.csv"
+    p.write_text("old")
+
+    def half(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loading.write_atomic(p, half)
+    assert p.read_text() == "old" and [x.name for x in tmp_path.iterdir()] == ["crossovers.csv"]
+    loading.write_atomic(p, lambda tmp: tmp.write_text("new"))
+    assert p.read_text() == "new" and [x.name for x in tmp_path.iterdir()] == ["crossovers.csv"]

@@ -247,8 +247,9 @@ def write_results(out: Path, inputs: dict, rows: list[dict]) -> pd.DataFrame:
     """accuracy.csv (one row per configuration) and accuracy.json (the inputs and the rows)."""
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows, columns=COLUMNS)
-    df.to_csv(out / "accuracy.csv", index=False, float_format="%.6g")
-    (out / "accuracy.json").write_text(loading.to_json({"inputs": inputs, "rows": rows}))
+    loading.write_atomic(out / "accuracy.csv", lambda p: df.to_csv(p, index=False, float_format="%.6g"))
+    text = loading.to_json({"inputs": inputs, "rows": rows})
+    loading.write_atomic(out / "accuracy.json", lambda p: p.write_text(text))
     return df
 
 

@@ -265,8 +265,8 @@ def sweep(
         if not csv:  # a CSV of an earlier sweep there (--force) no longer matches the table
             (out / "results.csv").unlink(missing_ok=True)
         cross = sw.solve_crossovers(res.crossovers, hws, models, configs, int(max(batches)), fitted=fitted)
-        cross.to_csv(out / "crossovers.csv", index=False)
-        res.walls.to_csv(out / "memory_walls.csv", index=False)
+        loading.write_atomic(out / "crossovers.csv", lambda p: cross.to_csv(p, index=False))
+        loading.write_atomic(out / "memory_walls.csv", lambda p: res.walls.to_csv(p, index=False))
         sw.write_inputs(out, scenario, sc, hws, models, configs)
         df = res.kept  # the rows at the plotted batch and the smallest (at most 512 contexts of a longer axis)
         for name, fn in (("step_time_vs_context", lambda p: plots.step_time_vs_context(df, plot_batch, p)),
@@ -426,8 +426,9 @@ def calibrate(
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
     data = hw.model_copy(update={"name": out.stem, "fitted": fitted}).model_dump(mode="json", exclude_none=True)
-    out.write_text(f"# {hw.display_name} with efficiencies fitted by xqsim calibrate; spec figures unchanged\n"
-                   + yaml.safe_dump(data, sort_keys=False, width=120))
+    text = (f"# {hw.display_name} with efficiencies fitted by xqsim calibrate; spec figures unchanged\n"
+            + yaml.safe_dump(data, sort_keys=False, width=120))
+    loading.write_atomic(out, lambda p: p.write_text(text))
     t = Table(title=f"Fitted on {report['n']:,} measured {report['target']} steps: median error "
                     f"{report['median_abs_pct']:.1f}%, p90 {report['p90_abs_pct']:.1f}% (in sample)",
               title_justify="left")
@@ -490,7 +491,7 @@ def validate(
         report["per_op"] = cal.stats(cal.op_errors(rows, hw)["error_pct"])
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out / "validation.csv", index=False)
+        loading.write_atomic(out / "validation.csv", lambda p: df.to_csv(p, index=False))
         cal.plot_validation(df, out / "validation")
     if as_json:
         print(loading.to_json(report))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 from pathlib import Path
@@ -246,6 +247,23 @@ def resolve_for(cfg: SchemeConfig, model: ModelSpec) -> SchemeConfig:
 
 
 # ----------------------------------------------------------------------------- JSON out
+
+
+def partial(path: Path) -> Path:
+    """The temporary name a file is written under before it becomes `path` (hidden, beside it)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp) under partial(path), then rename it over path: neither a reader nor an interruption ever finds a
+    half-written file, and a failed write leaves the old file (if any) as it was and no temporary one."""
+    tmp = partial(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def to_json(obj: Any, indent: int | None = 1) -> str:

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from . import schemes  # noqa: E402
+from .loading import write_atomic  # noqa: E402
 from .roofline import op_table  # noqa: E402
 from .specs import SCHEMES, HardwareProfile, ModelSpec, SchemeConfig, UserError  # noqa: E402
 
@@ -100,11 +101,13 @@ def _styles(labels: list[str]) -> dict[str, dict]:
 
 
 def save(fig, path: Path, dpi: int = 110) -> list[Path]:
-    """Write the figure as path.png and path.svg and close it."""
+    """Write the figure as path.png and path.svg (each under a temporary name first) and close it."""
     out = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    for p in out:
-        fig.savefig(p, dpi=dpi)
-    plt.close(fig)
+    try:
+        for p in out:
+            write_atomic(p, lambda tmp, p=p: fig.savefig(tmp, dpi=dpi, format=p.suffix[1:]))
+    finally:
+        plt.close(fig)
     return out
 
 

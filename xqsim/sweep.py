@@ -19,7 +19,7 @@ import pandas as pd
 from . import schemes
 from .capacity import MAX_CONTEXT, max_batch, max_context, memory, seq_memory
 from .crossover import grid_crossovers, memory_walls
-from .loading import to_json
+from .loading import partial, to_json, write_atomic
 from .roofline import BOUNDS, step_time
 from .schemes.layout import paper_bytes_per_token
 from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfig, Strategy, UserError
@@ -415,7 +415,7 @@ def stream(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[Sc
     step = {m.name: np.full((nH, nL, nB, nC), np.nan) for m in models}
     cap = {m.name: np.full((nH, nL, nC), np.nan) for m in models}
     walls, kept, skipped, rows, buffer = [], [], set(), 0, []
-    tmp = [Path(f"{p}.partial") for p in (parquet, csv) if p is not None]
+    tmp = [partial(p) for p in (parquet, csv) if p is not None]
     writer, fh, meta = None, None, None
 
     def flush() -> None:  # the buffered pieces as one piece of the table
@@ -531,7 +531,7 @@ def check_writable(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Non
 
 def write_inputs(out: Path, scenario_path: Path, scenario: Scenario, hws, models, configs) -> None:
     """The scenario file as given, and every resolved input as JSON, beside the results."""
-    shutil.copyfile(scenario_path, out / "scenario.yaml")
+    write_atomic(out / "scenario.yaml", lambda p: shutil.copyfile(scenario_path, p))
     inputs = {
         "scenario": scenario.model_dump(mode="json"),
         "hardware": [hw.model_dump(mode="json") for hw in hws],
@@ -541,5 +541,6 @@ def write_inputs(out: Path, scenario_path: Path, scenario: Scenario, hws, models
         "max_context_searched": MAX_CONTEXT,
         "op_classes": list(OP_CLASSES),
     }
-    (out / "inputs.json").write_text(to_json(inputs))
+    text = to_json(inputs)
+    write_atomic(out / "inputs.json", lambda p: p.write_text(text))
 

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..capacity import memory
-from ..loading import to_json
+from ..loading import partial, to_json
 from ..specs import ModelSpec, ScenarioScheme, SchemeConfig, UserError
 from .model import Engine, Recorder, init_weights
 
@@ -364,7 +364,7 @@ def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
         for suffix, write in ((".json", lambda p: p.write_text(to_json({"device": info, "rows": rows}))),
                               (".csv", lambda p: table.to_csv(p, index=False))):
             final = out.with_suffix(suffix)
-            tmp = final.with_name(f".{final.name}.partial")
+            tmp = partial(final)
             moves.append((tmp, final))
             write(tmp)
     except BaseException:  # interrupted before the renames: both old files stand, no temporary file is left
