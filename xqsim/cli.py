@@ -156,7 +156,7 @@ def recommend(
         help="largest perplexity increase you accept, relative to an fp16 cache (5% or 0.05; 'none': no "
              "limit)")] = "5%",
     scenario: Annotated[Path, typer.Option(help="the scheme variants to consider: a scenario's `schemes`")] =
-    loading.ROOT / "scenarios" / "long_ctx.yaml",
+    loading.SCENARIOS_DIR / "long_ctx.yaml",
     fitted: Annotated[bool, typer.Option(help="use profiles' fitted rates (they describe xqsim's torch engine) "
                                               "instead of the spec roofline")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the ranked table as JSON")] = False,
@@ -214,7 +214,7 @@ def _fraction(value: str, field: str) -> float:
 
 @app.command()
 def sweep(
-    scenario: Annotated[Path, typer.Argument(help="scenario YAML (see scenarios/)")],
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML, or the name of a shipped one (long_ctx, ...)")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="output folder (default results/<name>)")] = None,
     force: Annotated[bool, typer.Option(help="overwrite files a previous sweep wrote there")] = False,
     spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore fitted efficiencies")] = False,
@@ -227,6 +227,7 @@ def sweep(
     from . import plots
     from . import sweep as sw
 
+    scenario = loading.find_scenario(scenario)
     sc = loading.load_scenario(scenario)
     base = scenario.parent
     hws = [loading.load_hardware(h, base, f"{scenario}: field 'hardware.{i}'") for i, h in enumerate(sc.hardware)]

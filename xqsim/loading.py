@@ -24,9 +24,11 @@ from .specs import (
     UserError,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-HARDWARE_DIR = ROOT / "hardware"
-MODELS_DIR = ROOT / "models"
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (its measurements, the dashboard's app.py)
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the package (in a checkout: links to its folders)
+HARDWARE_DIR = DATA / "hardware"
+MODELS_DIR = DATA / "models"
+SCENARIOS_DIR = DATA / "scenarios"
 
 
 def suggest(name: str, known: list[str]) -> str:
@@ -191,6 +193,14 @@ def _resolve(ref: str | Path, folder: Path, what: str, base: Path | None, where:
     known = _known(folder)
     raise UserError(f"{prefix}unknown {what} '{ref}'{suggest(str(ref), known)}; known: {', '.join(known)} "
                     f"(or give a path to your own .yaml)")
+
+
+def find_scenario(ref: Path) -> Path:
+    """A scenario file as given, or, where no such file exists, the shipped scenario of that name (`long_ctx`)."""
+    shipped = SCENARIOS_DIR / f"{Path(ref).stem}.yaml"
+    if not Path(ref).exists() and Path(ref).name in (shipped.stem, shipped.name) and shipped.is_file():
+        return shipped
+    return Path(ref)
 
 
 def load_hardware(ref: str | Path, base: Path | None = None, where: str = "") -> HardwareProfile:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .loading import ROOT, load_model
+from .loading import DATA, load_model
 from .specs import HardwareProfile, ModelSpec, SchemeConfig, UserError
 from .sweep import capped_point
 
-ACCURACY_CSV = ROOT / "measurements" / "accuracy" / "accuracy.csv"
+ACCURACY_CSV = DATA / "accuracy" / "accuracy.csv"  # measurements/accuracy/accuracy.csv, shipped
 QUALITY_FIELDS = ("scheme", "bits", "v_bits", "group", "residual", "first_layers", "first_bits", "rank_k", "rank_v",
                   "keep_first_channel", "share_from", "eta_k", "eta_v")
 
