@@ -1,4 +1,4 @@
-"""How long the dashboard takes to redraw after a control change (issue 6's goal: under 300 ms for a typical view).
+"""How long the dashboard takes to redraw after a control change (goal: under 300 ms for a typical view).
 
 Drives the page with Streamlit's AppTest (the server side: the script run, the model evaluation and the chart
 specs, not the browser's drawing) on its default view: Capacity (with the verdict on top), Llama-3.1-8B on H100 and

@@ -2,7 +2,7 @@
 configurations): calibrate on all but one block (one context length, then one scheme), predict that
 block, for every block in turn. Then the transfer: the fit on all H100 rows applied to the H200's spec
 figures, against the H200 set it never saw. The last line is the median absolute error over both H100
-splits. Goal (issue 5): median <= 5%, p90 <= 12%; per op median <= 10%."""
+splits. Goal: median <= 5%, p90 <= 12%; per op median <= 10%."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Grid: 8 GPUs x 7 models x 16 scheme configurations x 9 batches x 128 contexts (~1.03M rows), built
 into the tidy result table (everything `xqsim sweep` computes before it writes files). Prints the
-figure; the goal (issue 3) is >= 1,000,000 configurations in under 2 s.
+figure; the goal is >= 1,000,000 configurations in under 2 s.
 """
 
 from __future__ import annotations

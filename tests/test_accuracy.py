@@ -1,4 +1,4 @@
-"""Accuracy on a real model (issue 7): the GGUF loader, the tokenizer, memoized reads, and a short run of SmolLM2-135M
+"""Accuracy on a real model: the GGUF loader, the tokenizer, memoized reads, and a short run of SmolLM2-135M
 on the Britannica article that asserts the identities and orderings with the measured numbers."""
 
 import json

@@ -152,7 +152,7 @@ def test_every_view_draws_a_chart(page, server, shots, view):
     page.goto(f"{server}/?view={view}&hw=h100_sxm,b200,a100_80gb")
     drawn = "[data-testid=stVegaLiteChart] canvas, [data-testid=stVegaLiteChart] svg.marks"
     if view == "accuracy" and not list((ROOT / "measurements" / "accuracy").glob("*.csv")):
-        drawn = "[data-testid=stAlert]:has-text('No accuracy results yet')"  # the empty state until issue 7 lands
+        drawn = "[data-testid=stAlert]:has-text('No accuracy results yet')"  # a checkout without results
     page.locator(drawn).first.wait_for()
     page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
     time.sleep(1.5)  # let Vega finish drawing
@@ -161,7 +161,7 @@ def test_every_view_draws_a_chart(page, server, shots, view):
 
 
 def test_accuracy_view_with_fixture_results(page, shots):
-    """The accuracy view on tests/data/dashboard/accuracy (invented numbers) until issue 7's results land."""
+    """The accuracy view on tests/data/dashboard/accuracy (invented numbers)."""
     with serve(Path(__file__).parent / "dashboard_fixture_app.py") as url:
         page.goto(f"{url}/?view=accuracy")
         page.locator("[data-testid=stVegaLiteChart] canvas, [data-testid=stVegaLiteChart] svg.marks").first.wait_for()

@@ -88,7 +88,7 @@ def test_split_boundaries_do_not_change_the_result():
     q = torch.randn(1, 8, 32, device=DEV, dtype=k.dtype)
     assert fast_tiles(Source.of(k), Source.of(v), 32, 32)
     outs = [decode_attention(q, Source.of(k), Source.of(v), block_n=bn, per_sm=ps).double()
-            for bn, ps in ((32, 1), (16, 64), (32, 64), (64, 64))]
+            for bn, ps in ((32, 1), (16, 64), (64, 64))]
     for o in outs[1:]:
         err = ((o - outs[0]).norm() / outs[0].norm()).item()
         assert err < 4e-3, f"split or tile changed the output by {err:.2e} (limit 4e-3)"

@@ -67,7 +67,7 @@ def test_kivi_dequantizes_only_the_quantized_tokens(tiny):
 def test_xquant_remat_flops_mha(tiny):
     B, T, d = 3, 40, 64
     ops, by = ops_by_name(tiny, cfg("xquant", tiny, bits=4), B, T)
-    assert total(ops, cls="remat") == tiny.n_layers * 4 * B * T * d * tiny.dkv  # DESIGN.md: 4*B*T*d*dkv
+    assert total(ops, cls="remat") == tiny.n_layers * 4 * B * T * d * tiny.dkv  # K and V: 2 x 2mnk (m = B*T)
     assert "kv_proj" not in by  # X itself is cached
     assert by["rope_k"][0].flops == 3 * B * T * tiny.dkv  # RoPE on every rematerialized key
 

@@ -1,4 +1,4 @@
-"""The papers' own numbers, reproduced under their accounting (DESIGN.md: codes + fp16 scale/zero per
+"""The papers' own numbers, reproduced under their accounting (codes + fp16 scale/zero per
 128 values, first layers as configured, residual window and accumulator left out)."""
 
 import pytest

@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 from xqsim.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 EDGE_NUMBERS = [0, 1, -1, 2, 7, 2**31 - 1, 2**31, 2**63, -(2**63), 10**30, 0.5, 1.5, -0.0, 1e-300, 1e308,

@@ -68,7 +68,7 @@ def test_step_total_is_sum_of_op_table(scheme, h100):
 
 
 def test_remat_is_compute_bound_and_fp16_memory_bound_at_long_context(h100):
-    """DESIGN.md: rematerialization costs ~d FLOPs per cache byte saved, far above H100's ridge."""
+    """Tomar et al.: rematerialization costs ~d FLOPs per cache byte saved, far above H100's ridge."""
     model = loading.load_model("llama-3.1-8b")
     rows = {r["name"]: r for r in op_table(schemes.step_ops(model, cfg("xquant", model, bits=4), np.int64(16),
                                                              np.int64(32768)), h100.rates())}

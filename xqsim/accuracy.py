@@ -1,4 +1,4 @@
-"""Accuracy of each KV-cache scheme on a real pretrained model, offline (issue 7): perplexity, logit error and
+"""Accuracy of each KV-cache scheme on a real pretrained model, offline: perplexity, logit error and
 top-1 agreement against an unquantized cache.
 
 Every window of the evaluation slice is decoded token by token from an empty cache (Engine.step), so the

@@ -248,7 +248,7 @@ def render_accuracy(c: Controls, folder: Path) -> None:
         st.error(str(exc))
         return
     if df is None:
-        st.info(f"No accuracy results yet: {_where(folder)} holds no CSV (issue 7's runs write them there, with "
+        st.info(f"No accuracy results yet: {_where(folder)} holds no CSV (`xqsim accuracy -o` writes them there, with "
                 f"the columns {', '.join(data.ACCURACY_COLUMNS)}, or `xqsim accuracy`'s own CSV).")
         return
     st.subheader("Accuracy: quality loss vs memory, per scheme")

@@ -3,7 +3,7 @@
 A scheme's cache is a tuple of LayerGroups; each group is `count` consecutive layers that store the
 same CacheTensors. Every formula here is per sequence and vectorised over the context T (numpy int64).
 
-Byte layout, shared with the engine (issue 4), byte for byte:
+Byte layout, shared with the engine (xqsim.engine.cache), byte for byte:
 - codes are bit-packed per row: a row of n values at b bits takes ceil(n*b/8) bytes;
 - per-token tensors (values, X) are quantized per token in groups of G along a row of channels
   (a row is one head for KIVI values, the whole vector for X): ceil(row/G) groups per row;

@@ -1,6 +1,6 @@
 """Decode-step ops: the layer skeleton every scheme shares, and the cache-maintenance ops.
 
-FLOPs: 2mnk per matmul (DESIGN.md), attention 4*B*H*T*hd; elementwise, quantize and dequantize
+FLOPs: 2mnk per matmul, attention 4*B*H*T*hd; elementwise, quantize and dequantize
 FLOPs are counted apart, at the per-element costs below (vector units, not tensor cores).
 Bytes: weights read + inputs read + outputs written. All quantities broadcast over numpy arrays
 of batch B and context T (the context counts the token being decoded).

@@ -76,7 +76,7 @@ def remat_attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, 
                   read=inter * B * T * dkv * E, write=inter * B * T * dkv * E, kernel=kern))
     v_again = p.v_src == p.k_src
     if cfg.strategy == "absorb_v":
-        # softmax(qK^T) (X Wv) = (softmax(qK^T) X) Wv: no RoPE acts on V (Tomar et al.; DESIGN.md).
+        # softmax(qK^T) (X Wv) = (softmax(qK^T) X) Wv: no RoPE acts on V (Tomar et al. 2025).
         ops += [
             Op("attention_qk", "attention", flops=2 * B * H * T * hd,
                read=B * dq * E + inter * B * T * dkv * E, write=inter * B * H * T * E, kernel=kern),
