@@ -1,4 +1,4 @@
-"""The streamed sweep (sweep.stream): the table it writes piece by piece, its crossovers, memory walls and kept rows
+"""The streamed sweep (stream.stream): the table it writes piece by piece, its crossovers, memory walls and kept rows
 are those of the in-memory table (sweep.run and crossover.crossovers), whatever the pieces; two worker processes
 write the same table; an interrupted sweep leaves no file behind."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xqsim import loading, sweep
+from xqsim import loading, stream, sweep
 from xqsim.crossover import crossovers, memory_walls
 
 TINY = Path(__file__).parent / "data" / "tiny_scenario.yaml"
@@ -33,11 +33,11 @@ def test_streamed_sweep_equals_the_table_in_memory(grid, tmp_path, monkeypatch):
     """Pieces of 20 rows split every (model, scheme) along batch and context (2 GPUs x 12 contexts = 24 rows a
     batch); the table (Parquet and CSV), crossovers, walls and the rows kept for plots are the in-memory ones."""
     hws, models, configs, batch, context = grid
-    monkeypatch.setattr(sweep, "CHUNK_ROWS", 20)
-    assert len(sweep._units(2, 2, len(configs), 3, 12)) == 2 * len(configs) * 3 * 2
+    monkeypatch.setattr(stream, "CHUNK_ROWS", 20)
+    assert len(stream._units(2, 2, len(configs), 3, 12)) == 2 * len(configs) * 3 * 2
     df = sweep.run(hws, models, configs, batch, context)
-    keep_ctx = sweep.thinned(context, most=4, near=(1000,))
-    res = sweep.stream(hws, models, configs, batch, context, tmp_path / "r.parquet", tmp_path / "r.csv",
+    keep_ctx = stream.thinned(context, most=4, near=(1000,))
+    res = stream.stream(hws, models, configs, batch, context, tmp_path / "r.parquet", tmp_path / "r.csv",
                        keep_batches=(8,), keep_contexts=keep_ctx)
     assert res.rows == len(df) == 2 * 22 * 3 * 12
     pd.testing.assert_frame_equal(plain(pd.read_parquet(tmp_path / "r.parquet")), plain(df))
@@ -61,8 +61,8 @@ def test_two_workers_write_the_same_table(grid, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     hws, models, configs, batch, context = grid
-    one = sweep.stream(hws, models, configs, batch, context, tmp_path / "one.parquet")
-    two = sweep.stream(hws, models, configs, batch, context, tmp_path / "two.parquet", workers=2)
+    one = stream.stream(hws, models, configs, batch, context, tmp_path / "one.parquet")
+    two = stream.stream(hws, models, configs, batch, context, tmp_path / "two.parquet", workers=2)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two.parquet"), pd.read_parquet(tmp_path / "one.parquet"))
     pd.testing.assert_frame_equal(two.crossovers, one.crossovers)
 
@@ -70,7 +70,7 @@ def test_two_workers_write_the_same_table(grid, tmp_path, monkeypatch):
 def test_an_interrupted_sweep_leaves_no_file(grid, tmp_path, monkeypatch):
     """A Ctrl-C after some pieces are written: neither the files nor their temporary names are left."""
     hws, models, configs, batch, context = grid
-    monkeypatch.setattr(sweep, "CHUNK_ROWS", 50)
+    monkeypatch.setattr(stream, "CHUNK_ROWS", 50)
     seen = []
 
     def interrupt(msg: str, rows: int) -> None:
@@ -79,16 +79,16 @@ def test_an_interrupted_sweep_leaves_no_file(grid, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.stream(hws, models, configs, batch, context, tmp_path / "r.parquet", tmp_path / "r.csv",
+        stream.stream(hws, models, configs, batch, context, tmp_path / "r.parquet", tmp_path / "r.csv",
                      on_step=interrupt)
     assert max(seen) >= 200 and list(tmp_path.iterdir()) == []
 
 
 def test_thinned_keeps_the_ends_and_the_nearest_points():
     ctx = list(range(1000, 21000))
-    kept = sweep.thinned(ctx, most=512, near=(32768, 5000.4))
+    kept = stream.thinned(ctx, most=512, near=(32768, 5000.4))
     assert len(kept) <= 514 and kept[0] == 1000 and kept[-1] == 20999 and 20999 in kept and 5000 in kept
-    assert sweep.thinned([16, 32, 64], most=512) == [16, 32, 64]
+    assert stream.thinned([16, 32, 64], most=512) == [16, 32, 64]
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path):

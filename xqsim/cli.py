@@ -224,7 +224,7 @@ def sweep(
     workers: Annotated[int, typer.Option(help="processes that evaluate the grid", min=1, max=256)] = 1,
 ) -> None:
     """Evaluate a scenario's whole grid; write the table, crossovers, memory walls and plots."""
-    from . import plots
+    from . import stream as st
     from . import sweep as sw
 
     scenario = loading.find_scenario(scenario)
@@ -234,55 +234,36 @@ def sweep(
     models = [loading.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
     configs = _scenario_configs(sc, scenario)
     n = len(hws) * len(models) * len(configs) * len(set(sc.batch)) * len(sc.contexts())
-    csv = n <= sw.LARGE_SWEEP if csv is None else csv
-    mem, files = sw.size_estimate(n, csv, workers)
+    csv = n <= st.LARGE_SWEEP if csv is None else csv
+    mem, files = st.size_estimate(n, csv, workers)
     console.print(f"{n:,} configurations: about {mem / 1e9:,.1f} GB of memory and {files / 1e9:,.2f} GB of files"
                   + ("" if csv else " (no results.csv: pass --csv to write it)"))
-    if n > sw.LARGE_SWEEP and not yes:
+    if n > st.LARGE_SWEEP and not yes:
         raise UserError(f"{scenario}: {n:,} configurations (about {mem / 1e9:,.1f} GB of memory, {files / 1e9:,.1f} "
-                        f"GB of files) is above {sw.LARGE_SWEEP:,}; narrow its lists or pass --yes")
+                        f"GB of files) is above {st.LARGE_SWEEP:,}; narrow its lists or pass --yes")
     out = out or Path("results") / sc.name
     inputs = (scenario, *(base / x for x in [*sc.hardware, *sc.models] if str(x).endswith((".yaml", ".yml"))))
     sw.check_writable(out, force, inputs)
     out.mkdir(parents=True, exist_ok=True)
-    contexts, batches = sc.contexts(), sorted(set(sc.batch))
-    plot_batch = sc.plot_batch or min(batches, key=lambda b: abs(b - 16))
-    plot_context = sc.plot_context or min(contexts, key=lambda c: abs(c - 32768))
-    fitted = sc.fitted and not spec_only
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task(f"evaluating and writing {n:,} configurations", total=n)
 
-        def step(msg: str, rows: int) -> None:
-            if msg:
+        def step(msg: str, rows: int | None = None) -> None:
+            if msg.startswith("skipped"):
                 progress.console.print(f"[yellow]{msg}")
-            progress.update(task, completed=rows)
+            elif msg:
+                progress.update(task, description=msg)
+            if rows is not None:
+                progress.update(task, completed=rows)
 
-        res = sw.stream(hws, models, configs, batches, contexts, out / "results.parquet",
-                     out / "results.csv" if csv else None, keep_batches=(plot_batch, batches[0]),
-                     keep_contexts=sw.thinned(contexts, near=(plot_context,)), fitted=fitted, workers=workers,
-                     on_step=step)
-        progress.update(task, description="placing crossovers on the model", total=res.rows, completed=res.rows)
-        if not csv:  # a CSV of an earlier sweep there (--force) no longer matches the table
-            (out / "results.csv").unlink(missing_ok=True)
-        cross = sw.solve_crossovers(res.crossovers, hws, models, configs, int(max(batches)), fitted=fitted)
-        loading.write_atomic(out / "crossovers.csv", lambda p: cross.to_csv(p, index=False))
-        loading.write_atomic(out / "memory_walls.csv", lambda p: res.walls.to_csv(p, index=False))
-        sw.write_inputs(out, scenario, sc, hws, models, configs)
-        df = res.kept  # the rows at the plotted batch and the smallest (at most 512 contexts of a longer axis)
-        for name, fn in (("step_time_vs_context", lambda p: plots.step_time_vs_context(df, plot_batch, p)),
-                         ("memory_vs_context", lambda p: plots.memory_vs_context(df, plot_batch, p)),
-                         ("throughput_cap_vs_context",
-                          lambda p: plots.throughput_cap_vs_context(df, p, int(max(batches)))),
-                         ("roofline", lambda p: plots.roofline(hws, models, configs, plot_batch, plot_context, p,
-                                                               fitted=fitted))):
-            progress.update(task, description=f"plotting {name}")
-            fn(out / name)
-        progress.update(task, description=f"evaluated {res.rows:,} configurations")
-    best = sw.summary(df, plot_batch, plot_context)
-    _print_summary(best, plot_batch, plot_context)
-    _print_crossovers(cross, best, plot_batch)
-    console.print(f"{len(cross):,} crossovers in all (crossovers.csv); results in {out}/")
+        res = st.sweep_scenario(scenario, sc, hws, models, configs, out, csv=csv, fitted=sc.fitted and not spec_only,
+                                workers=workers, on_step=step)
+        progress.update(task, description=f"evaluated {res.rows:,} configurations", total=res.rows)
+    best = sw.summary(res.kept, res.plot_batch, res.plot_context)
+    _print_summary(best, res.plot_batch, res.plot_context)
+    _print_crossovers(res.crossovers, best, res.plot_batch)
+    console.print(f"{len(res.crossovers):,} crossovers in all (crossovers.csv); results in {out}/")
 
 
 def _print_crossovers(cross, best, batch: int) -> None:

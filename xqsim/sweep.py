@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +16,10 @@ import pandas as pd
 
 from . import schemes
 from .capacity import MAX_CONTEXT, max_batch, max_context, memory, seq_memory
-from .crossover import grid_crossovers, memory_walls
-from .loading import partial, to_json, write_atomic
+from .loading import to_json, write_atomic
 from .roofline import BOUNDS, step_time
 from .schemes.layout import paper_bytes_per_token
-from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfig, Strategy, UserError
-
-CHUNK_ROWS = 100_000  # rows a sweep evaluates, writes and lets go of at once
-# Measured on streamed sweeps of 2*10^7 and 10^8 configurations (benchmarks/sweep_memory.py): the interpreter, its
-# libraries and a piece in flight; per configuration, the curves kept for the crossovers (8 B) and the rows kept
-# for the plots; each worker process; a CSV row and a Parquet row (the flagship's: 585 B and 101 B)
-MEMORY_BASE_BYTES, MEMORY_PER_CONFIG_BYTES, MEMORY_PER_WORKER_BYTES = 300e6, 9.5, 270e6
-CSV_ROW_BYTES, PARQUET_ROW_BYTES = 585, 150
-LARGE_SWEEP = 2_000_000  # configurations: above this a sweep asks first, and writes the CSV only if asked
-
-
-def size_estimate(n_configs: int, csv: bool = True, workers: int = 1) -> tuple[float, float]:
-    """Peak memory and the files' size of a sweep of n configurations [B]."""
-    return (MEMORY_BASE_BYTES + MEMORY_PER_CONFIG_BYTES * n_configs + MEMORY_PER_WORKER_BYTES * (workers > 1) * workers,
-            (PARQUET_ROW_BYTES + CSV_ROW_BYTES * csv) * n_configs)
-
+from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfig, UserError
 
 # Column order of the result table (snake_case, unit-suffixed).
 KEY_COLUMNS = ["hardware", "model", "scheme", "label", "bits", "strategy", "fused", "batch", "context"]
@@ -273,219 +255,6 @@ def run(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[Schem
     return _frame(blocks, hws)
 
 
-def thinned(contexts, most: int = 512, near=()) -> list[int]:
-    """At most `most` of a context axis, spread evenly along it (all if it is no longer), plus the grid point
-    nearest each of `near`: the contexts a huge sweep keeps for its plots and summary."""
-    c = np.asarray(contexts)
-    idx = set(np.unique(np.linspace(0, len(c) - 1, min(len(c), most)).round().astype(int)).tolist())
-    idx |= {int(np.abs(np.log(c) - np.log(x)).argmin()) for x in near}
-    return [int(c[i]) for i in sorted(idx)]
-
-
-def _units(n_hw: int, n_models: int, n_configs: int, n_batch: int, n_ctx: int) -> list[tuple]:
-    """The pieces a streamed sweep evaluates: (model, config slice, batch slice, context slice) of at most about
-    CHUNK_ROWS rows each, in the table's order (a piece spans every GPU; as many whole configurations as fit, else
-    one configuration split along batch, then context)."""
-    per_config, per_batch = n_hw * n_batch * n_ctx, n_hw * n_ctx
-    if per_config <= CHUNK_ROWS:
-        k = CHUNK_ROWS // per_config
-        return [(m, slice(c, min(n_configs, c + k)), slice(0, n_batch), slice(0, n_ctx))
-                for m in range(n_models) for c in range(0, n_configs, k)]
-    b_step = max(1, CHUNK_ROWS // per_batch)
-    c_step = n_ctx if per_batch <= CHUNK_ROWS else max(1, CHUNK_ROWS // n_hw)
-    return [(m, slice(c, c + 1), slice(b, min(n_batch, b + b_step)), slice(t, min(n_ctx, t + c_step)))
-            for m in range(n_models) for c in range(n_configs)
-            for b in range(0, n_batch, b_step) for t in range(0, n_ctx, c_step)]
-
-
-_JOB: dict = {}  # what every piece of a streamed sweep shares (set in each worker process once)
-
-
-def _init_job(job: dict, worker: bool = False) -> None:
-    if worker:  # a Ctrl-C reaches the whole process group: the sweep's own process answers it
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _JOB.clear()
-    _JOB.update(job)
-
-
-def _evaluate_unit(unit: tuple) -> tuple:
-    """One piece, ready to write: (unit, why schemes were skipped on the model, piece or None when none was
-    evaluated). A piece holds its rows as an Arrow table, the step times where they fit and the throughput caps of
-    its configurations (for the crossovers; NaN for a skipped one), its memory walls and its rows that the plots
-    keep; all of it made here, in a worker if any."""
-    import pyarrow as pa
-
-    j = _JOB
-    mi, cfgs, bs, cs = unit
-    model = j["models"][mi]
-    batch, context = j["batch"][bs], j["context"][cs]
-    shape = (len(j["hws"]), len(batch), len(context))
-    blocks, skips = [], []
-    step = np.full((cfgs.stop - cfgs.start, *shape), np.nan)
-    cap = np.full((cfgs.stop - cfgs.start, shape[0], shape[2]), np.nan)
-    for i, cfg in enumerate(j["configs"][cfgs]):
-        try:
-            rcfg = cfg.resolved(model)
-            arrays = evaluate(j["hws"], model, rcfg, batch, context, j["fitted"], j["limit"])
-        except UserError as err:
-            skips.append(f"skipped {cfg.label} on {model.name}: {err}")
-            continue
-        blocks.append((_names(model, cfg, rcfg), _flatten(arrays, batch, context)))
-        step[i] = np.where(arrays["fits"], arrays["step_time_s"], np.nan)
-        cap[i] = arrays["throughput_cap_tokens_per_s"][:, 0]  # the smallest batch, where bs.start == 0
-    if not blocks:
-        return unit, skips, None
-    frame = _frame(blocks, j["hws"], j["categories"])
-    keep = frame["batch"].isin(j["keep_batches"])
-    if j["keep_contexts"] is not None:
-        keep &= frame["context"].isin(j["keep_contexts"])
-    return unit, skips, {
-        "table": pa.Table.from_pandas(frame, preserve_index=False), "rows": len(frame), "step": step,
-        "cap": cap if bs.start == 0 else None,
-        "walls": memory_walls(frame[frame["context"] == j["context"][0]]),  # one per (GPU, model, scheme, batch)
-        "kept": frame[keep]}
-
-
-def _pool(job: dict, workers: int):
-    """`workers` processes that each hold the job once (None for one: everything runs here). They are spawned, not
-    forked (the progress display's thread may hold a lock at any moment), so, as with any spawned process, the
-    caller's main module must be safe to import (the `xqsim` command's is)."""
-    if workers <= 1:
-        return None
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_job,
-                               initargs=(job, True))
-
-
-def _bounded_map(pool, fn: Callable, items, window: int) -> Iterator:
-    """fn over items, in order, in the pool (or here if None), with at most `window` items in flight, so that
-    memory stays bounded whatever the number of items."""
-    if pool is None:
-        yield from map(fn, items)
-        return
-    todo, pending = iter(items), deque()
-    for item in todo:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            break
-    while pending:
-        done = pending.popleft().result()
-        nxt = next(todo, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield done
-
-
-@dataclass
-class Streamed:
-    """What a streamed sweep keeps of its table: its row count, its crossovers (not yet placed on the model,
-    crossover.crossovers' columns), its memory walls, and its rows at the batches kept (for plots and summary)."""
-
-    rows: int
-    crossovers: pd.DataFrame
-    walls: pd.DataFrame
-    kept: pd.DataFrame
-
-
-def stream(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[SchemeConfig], batch, context,
-           parquet: Path, csv: Path | None = None, keep_batches=(), keep_contexts=None, fitted: bool = True,
-           workers: int = 1, on_step: Callable[[str, int], None] | None = None) -> Streamed:
-    """run()'s table, evaluated and written piece by piece (at most about CHUNK_ROWS rows in memory at once): to
-    `parquet` and, if given, `csv`, each first under a temporary name that becomes the file only once the whole
-    table is written (an interrupted sweep leaves no half file). Keeps the curves the crossovers need (8 bytes a
-    configuration) and its rows at keep_batches and keep_contexts (default: every context; see thinned) for plots
-    and summaries. on_step(message, rows) after each piece ('' when nothing to report)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    batch = np.array(sorted(set(int(b) for b in batch)), dtype=np.int64)
-    context = np.asarray(context, dtype=np.int64)
-    nH, nL, nB, nC = len(hws), len(configs), len(batch), len(context)
-    units = _units(nH, len(models), nL, nB, nC)
-    cats = {"hardware": [hw.name for hw in hws], "model": [m.name for m in models],
-            "scheme": list(dict.fromkeys(c.scheme for c in configs)), "label": [c.label for c in configs],
-            "strategy": ["", *Strategy.__args__]}
-    job = {"hws": hws, "models": models, "configs": configs, "batch": batch, "context": context, "fitted": fitted,
-           "limit": int(batch.max()), "categories": cats, "keep_batches": list(keep_batches),
-           "keep_contexts": None if keep_contexts is None else list(keep_contexts)}
-    step = {m.name: np.full((nH, nL, nB, nC), np.nan) for m in models}
-    cap = {m.name: np.full((nH, nL, nC), np.nan) for m in models}
-    walls, kept, skipped, rows, buffer = [], [], set(), 0, []
-    tmp = [partial(p) for p in (parquet, csv) if p is not None]
-    writer, fh, meta = None, None, None
-
-    def flush() -> None:  # the buffered pieces as one piece of the table
-        nonlocal writer
-        table = pa.concat_tables(buffer).replace_schema_metadata(meta)
-        buffer.clear()
-        if writer is None:
-            # dictionary pages for the few-valued columns only: tried on every float column, they took 70% of
-            # the time to write (the flagship's table: 0.16 s, 0.045 s so; 18 MB instead of 15)
-            writer = pq.ParquetWriter(tmp[0], table.schema, use_dictionary=[*CATEGORIES, "bound", "bits", "batch"])
-        writer.write_table(table)
-        if fh is not None:
-            table.to_pandas().to_csv(fh, header=fh.tell() == 0, index=False)
-
-    _init_job(job)
-    pool = _pool(job, workers)
-    try:
-        fh = open(tmp[1], "w", newline="") if csv is not None else None  # noqa: SIM115 (closed below)
-        for (mi, ci, bs, cs), skips, piece in _bounded_map(pool, _evaluate_unit, units, 2 * workers):
-            for skip in skips:
-                if skip not in skipped and on_step:
-                    on_step(skip, rows)
-                skipped.add(skip)
-            if piece is None:
-                continue
-            step[models[mi].name][:, ci, bs, cs] = piece["step"].transpose(1, 0, 2, 3)
-            if piece["cap"] is not None:
-                cap[models[mi].name][:, ci, cs] = piece["cap"].transpose(1, 0, 2)
-            walls.append(piece["walls"])
-            kept.append(piece["kept"])
-            meta = meta or piece["table"].schema.metadata
-            buffer.append(piece["table"].replace_schema_metadata(None))
-            rows += piece["rows"]
-            if sum(len(t) for t in buffer) >= CHUNK_ROWS:
-                flush()
-            if on_step:
-                on_step("", rows)
-        if buffer:
-            flush()
-        if writer is None:
-            raise UserError("no configuration of the scenario could be evaluated")
-        writer.close()
-        writer = None
-        if fh is not None:
-            fh.close()
-            fh = None
-        for t, p in zip(tmp, (parquet, csv), strict=False):
-            os.replace(t, p)
-        tmp = []
-    finally:
-        if writer is not None:
-            writer.close()
-        if fh is not None:
-            fh.close()
-        for t in tmp:
-            t.unlink(missing_ok=True)
-        if tmp and pool is not None:  # interrupted: drop what is queued
-            pool.shutdown(wait=True, cancel_futures=True)
-    try:
-        cr = grid_crossovers(step, cap, cats["hardware"], cats["label"], batch.tolist(), context.tolist(),
-                             lambda fn, items: _bounded_map(pool, fn, items, 2 * workers))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    keys = ["hardware", "model", "label", "batch"]
-    return Streamed(rows, cr, pd.concat(walls, ignore_index=True).sort_values(keys, kind="stable",
-                                                                                ignore_index=True),
-                    pd.concat(kept, ignore_index=True))
-
-
 def summary(df: pd.DataFrame, batch: int, context: int, hardware: str | None = None) -> pd.DataFrame:
     """At the grid point nearest (batch, context), on one hardware (default: the first): the fastest
     fitting variant of each scheme per model, fastest first; schemes that fit nowhere come last."""
@@ -511,7 +280,6 @@ def output_files(out: Path) -> list[Path]:
 
 def check_writable(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse to overwrite a file that is already there unless forced, and any of the sweep's own inputs ever."""
-    import os
 
     there = next(p for p in [out, *out.parents] if p.exists())  # the nearest part of the path that exists
     if not there.is_dir():
