@@ -291,6 +291,16 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
     return fitted, report
 
 
+def write_profile(hw: HardwareProfile, fitted: Fitted, out: Path) -> None:
+    """hw with the `fitted:` block, as a profile YAML named after its file (written under a temporary name first)."""
+    import yaml
+
+    data = hw.model_copy(update={"name": out.stem, "fitted": fitted}).model_dump(mode="json", exclude_none=True)
+    text = (f"# {hw.display_name} with efficiencies fitted by xqsim calibrate; spec figures unchanged\n"
+            + yaml.safe_dump(data, sort_keys=False, width=120))
+    loading.write_atomic(out, lambda p: p.write_text(text))
+
+
 def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_S) -> pd.DataFrame:
     """Measured vs predicted time of every op of at least `min_time_s`, unfused rows; predicted = own
     roofline time + overhead; measured: measured_op_s."""
@@ -456,6 +466,28 @@ def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None 
         df = op_errors(test, h) if per_op else step_predictions(test, h, target)
         parts.append(df.assign(held_out=f"{by}={value}"))
     return pd.concat(parts, ignore_index=True)
+
+
+def transferred(hw: HardwareProfile, src: HardwareProfile) -> HardwareProfile:
+    """hw's spec figures with src's fitted efficiencies, labelled as transferred."""
+    if src.fitted is None:
+        raise UserError(f"command line: field 'transfer_from': {src.name} has no fitted block; run xqsim calibrate "
+                        f"first")
+    return hw.model_copy(update={"fitted": src.fitted.model_copy(
+        update={"source": f"transferred from {src.name}: {src.fitted.source}"})})
+
+
+def validation(rows: list[dict], hw: HardwareProfile, by: str | None = None,
+               target: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """Every measured row predicted (in sample, or by fits that held out each `by` block: context or scheme) and
+    the report `xqsim validate` prints: the error overall, per regime, per scheme and, for a fitted profile in
+    sample, per op."""
+    df = held_out(rows, hw, by, target) if by else step_predictions(rows, hw, target)
+    report = {"hardware": hw.name, "profile": "held-out fits" if by else "fitted" if hw.fitted else "spec",
+              "held_out": by or "none", "target": df["target"].iloc[0]} | error_report(df)
+    if hw.fitted and not by:
+        report["per_op"] = stats(op_errors(rows, hw)["error_pct"])
+    return df, report
 
 
 def plot_validation(df: pd.DataFrame, path: Path) -> list[Path]:

@@ -394,23 +394,18 @@ def calibrate(
     """Fit per-class overheads and efficiencies to measured steps; write a new profile with a `fitted:` block."""
     import datetime
 
-    import yaml
-
     from . import calibrate as cal
 
     hw = loading.load_hardware(hardware)
+    out = out or loading.HARDWARE_DIR / f"{hw.name}_fitted.yaml"
+    if out.exists() and not force:  # before any work
+        raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
     infos, rows = cal.read_measurements(measurements)
     n_fit = sum(1 for r in rows if not r.get("fused"))
     source = (f"xqsim calibrate on {n_fit} unfused configurations from {', '.join(p.name for p in measurements)} "
               f"({infos[0]['device_name']}, torch {infos[0]['torch']}), {datetime.date.today().isoformat()}")
     fitted, report = cal.fit(rows, hw, source, _target(target))
-    out = out or loading.HARDWARE_DIR / f"{hw.name}_fitted.yaml"
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
-    data = hw.model_copy(update={"name": out.stem, "fitted": fitted}).model_dump(mode="json", exclude_none=True)
-    text = (f"# {hw.display_name} with efficiencies fitted by xqsim calibrate; spec figures unchanged\n"
-            + yaml.safe_dump(data, sort_keys=False, width=120))
-    loading.write_atomic(out, lambda p: p.write_text(text))
+    cal.write_profile(hw, fitted, out)
     t = Table(title=f"Fitted on {report['n']:,} measured {report['target']} steps: median error "
                     f"{report['median_abs_pct']:.1f}%, p90 {report['p90_abs_pct']:.1f}% (in sample)",
               title_justify="left")
@@ -456,21 +451,11 @@ def validate(
     if spec_only or held_out:  # a held-out fit starts from the spec figures
         hw = hw.model_copy(update={"fitted": None})
     if transfer_from:
-        src = loading.load_hardware(transfer_from)
-        if src.fitted is None:
-            raise UserError(f"command line: field 'transfer_from': {src.name} has no fitted block; "
-                            f"run xqsim calibrate first")
-        hw = hw.model_copy(update={"fitted": src.fitted.model_copy(
-            update={"source": f"transferred from {src.name}: {src.fitted.source}"})})
-    _, rows = cal.read_measurements(measurements)
+        hw = cal.transferred(hw, loading.load_hardware(transfer_from))
     if held_out not in (None, "context", "scheme"):
         raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: context, scheme")
-    target = _target(target)
-    df = cal.held_out(rows, hw, held_out, target) if held_out else cal.step_predictions(rows, hw, target)
-    report = {"hardware": hw.name, "profile": "held-out fits" if held_out else "fitted" if hw.fitted else "spec",
-              "held_out": held_out or "none", "target": df["target"].iloc[0]} | cal.error_report(df)
-    if hw.fitted and not held_out:
-        report["per_op"] = cal.stats(cal.op_errors(rows, hw)["error_pct"])
+    _, rows = cal.read_measurements(measurements)
+    df, report = cal.validation(rows, hw, held_out, _target(target))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         loading.write_atomic(out / "validation.csv", lambda p: df.to_csv(p, index=False))
