@@ -320,7 +320,7 @@ def test_nothing_selected_is_a_warning_not_an_error():
     assert at.warning[0].value == "Select at least one GPU and one scheme in the sidebar."
 
 
-def test_xqsim_dashboard_runs_streamlit_on_app_py(monkeypatch):
+def test_xqsim_dashboard_runs_streamlit_on_the_shipped_app_py(monkeypatch):
     import subprocess
     import sys
 
@@ -333,8 +333,11 @@ def test_xqsim_dashboard_runs_streamlit_on_app_py(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 0
-    assert ran == [([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", "8600",
-                     "--server.headless", "true", "--browser.gatherUsageStats", "false"], ROOT)]
+    shipped = ROOT / "xqsim" / "dashboard" / "app.py"
+    assert ran == [([sys.executable, "-m", "streamlit", "run", str(shipped), "--server.port", "8600",
+                     "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode",
+                     "minimal"], Path.cwd())]
+    assert shipped.read_text().split('"""')[-1] == (ROOT / "app.py").read_text().split('"""')[-1]  # the same page
 
 
 def test_the_dashboard_never_imports_torch():

@@ -1,5 +1,6 @@
-"""A regular (non-editable) install works from any folder: the shipped profiles, models, scenarios and accuracy
-results travel with the package (xqsim/data), not only with the checkout."""
+"""A regular (non-editable) install works from any folder: the shipped profiles, models, scenarios, accuracy
+results and the measurements the dashboard shows travel with the package (xqsim/data), not only with the
+checkout."""
 
 import importlib.util
 import json
@@ -37,6 +38,8 @@ def test_a_regular_install_runs_from_another_folder(tmp_path):
     assert r.returncode == 0 and "kivi" in r.stdout, r.stderr
     r = xqsim("hw", "list")
     assert r.returncode == 0 and "b200" in r.stdout, r.stderr
+    shipped = site / "xqsim" / "data" / "measurements"  # the dashboard's calibration view and its script
+    assert len(list(shipped.glob("*/*.json"))) >= 7 and (site / "xqsim" / "dashboard" / "app.py").is_file()
     (work / "taken").write_text("mine")  # a shipped scenario by name, stopped at its output path before any work
     r = xqsim("sweep", "long_ctx", "-o", "taken")
     assert r.returncode == 2, r.stderr

@@ -494,9 +494,11 @@ def dashboard(
         raise UserError(f"command line: field 'port': {port} is not a TCP port (1 to 65535)")
     if importlib.util.find_spec("streamlit") is None:
         raise UserError("the dashboard needs streamlit: pip install -e '.[app]'")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(loading.ROOT / "app.py"), "--server.port", str(port),
-           "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
-    sys.exit(subprocess.run(cmd, cwd=loading.ROOT).returncode)  # cwd: streamlit reads .streamlit/config.toml
+    script = Path(__file__).parent / "dashboard" / "app.py"  # shipped with the package: runs from any folder
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+           "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal"]  # .streamlit/config.toml's settings, for a run from any folder
+    sys.exit(subprocess.run(cmd, cwd=Path.cwd()).returncode)
 
 
 @app.command()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from ..loading import ROOT
+from ..loading import DATA
 from . import controls, views
 
-MEASUREMENTS = ROOT / "measurements"
+MEASUREMENTS = (DATA / "measurements").resolve()  # the checkout's measurements/ (a link there), or the shipped copy
 
 
 def main(measurements: Path = MEASUREMENTS, accuracy: Path = MEASUREMENTS / "accuracy") -> None:
