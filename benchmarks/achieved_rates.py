@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from xqsim import loading
-from xqsim.calibrate import op_rates, rates_by_class, read_measurements
+from xqsim.calibrate import op_rates, rates_by_class
+from xqsim.measurements import read_measurements
 
 ROOT = Path(__file__).resolve().parent.parent
 

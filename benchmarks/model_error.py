@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from xqsim import loading
-from xqsim.calibrate import error_report, fit, held_out, op_errors, read_measurements, stats, step_predictions
+from xqsim.calibrate import error_report, fit, held_out, op_errors, stats, step_predictions
+from xqsim.measurements import read_measurements
 
 ROOT = Path(__file__).resolve().parent.parent
 

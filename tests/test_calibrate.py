@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xqsim import calibrate, loading, specs
+from xqsim import calibrate, loading, measurements, specs
 from xqsim.calibrate import fit
 from xqsim.cli import main
 
@@ -163,7 +163,7 @@ def test_every_measured_row_is_checked(tmp_path, where, edit, fragment):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(specs.UserError) as e:
-        calibrate.read_measurements([bad])
+        measurements.read_measurements([bad])
     assert str(e.value).startswith(f"{bad}: {fragment}"), str(e.value)
 
 
@@ -173,7 +173,7 @@ def test_files_of_two_devices_are_refused(tmp_path):
     other = tmp_path / "h200.json"
     other.write_text(json.dumps(data))
     with pytest.raises(specs.UserError, match="calibrate one device at a time"):
-        calibrate.read_measurements([FILES[0], other])
+        measurements.read_measurements([FILES[0], other])
 
 
 def _json_of(monkeypatch, capsys, *args) -> dict:

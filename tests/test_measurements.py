@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from xqsim import loading
-from xqsim.calibrate import row_model_config
 from xqsim.capacity import memory
+from xqsim.measurements import row_model_config
 
 FILES = sorted(Path(__file__).parent.parent.glob("measurements/h100/h100_*.json"))
 
@@ -34,7 +34,8 @@ def test_at_least_200_configurations_measured():
 def test_achieved_rates_stay_under_the_peak():
     """Every measured op has its analytic counterpart, and no op beats the H100's spec FLOP rate: the
     analytic FLOPs are not overcounted. Remat GEMMs run near the measured GEMM rate (~79% of 989 TFLOP/s)."""
-    from xqsim.calibrate import op_rates, rates_by_class, read_measurements
+    from xqsim.calibrate import op_rates, rates_by_class
+    from xqsim.measurements import read_measurements
 
     _, rows = read_measurements(FILES)
     df = op_rates(rows, loading.load_hardware("h100_sxm"))

@@ -7,27 +7,14 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import loading, schemes
-from .loading import read_text
-from .specs import OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, SchemeConfig, UserError
-
-
-def row_model_config(r: dict) -> tuple:
-    """The (model with the measured number of layers, resolved SchemeConfig) a measured row ran."""
-    return _row_model_config(r["model"], r["layers"], json.dumps(r["config"], sort_keys=True))
-
-
-@functools.cache
-def _row_model_config(name: str, layers: int, config: str):
-    model = loading.load_model(name).model_copy(update={"n_layers": layers})
-    cfg = SchemeConfig.stored(json.loads(config)).resolved(model)
-    return model, cfg
+from .measurements import TARGETS, config_of
+from .specs import OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
 
 
 def row_ops(r: dict) -> tuple:
@@ -38,7 +25,7 @@ def row_ops(r: dict) -> tuple:
 
 @functools.cache
 def _row_ops(name: str, layers: int, config: str, batch: int, context: int) -> tuple:
-    model, cfg = _row_model_config(name, layers, config)
+    model, cfg = config_of(name, layers, config)
     return tuple(schemes.step_ops(model, cfg, np.int64(batch), np.int64(context)))
 
 
@@ -112,7 +99,6 @@ def rates_by_class(df: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- the fit
 
-TARGETS = {"graph": "step_time_graph_s", "eager": "step_time_s"}
 # quantization and dequantization kernels come in pairs (one of each per quantized tensor and layer), so
 # their per-kernel overheads cannot be told apart from step times: one parameter serves both
 OVERHEAD_OF = {"quant": "dequant"}
@@ -333,88 +319,6 @@ def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_
 
 
 # ----------------------------------------------------------------------------- validation
-
-REQUIRED = ("model", "layers", "config", "batch", "context", "status", "step_time_s", "ops")
-
-
-def read_measurements(paths: list[Path], device: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(device info per file, rows with status 'ok') from `xqsim measure` JSON files, all of one device and one
-    engine (a row's `engine`: 'torch' for files measured before the Triton kernels, which name none); a file that
-    is missing, not a measurement file, empty, of another device or of another engine is a UserError."""
-    infos, rows, engine = [], [], None
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise UserError(f"{p}: file not found")
-        try:
-            data = json.loads(read_text(p))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{p}: not a JSON measurement file ({err.msg} at line {err.lineno})") from None
-        if not isinstance(data, dict) or "device" not in data or "rows" not in data:
-            raise UserError(f"{p}: not an `xqsim measure` file: expected keys 'device' and 'rows'")
-        if not isinstance(data["rows"], list):
-            raise UserError(f"{p}: field 'rows': expected a list of rows")
-        if not isinstance(data["device"], dict):
-            raise UserError(f"{p}: field 'device': expected an object")
-        ok = [r for r in data["rows"] if r.get("status") == "ok"]
-        if not ok:
-            raise UserError(f"{p}: no measured rows (status 'ok')")
-        for i, r in enumerate(data["rows"]):
-            if r.get("status") == "ok":
-                _check_row(p, i, r)
-        name = data["device"].get("device_name", "?")
-        if device and name != device:
-            raise UserError(f"{p}: field 'device.device_name': '{name}', but the other files are from '{device}'; "
-                            f"calibrate one device at a time")
-        device = name
-        eng = data["device"].get("engine", "torch")
-        if engine and eng != engine:
-            raise UserError(f"{p}: field 'device.engine': '{eng}', but the other files are from the '{engine}' "
-                            f"engine; calibrate one engine at a time")
-        engine = eng
-        infos.append(data["device"])
-        rows += [{"engine": eng} | r | {"file": p.name} for r in ok]
-    return infos, rows
-
-
-def _time(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def _check_row(p: Path, i: int, r) -> None:
-    """A measured row (status 'ok') as the fit and the predictions read it, or a UserError naming its field: the
-    keys a row has, a model this xqsim knows with its layers, a configuration valid for it, whole positive batch
-    and context, and times that are finite and positive (a step) or finite and not negative (an op)."""
-    where = f"{p}: field 'rows.{i}"
-    if not isinstance(r, dict):
-        raise UserError(f"{where}': expected an object")
-    missing = [k for k in REQUIRED if k not in r]
-    if missing:
-        raise UserError(f"{where}': missing {', '.join(missing)}")
-    for k in ("layers", "batch", "context"):
-        if not isinstance(r[k], int) or isinstance(r[k], bool) or r[k] < 1:
-            raise UserError(f"{where}.{k}': expected a whole number >= 1 (got {r[k]!r})")
-    if not isinstance(r["model"], str) or not isinstance(r["config"], dict):
-        raise UserError(f"{where}': 'model' must be a name and 'config' an object")
-    try:
-        row_model_config(r)
-    except UserError as err:
-        raise UserError(f"{where}.config': {err}") from None
-    except ValueError as err:  # pydantic's, from a stored configuration it refuses
-        msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
-        raise UserError(f"{where}.config': {msg}") from None
-    for k in TARGETS.values():
-        if k in r and not _time(r[k]):
-            raise UserError(f"{where}.{k}': {r[k]!r} is not a time; expected a finite number of seconds > 0")
-    if not isinstance(r["ops"], dict):
-        raise UserError(f"{where}.ops': expected an object of ops")
-    for name, m in r["ops"].items():
-        for k in ("time_s", "kernel_time_s"):
-            v = m.get(k, 0.0) if isinstance(m, dict) else None
-            if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
-                raise UserError(f"{where}.ops.{name}.{k}': {v!r} is not a time; expected a finite number of "
-                                f"seconds >= 0")
-
 
 def _family(label: str) -> str:
     return label.split("-")[0]

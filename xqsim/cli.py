@@ -323,6 +323,7 @@ def measure(
     """Run and time decode steps of the engine (CUDA events on a GPU, perf_counter on CPU)."""
     try:
         from .engine import measure as m
+        from .measurements import write_measurements
     except ImportError as err:
         raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
     g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid) if grid is not None else None
@@ -359,7 +360,7 @@ def measure(
     def on_row(row: dict) -> None:
         rows.append(row)
         if out:
-            m.write_measurements(out, info, rows)
+            write_measurements(out, info, rows)
         kept[0] = len(rows)
         if not as_json:
             what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
@@ -395,12 +396,13 @@ def calibrate(
     import datetime
 
     from . import calibrate as cal
+    from .measurements import read_measurements
 
     hw = loading.load_hardware(hardware)
     out = out or loading.HARDWARE_DIR / f"{hw.name}_fitted.yaml"
     if out.exists() and not force:  # before any work
         raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
-    infos, rows = cal.read_measurements(measurements)
+    infos, rows = read_measurements(measurements)
     n_fit = sum(1 for r in rows if not r.get("fused"))
     source = (f"xqsim calibrate on {n_fit} unfused configurations from {', '.join(p.name for p in measurements)} "
               f"({infos[0]['device_name']}, torch {infos[0]['torch']}), {datetime.date.today().isoformat()}")
@@ -441,6 +443,7 @@ def validate(
 ) -> None:
     """Predict every measured configuration; report the error overall, per regime and per scheme."""
     from . import calibrate as cal
+    from .measurements import read_measurements
 
     if out is not None:  # before any work: never over a file that is there unless --force
         written = [out / "validation.csv", out / "validation.png", out / "validation.svg"]
@@ -454,7 +457,7 @@ def validate(
         hw = cal.transferred(hw, loading.load_hardware(transfer_from))
     if held_out not in (None, "context", "scheme"):
         raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: context, scheme")
-    _, rows = cal.read_measurements(measurements)
+    _, rows = read_measurements(measurements)
     df, report = cal.validation(rows, hw, held_out, _target(target))
     if out:
         out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import calibrate, schemes, sweep
+from .. import calibrate, measurements, schemes, sweep
 from ..crossover import crossovers
 from ..roofline import op_table
 from ..specs import Figure, HardwareProfile, ModelSpec, SchemeConfig, UserError
@@ -223,13 +223,13 @@ def _is_measurement(path: Path, mtime_ns: int) -> bool:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return True  # let calibration say what is wrong with it
-    return not isinstance(data, dict) or {"device", "rows"} <= data.keys()
+    return not isinstance(data, dict) or measurements.is_measurement(data)
 
 
 def calibration(paths: list[Path], hw: HardwareProfile) -> tuple[pd.DataFrame, dict]:
     """Measured vs predicted step time of every measured configuration, on the spec rates and (where the
     profile has them) the fitted rates (column `rates`); and the device the files come from."""
-    infos, rows = calibrate.read_measurements(paths)
+    infos, rows = measurements.read_measurements(paths)
     parts = [calibrate.step_predictions(rows, hw.model_copy(update={"fitted": None})).assign(rates="spec")]
     if hw.fitted:
         parts.append(calibrate.step_predictions(rows, hw).assign(rates="fitted"))

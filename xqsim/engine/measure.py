@@ -22,15 +22,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..capacity import memory
-from ..loading import partial, to_json
 from ..specs import ModelSpec, ScenarioScheme, SchemeConfig, UserError
 from .model import Engine, Recorder, init_weights
 
@@ -347,36 +344,3 @@ def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return dev, DTYPES[dtype]
 
 
-def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
-    """Measured rows as OUT.json (device, software, every row with its config and ops) and OUT.csv (flat). Both are
-    written under temporary names first, then renamed over the old ones with Ctrl-C held back until both renames are
-    done: an interruption at any moment leaves both files at the previous row count or both at the new one."""
-    import os
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    flat = [{k: v for k, v in r.items() if k not in ("config", "ops")}
-            | {f"t_{n}_s": o["time_s"] for n, o in r.get("ops", {}).items()}
-            | {f"k_{n}_s": o["kernel_time_s"] for n, o in r.get("ops", {}).items() if "kernel_time_s" in o}
-            for r in rows]
-    table = pd.DataFrame(flat).assign(**{k: v for k, v in info.items() if not isinstance(v, dict)})
-    moves = []
-    try:
-        for suffix, write in ((".json", lambda p: p.write_text(to_json({"device": info, "rows": rows}))),
-                              (".csv", lambda p: table.to_csv(p, index=False))):
-            final = out.with_suffix(suffix)
-            tmp = partial(final)
-            moves.append((tmp, final))
-            write(tmp)
-    except BaseException:  # interrupted before the renames: both old files stand, no temporary file is left
-        for tmp, _ in moves:
-            tmp.unlink(missing_ok=True)
-        raise
-    interrupted = None
-    for tmp, final in moves:
-        while tmp.exists():  # finish every rename, then pass a Ctrl-C that came meanwhile on
-            try:
-                os.replace(tmp, final)
-            except KeyboardInterrupt as err:
-                interrupted = err
-    if interrupted is not None:
-        raise interrupted
