@@ -147,17 +147,20 @@ def test_bad_measurement_files(monkeypatch, capsys, tmp_path, content, fragment)
     (11, {"config": None}, "field 'rows.11': 'model' must be a name and 'config' an object"),
     (13, {"ops": {"attention": {"time_s": float("inf")}}}, "field 'rows.13.ops.attention.time_s': inf is not a time"),
     (2, "drop config", "field 'rows.2': missing config"),
+    (4, "not an object", "field 'rows.4': expected an object"),
 ])
 def test_every_measured_row_is_checked(tmp_path, where, edit, fragment):
     """Each row the fit reads is checked where it lies, not only the first: NaN, zero or negative times (the fit
     died with 'Residuals are not finite'), a configuration the scheme refuses, a fractional batch, a row without
-    its configuration (a KeyError)."""
+    its configuration (a KeyError), a row that is not an object (an AttributeError)."""
     data = json.loads(FILES[0].read_text())
     ok = [i for i, r in enumerate(data["rows"]) if r["status"] == "ok"]
     assert ok[:14] == list(range(14))
     row = data["rows"][where]
     if edit == "drop config":
         del row["config"]
+    elif edit == "not an object":
+        data["rows"][where] = 3
     else:
         row.update(edit)
     bad = tmp_path / "bad.json"

@@ -48,18 +48,20 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
             data = json.loads(read_text(p))
         except json.JSONDecodeError as err:
             raise UserError(f"{p}: not a JSON measurement file ({err.msg} at line {err.lineno})") from None
-        if not isinstance(data, dict) or "device" not in data or "rows" not in data:
+        if not is_measurement(data):
             raise UserError(f"{p}: not an `xqsim measure` file: expected keys 'device' and 'rows'")
         if not isinstance(data["rows"], list):
             raise UserError(f"{p}: field 'rows': expected a list of rows")
         if not isinstance(data["device"], dict):
             raise UserError(f"{p}: field 'device': expected an object")
-        ok = [r for r in data["rows"] if r.get("status") == "ok"]
+        for i, r in enumerate(data["rows"]):
+            if not isinstance(r, dict):
+                raise UserError(f"{p}: field 'rows.{i}': expected an object")
+        ok = [(i, r) for i, r in enumerate(data["rows"]) if r.get("status") == "ok"]
         if not ok:
             raise UserError(f"{p}: no measured rows (status 'ok')")
-        for i, r in enumerate(data["rows"]):
-            if r.get("status") == "ok":
-                _check_row(p, i, r)
+        for i, r in ok:
+            _check_row(p, i, r)
         name = data["device"].get("device_name", "?")
         if device and name != device:
             raise UserError(f"{p}: field 'device.device_name': '{name}', but the other files are from '{device}'; "
@@ -71,21 +73,19 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
                             f"engine; calibrate one engine at a time")
         engine = eng
         infos.append(data["device"])
-        rows += [{"engine": eng} | r | {"file": p.name} for r in ok]
+        rows += [{"engine": eng} | r | {"file": p.name} for _, r in ok]
     return infos, rows
 
 
-def _time(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_row(p: Path, i: int, r) -> None:
+def _check_row(p: Path, i: int, r: dict) -> None:
     """A measured row (status 'ok') as the fit and the predictions read it, or a UserError naming its field: the
     keys a row has, a model this xqsim knows with its layers, a configuration valid for it, whole positive batch
     and context, and times that are finite and positive (a step) or finite and not negative (an op)."""
     where = f"{p}: field 'rows.{i}"
-    if not isinstance(r, dict):
-        raise UserError(f"{where}': expected an object")
     missing = [k for k in REQUIRED if k not in r]
     if missing:
         raise UserError(f"{where}': missing {', '.join(missing)}")
@@ -102,14 +102,14 @@ def _check_row(p: Path, i: int, r) -> None:
         msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
         raise UserError(f"{where}.config': {msg}") from None
     for k in TARGETS.values():
-        if k in r and not _time(r[k]):
+        if k in r and not (_finite(r[k]) and r[k] > 0):
             raise UserError(f"{where}.{k}': {r[k]!r} is not a time; expected a finite number of seconds > 0")
     if not isinstance(r["ops"], dict):
         raise UserError(f"{where}.ops': expected an object of ops")
     for name, m in r["ops"].items():
         for k in ("time_s", "kernel_time_s"):
             v = m.get(k, 0.0) if isinstance(m, dict) else None
-            if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            if not (_finite(v) and v >= 0):
                 raise UserError(f"{where}.ops.{name}.{k}': {v!r} is not a time; expected a finite number of "
                                 f"seconds >= 0")
 
