@@ -18,7 +18,7 @@ import pandas as pd
 from .crossover import grid_crossovers, memory_walls
 from .loading import partial, write_atomic
 from .specs import HardwareProfile, ModelSpec, Scenario, SchemeConfig, Strategy, UserError
-from .sweep import CATEGORIES, _flatten, _frame, _names, evaluate
+from .sweep import CATEGORIES, _flatten, _frame, evaluated
 
 CHUNK_ROWS = 100_000  # rows a sweep evaluates, writes and lets go of at once
 # Measured on streamed sweeps of 2*10^7 and 10^8 configurations (benchmarks/sweep_memory.py): the interpreter, its
@@ -83,20 +83,19 @@ def _evaluate_unit(unit: tuple) -> tuple:
     mi, cfgs, bs, cs = unit
     model = j["models"][mi]
     batch, context = j["batch"][bs], j["context"][cs]
-    shape = (len(j["hws"]), len(batch), len(context))
+    n_hw, n_cfg = len(j["hws"]), cfgs.stop - cfgs.start
     blocks, skips = [], []
-    step = np.full((cfgs.stop - cfgs.start, *shape), np.nan)
-    cap = np.full((cfgs.stop - cfgs.start, shape[0], shape[2]), np.nan)
+    step = np.full((n_hw, n_cfg, len(batch), len(context)), np.nan)  # as the sweep's curves hold them
+    cap = np.full((n_hw, n_cfg, len(context)), np.nan)
     for i, cfg in enumerate(j["configs"][cfgs]):
-        try:
-            rcfg = cfg.resolved(model)
-            arrays = evaluate(j["hws"], model, rcfg, batch, context, j["fitted"], j["limit"])
-        except UserError as err:
-            skips.append(f"skipped {cfg.label} on {model.name}: {err}")
+        got = evaluated(j["hws"], model, cfg, batch, context, j["fitted"], j["limit"])
+        if isinstance(got, str):
+            skips.append(got)
             continue
-        blocks.append((_names(model, cfg, rcfg), _flatten(arrays, batch, context)))
-        step[i] = np.where(arrays["fits"], arrays["step_time_s"], np.nan)
-        cap[i] = arrays["throughput_cap_tokens_per_s"][:, 0]  # the smallest batch, where bs.start == 0
+        names, arrays = got
+        blocks.append((names, _flatten(arrays, batch, context)))
+        step[:, i] = np.where(arrays["fits"], arrays["step_time_s"], np.nan)
+        cap[:, i] = arrays["throughput_cap_tokens_per_s"][:, 0]  # the smallest batch, where bs.start == 0
     if not blocks:
         return unit, skips, None
     frame = _frame(blocks, j["hws"], j["categories"])
@@ -206,9 +205,9 @@ def stream(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[Sc
                 skipped.add(skip)
             if piece is None:
                 continue
-            step[models[mi].name][:, ci, bs, cs] = piece["step"].transpose(1, 0, 2, 3)
+            step[models[mi].name][:, ci, bs, cs] = piece["step"]
             if piece["cap"] is not None:
-                cap[models[mi].name][:, ci, cs] = piece["cap"].transpose(1, 0, 2)
+                cap[models[mi].name][:, ci, cs] = piece["cap"]
             walls.append(piece["walls"])
             kept.append(piece["kept"])
             meta = meta or piece["table"].schema.metadata

@@ -233,21 +233,30 @@ def evaluate_frame(hws, model, cfg, batch, context, fitted=True, batch_limit=Non
     return _frame([(_names(model, cfg, rcfg), _flatten(arrays, batch, context))], hws)
 
 
+def evaluated(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch, context, fitted: bool,
+              limit: int) -> tuple[dict, dict[str, np.ndarray]] | str:
+    """One (model, scheme) on the grid: (its names, evaluate()'s arrays), or, for a config the model cannot take
+    (e.g. a rank above its dkv), why it is skipped."""
+    try:
+        rcfg = cfg.resolved(model)
+        return _names(model, cfg, rcfg), evaluate(hws, model, rcfg, batch, context, fitted, limit)
+    except UserError as err:
+        return f"skipped {cfg.label} on {model.name}: {err}"
+
+
 def run(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[SchemeConfig], batch, context,
         fitted: bool = True, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """The full grid as one table; configs a model cannot take (e.g. a rank above its dkv) are skipped
-    and reported through on_step."""
+    """The full grid as one table; configs a model cannot take are skipped and reported through on_step."""
     blocks = []
     limit = int(max(batch))
     for model in models:
         for cfg in configs:
-            try:
-                rcfg = cfg.resolved(model)
-                arrays = evaluate(hws, model, rcfg, batch, context, fitted, limit)
-                blocks.append((_names(model, cfg, rcfg), _flatten(arrays, batch, context)))
-            except UserError as err:
+            got = evaluated(hws, model, cfg, batch, context, fitted, limit)
+            if isinstance(got, str):
                 if on_step:
-                    on_step(f"skipped {cfg.label} on {model.name}: {err}")
+                    on_step(got)
+            else:
+                blocks.append((got[0], _flatten(got[1], batch, context)))
             if on_step:
                 on_step("")
     if not blocks:
