@@ -359,9 +359,10 @@ def measure(
 
     def on_row(row: dict) -> None:
         rows.append(row)
-        if out:
-            write_measurements(out, info, rows)
-        kept[0] = len(rows)
+        if out:  # the count follows the files: set once both hold the new row, even if Ctrl-C came meanwhile
+            write_measurements(out, info, rows, on_written=lambda: kept.__setitem__(0, len(rows)))
+        else:
+            kept[0] = len(rows)
         if not as_json:
             what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
             took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]

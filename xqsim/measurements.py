@@ -114,10 +114,11 @@ def _check_row(p: Path, i: int, r: dict) -> None:
                                 f"seconds >= 0")
 
 
-def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
+def write_measurements(out: Path, info: dict, rows: list[dict], on_written=None) -> None:
     """Measured rows as OUT.json (device, software, every row with its config and ops) and OUT.csv (flat). Both are
     written under temporary names first, then renamed over the old ones with Ctrl-C held back until both renames are
-    done: an interruption at any moment leaves both files at the previous row count or both at the new one."""
+    done and `on_written()` has run: an interruption at any moment leaves both files at the previous row count or both
+    at the new one, and `on_written` runs exactly when they hold the new one (so a count kept by it is never off)."""
     import os
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +146,12 @@ def write_measurements(out: Path, info: dict, rows: list[dict]) -> None:
                 os.replace(tmp, final)
             except KeyboardInterrupt as err:
                 interrupted = err
+    while on_written is not None:
+        try:
+            on_written()
+            on_written = None
+        except KeyboardInterrupt as err:
+            interrupted = err
     if interrupted is not None:
         raise interrupted
 
