@@ -7,13 +7,16 @@ share of the GPU's spec bandwidth and peak, and its speedup over the fp16 kernel
 SDPA on the fp16 cache beside it. Then quantize-on-append and RoPE per layer, and the whole CUDA-graph decode
 step of 2 layers and of the full model. Prints a table per part and, last, `min_pct_of_roofline: <number>`
 (the worst attention kernel at context >= 8k). --tune times kernel variants instead (block, warps, conversion).
+--remat times the fused rematerialization kernels of XQuant and XQuant-GQA instead (per layer: share of the bf16
+tensor peak or of the bandwidth, whichever binds; `min_pct_of_remat_roofline`), then their full-model steps.
 
-    python benchmarks/kernel_roofline.py [--out DIR] [--quick] [--tune]
+    python benchmarks/kernel_roofline.py [--out DIR] [--quick] [--tune] [--remat]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -138,6 +141,106 @@ def attention_cases(spec, configs, batches, contexts, variants, hw, out_rows, ch
                 torch.cuda.empty_cache()
 
 
+def kernel_op(spec, cfg, B: int, T: int) -> tuple[float, float]:
+    """Bytes and FLOPs of one layer's ops that the analytic fused model runs as its attention kernel."""
+    ops = schemes.step_ops(spec, cfg.model_copy(update={"fused": True}), np.int64(B), np.int64(T))
+    per_layer = {o.name: (float(o.bytes), float(o.flops)) for o in ops if o.kernel == "attention"}  # last group's
+    return sum(b for b, _ in per_layer.values()), sum(f for _, f in per_layer.values())
+
+
+def remat_sources(cfg, stores: dict[str, Store]) -> dict:
+    """remat_attention's sources from one layer's stores: X, or the key latent (its fp16 first channel) and the
+    value latent."""
+    if cfg.scheme == "xquant_gqa":
+        return dict(xk=Source.of(stores["xk"]), xv=Source.of(stores["xv"]),
+                    x0=Source.of(stores["xk0"]) if "xk0" in stores else None)
+    return dict(xk=Source.of(next(iter(stores.values()))), xv=None, x0=None)
+
+
+def run_all(fns) -> list:
+    return [f() for f in fns]
+
+
+def remat_cases(spec, configs, points, hw, out_rows, check: bool, variants=(("triton", {}),)) -> None:
+    """The fused rematerialization kernel per layer (xqsim.engine.kernels.remat): time (CUDA graph over enough
+    layers' sources that they are not served from L2), the analytic fused op's bytes and FLOPs, its share of the
+    spec bandwidth and of the bf16 tensor peak, and which of the two binds (`pct_roofline` is the binding one)."""
+    from xqsim.engine.kernels.remat import remat_attention
+
+    dtype = torch.bfloat16
+    H, hd, dkv = spec.n_heads, spec.hd, spec.dkv
+    for label, cfg in configs:
+        cfg = cfg.resolved(spec)
+        absorb = cfg.strategy == "absorb_v"
+        for B, T in points:
+            nbytes, flops = kernel_op(spec, cfg, B, T)
+            code_bytes = B * T * sum(t.width * max(t.bits, 2) / 8 for t in schemes.layout(spec, cfg)[-1].tensors)
+            layers = max(1, min(8, math.ceil(L2_FLUSH_BYTES / code_bytes)))
+            try:
+                caches = [layer_stores(spec, cfg, B, T, dtype, seed=i) for i in range(layers)]
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                continue
+            g = torch.Generator(device="cuda").manual_seed(0)
+            if cfg.scheme == "xquant_gqa":
+                kw_rows, vw_rows = cfg.rank_k, cfg.rank_v
+            else:
+                kw_rows = vw_rows = spec.d_model
+            wk = (torch.randn(kw_rows, dkv, generator=g, device="cuda") / kw_rows**0.5).to(dtype)
+            wv = (torch.randn(vw_rows, dkv, generator=g, device="cuda") / vw_rows**0.5).to(dtype)
+            q = torch.randn(B, H, hd, device="cuda", dtype=dtype)
+
+            srcs = [remat_sources(cfg, c) for c in caches]
+            for vname, kw in variants:
+                call = [functools.partial(remat_attention, q, sr["xk"], wk, spec.rope_theta, x0=sr["x0"], xv=sr["xv"],
+                                          wv=wv, absorb=absorb, **kw) for sr in srcs]
+                row = {"part": "remat", "scheme": label, "batch": B, "context": T, "bytes": nbytes, "flops": flops,
+                       "layers": layers, "kernel": vname}
+                try:
+                    t = graph_time(functools.partial(run_all, call)) / layers
+                except (triton.runtime.errors.OutOfResources, RuntimeError) as err:
+                    print(f"remat {label} B{B} T{T} {vname}: {str(err)[:120]}", flush=True)
+                    continue
+                if check and B * T <= 2**17:
+                    ref = remat_reference(spec, cfg, caches[0], q, wk, wv)
+                    row["rel_err"] = ((call[0]().double() - ref).norm() / ref.norm()).item()
+                remat_row(row, t, hw, out_rows)
+            del caches, srcs
+            torch.cuda.empty_cache()
+
+
+def remat_reference(spec, cfg, stores, q, wk, wv) -> torch.Tensor:
+    """xqsim.engine.kernels.remat.reference over one layer's stores, in float64."""
+    from xqsim.engine.kernels.remat import reference
+
+    absorb = cfg.strategy == "absorb_v"
+    if cfg.scheme == "xquant_gqa":
+        x0 = stores["xk0"].read(torch.float64) if "xk0" in stores else None
+        return reference(q, stores["xk"].read(torch.float64), wk, spec.rope_theta, stores["xv"].read(torch.float64), wv,
+                         x0=x0, absorb=absorb)
+    return reference(q, next(iter(stores.values())).read(torch.float64), wk, spec.rope_theta, wv=wv, absorb=absorb)
+
+
+def remat_row(row: dict, t: float, hw, out_rows: list) -> None:
+    """Time, throughput and share of the roofline (compute or memory, whichever binds) of one remat kernel row."""
+    flops, nbytes = row["flops"], row["bytes"]
+    t_peak, t_bw = flops / hw.flops_per_s["bf16"].value, nbytes / hw.mem_bytes_per_s.value
+    row |= {"time_s": t, "tflops": flops / t / 1e12, "tb_s": nbytes / t / 1e12, "pct_peak": 100 * t_peak / t,
+            "pct_bw": 100 * t_bw / t, "bound": "compute" if t_peak >= t_bw else "memory",
+            "pct_roofline": 100 * max(t_peak, t_bw) / t}
+    out_rows.append(row)
+    print(f"remat {row['scheme']} B{row['batch']} T{row['context']} {row['kernel']}: {t * 1e6:.0f} us/layer, "
+          f"{row['tflops']:.0f} TFLOP/s ({row['pct_peak']:.1f}% of bf16 peak), {row['tb_s']:.2f} TB/s "
+          f"({row['pct_bw']:.1f}% of bandwidth), {row['bound']}-bound: {row['pct_roofline']:.1f}% of roofline"
+          + (f", err {row['rel_err']:.0e}" if "rel_err" in row else ""), flush=True)
+
+
+REMAT_CONFIGS = [("xquant-2 absorb", specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v")),
+                 ("xquant-2 remat", specs.SchemeConfig(scheme="xquant", bits=2, strategy="remat")),
+                 ("xquant_gqa-2 absorb", specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v")),
+                 ("xquant_gqa-2 remat", specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="remat"))]
+
+
 def maintenance_cases(spec, batches, out_rows) -> None:
     """Per layer: quantize-on-append of KIVI-2 (every step: V's token leaving the window, K's token into its
     window; every R steps: K's window of R tokens per channel) and RoPE of q and the new k, Triton vs torch."""
@@ -178,18 +281,21 @@ def maintenance_cases(spec, batches, out_rows) -> None:
                   f"{r['time_s'] * 1e6:.1f} us per layer", flush=True)
 
 
-def step_cases(spec, points, out_rows, on_row) -> None:
-    """Whole decode steps (CUDA graph) of 2 layers and of the full model: Triton engine and torch engine."""
+STEP_CONFIGS = [("fp16", specs.SchemeConfig(scheme="fp16")), ("kivi-2", specs.SchemeConfig(scheme="kivi", bits=2)),
+                ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4))]
+
+
+def step_cases(spec, points, out_rows, on_row, configs=STEP_CONFIGS, torch_too: bool = True) -> None:
+    """Whole decode steps (CUDA graph) of 2 layers and of the full model: Triton engine and (2 layers, torch_too)
+    the torch engine."""
     from xqsim.engine.measure import measure_one
 
     full = spec.n_layers
-    for label, cfg in [("fp16", specs.SchemeConfig(scheme="fp16")),
-                       ("kivi-2", specs.SchemeConfig(scheme="kivi", bits=2)),
-                       ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4))]:
+    for label, cfg in configs:
         for B, T in points:
             for layers in (2, full):
                 m = spec.model_copy(update={"n_layers": layers})
-                for kernels in ("triton", "torch") if layers == 2 else ("triton",):
+                for kernels in ("triton", "torch") if layers == 2 and torch_too else ("triton",):
                     try:
                         r = measure_one(m, cfg, B, T, "cuda", torch.bfloat16, repeats=10, warmup=2, kernels=kernels)
                     except torch.cuda.OutOfMemoryError:
@@ -198,7 +304,8 @@ def step_cases(spec, points, out_rows, on_row) -> None:
                     row = {"part": "step", "scheme": label, "kernel": kernels, "batch": B, "context": T,
                            "layers": layers, "step_time_graph_s": r.get("step_time_graph_s"),
                            "step_time_s": r["step_time_s"], "graph": r.get("graph"),
-                           "attention_kernel_s": r["ops"]["attention"].get("kernel_time_s"),
+                           "attention_kernel_s": r["ops"].get("attention", r["ops"].get("attention_qk", {}))
+                           .get("kernel_time_s"),
                            "bytes_exact": r["cache_bytes_allocated"] == r["cache_bytes_analytic"]}
                     out_rows.append(row)
                     print(f"step {label} B{B} T{T} {layers} layers {kernels}: graph "
@@ -238,6 +345,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--tune", action="store_true", help="time kernel variants instead")
     ap.add_argument("--quick", action="store_true", help="attention only")
+    ap.add_argument("--remat", action="store_true", help="the fused rematerialization kernels and their steps only")
+    ap.add_argument("--remat-tune", action="store_true", help="time remat kernel variants (tile, chunk, warps)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_roofline: needs a CUDA device")
@@ -259,7 +368,16 @@ def main() -> None:
                ("kivi-3", specs.SchemeConfig(scheme="kivi", bits=3)),
                ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4)),
                ("kivi-8", specs.SchemeConfig(scheme="kivi", bits=8))]
-    if a.tune:
+    if a.remat_tune:
+        variants = [("n128k32w8", {}), ("n64k64w8", {"block_n": 64, "block_k": 64}),
+                    ("n128k32w8s3", {"num_stages": 3}), ("n64k32w4", {"block_n": 64, "num_warps": 4})]
+        remat_cases(spec, REMAT_CONFIGS[::2], [(8, 24576)], hw, rows, check=False, variants=variants)
+    elif a.remat:
+        remat_cases(spec, REMAT_CONFIGS, [(1, 8192), (8, 8192), (8, 24576), (1, 32768)], hw, rows, check=True)
+        save(a.out, info, rows)
+        step_cases(spec, [(8, 24576)], rows, lambda: save(a.out, info, rows), configs=REMAT_CONFIGS[::2],
+                   torch_too=False)
+    elif a.tune:
         variants = [("default", {}), ("s2", {"num_stages": 2}), ("s3", {"num_stages": 3}), ("ps1", {"per_sm": 1}),
                     ("ps3", {"per_sm": 3}), ("unmixed", {"mixed": False})]
         attention_cases(spec, configs[1:2] + configs[3:5], [1, 8, 32], [32768], variants, hw, rows, check=True)
@@ -272,7 +390,11 @@ def main() -> None:
             save(a.out, info, rows)
             step_cases(spec, [(8, 24576), (1, 8192)], rows, lambda: save(a.out, info, rows))
     save(a.out, info, rows)
-    att = [r for r in rows if r.get("kernel") == "triton" and "pct_bw" in r and r["context"] >= 8192]
+    att = [r for r in rows if r.get("kernel") == "triton" and "pct_bw" in r and r["context"] >= 8192
+           and r.get("part") != "remat"]
+    rem = [r for r in rows if r.get("part") == "remat" and r["context"] >= 8192]
+    if rem:
+        print(f"min_pct_of_remat_roofline: {min(r['pct_roofline'] for r in rem):.1f}")
     print(f"min_pct_of_roofline: {min(r['pct_bw'] for r in att):.1f}" if att else "min_pct_of_roofline: nan")
 
 

@@ -82,8 +82,9 @@ class Engine:
         self.spec, self.cfg, self.tile = spec, cfg.resolved(spec), tile
         self.device, self.dtype, self.store_dtype = torch.device(device), dtype, store_dtype
         self.kernels = resolve_kernels(kernels, self.device)  # 'triton' (default on CUDA) or 'torch'
-        if self.kernels == "triton" and self.cfg.scheme not in REMAT_SCHEMES and self.cfg.scheme != "fp16":
-            # K/V schemes attend in one kernel that dequantizes in registers: the fused execution, whatever was asked
+        if self.kernels == "triton" and self.cfg.scheme != "fp16":
+            # K/V schemes attend in one kernel that dequantizes in registers, XQuant's rebuild K and V in one kernel
+            # that never writes them: the fused execution, whatever was asked
             self.cfg = self.cfg.model_copy(update={"fused": True})
 
         self.w = weights if weights is not None else init_weights(spec, seed, self.device, dtype)
@@ -287,6 +288,8 @@ class Engine:
             qh = rope(q.view(B, 1, H, hd).transpose(1, 2), pos[-1:], s.rope_theta, self.kernels)  # (B, H, 1, hd)
         self._store(stores, new, rec)
         absorb = c.strategy == "absorb_v"
+        if self.kernels == "triton":
+            return self._kernel_remat(i, qh, stores, acc, rec)
         if role == "base":
             acc = torch.empty(B, T, d, device=h.device, dtype=self.dtype)  # X^ (B, T, d), filled tile by tile
 
@@ -322,6 +325,61 @@ class Engine:
 
         wv = self.f[f"{i}.up_v"] if c.scheme == "xquant_gqa" else w[f"{i}.wv"]
         return self._attend_tiles(qh, T, make_tile, rec, wv if absorb else None), acc
+
+    def _kernel_remat(self, i, qh, stores, acc, rec):
+        """_remat_attention's rebuild and attention in one Triton kernel (kernels.remat): codes are dequantized, K
+        and V rebuilt and K rotated tile by tile on chip, so those ops move no bytes of their own; they are recorded,
+        empty, for their FLOPs. The cross-layer schemes first rebuild X^ (B, T, d) in torch (dequantize,
+        up-project, accumulate), which the kernel then reads as an unquantized source."""
+        from .kernels.attention import Source
+        from .kernels.remat import remat_attention
+
+        s, w, c = self.spec, self.w, self.cfg
+        B, H, _, hd = qh.shape
+        d, dkv, role = s.d_model, s.dkv, self.group_of[i].role
+        T = next(iter(stores.values())).tokens
+        absorb = c.strategy == "absorb_v"
+        if c.scheme in ("xquant_cl", "xquant_cl_gqa") and (role != "plain" or c.scheme == "xquant_cl_gqa"):
+            x = next(iter(self._read_tile(stores, 0, T, rec).values()))  # (B, T, width)
+            if c.scheme == "xquant_cl_gqa":
+                U = self.f[f"{i}.U"]
+                with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
+                    x = x @ U.T  # (B, T, d)
+            if role != "plain":
+                with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
+                    acc = x if role == "base" else acc + x  # X^ (B, T, d)
+                x = acc
+            xk, x0, xv = Source(x, d, 0, 16, c.group), None, None
+            wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d
+        else:
+            for name, st in stores.items():
+                if st.t.quantized:
+                    with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
+                        pass  # inside the kernel
+            if c.scheme == "xquant_gqa":
+                xk, xv = Source.of(stores["xk"]), Source.of(stores["xv"])
+                x0 = Source.of(stores["xk0"]) if c.keep_first_channel else None
+                wk, wv, k_width, v_width = self.f[f"{i}.up_k"], self.f[f"{i}.up_v"], c.rank_k, c.rank_v
+            else:  # X itself
+                xk, x0, xv = Source.of(next(iter(stores.values()))), None, None
+                wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d
+        with rec("remat_k", "remat", 2 * B * T * k_width * dkv):
+            pass  # inside the kernel, as are RoPE of K and, with remat, the rebuild of V
+        with rec("rope_k", "rope", ROPE_FLOPS * B * T * dkv):
+            pass
+        if not absorb:
+            with rec("remat_v", "remat", 2 * B * T * v_width * dkv):
+                pass
+        q = qh.reshape(B, H, hd)
+        with rec("attention_qk" if absorb else "attention", "attention", (2 if absorb else 4) * B * H * T * hd):
+            o = remat_attention(q, xk, wk, s.rope_theta, x0=x0, xv=xv, wv=wv, absorb=absorb)  # (B, H, hd | width)
+        if absorb:
+            with rec("attention_px", "attention", 2 * B * H * T * v_width):
+                pass
+            with rec("v_absorb", "matmul", 2 * B * H * v_width * hd):
+                o = torch.einsum("bkgw,wkh->bkgh", o.to(self.dtype).view(B, s.n_kv_heads, H // s.n_kv_heads, -1),
+                                 wv.view(-1, s.n_kv_heads, hd))  # (B, Hkv, g, hd)
+        return o.reshape(B, 1, H * hd), acc
 
     def _read_tile(self, stores: dict[str, Store], t0: int, t1: int, rec: Recorder) -> dict[str, torch.Tensor]:
         """Tokens [t0, t1) of every tensor as values; dequant_<t> for the quantized ones."""

@@ -171,7 +171,7 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
     if n_main < splits:
         _split_kernel[(B * Hkv, 1)](*args, n_main, FAST=fast, MIXED=mixed, **consts)
     out = torch.empty(B, H, hd, dtype=q.dtype, device=q.device)
-    _merge_kernel[(B * H,)](o_part, ml, out, splits, out.stride(0), out.stride(1),
+    _merge_kernel[(B * H,)](o_part, ml, out, splits, out.stride(0), out.stride(1), hd,
                             HKV=Hkv, G=g, HD=hd, num_warps=4)
     return out
 
@@ -478,7 +478,9 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
 
 
 @triton.jit
-def _merge_kernel(O_part, ML, Out, n_splits, so_b, so_h, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr):
+def _merge_kernel(O_part, ML, Out, n_splits, so_b, so_h, width, HKV: tl.constexpr, G: tl.constexpr,
+                  HD: tl.constexpr):
+    """Out[b, head, :width] from the splits' partial outputs (rows of HD >= width values), maxima and sums."""
     pid = tl.program_id(0)  # b * H + head
     H: tl.constexpr = HKV * G
     b = (pid // H).to(tl.int64)
@@ -500,4 +502,4 @@ def _merge_kernel(O_part, ML, Out, n_splits, so_b, so_h, HKV: tl.constexpr, G: t
         l_acc = l_acc * a + l_s * w
         acc = acc * a + o_s * w
         m = m_new
-    tl.store(Out + b * so_b + hq * so_h + cols, (acc / l_acc).to(Out.dtype.element_ty))
+    tl.store(Out + b * so_b + hq * so_h + cols, (acc / l_acc).to(Out.dtype.element_ty), mask=cols < width)

@@ -1,0 +1,138 @@
+"""The fused rematerialization kernel against float64 torch over the same cached sources: X per token (XQuant,
+the cross-layer deltas), the key latent per channel with its fp16 first channel and the value latent per token
+(XQuant-GQA), unquantized X^ (the cross-layer accumulator); 2/3/4/8 bits, remat and absorb_v, residual windows,
+contexts that are not multiples of the tile or the group. Then the engine: each XQuant variant decodes the same
+logits with the kernel as with torch, records the same FLOPs per op, and its cache holds the analytic bytes.
+On CPU it runs under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from xqsim import loading, specs  # noqa: E402
+from xqsim.capacity import memory  # noqa: E402
+from xqsim.engine.cache import Store  # noqa: E402
+from xqsim.engine.kernels import available  # noqa: E402
+from xqsim.engine.kernels.attention import Source  # noqa: E402
+from xqsim.engine.kernels.remat import _fast, reference, remat_attention  # noqa: E402
+from xqsim.engine.model import Engine, Recorder  # noqa: E402
+from xqsim.schemes.ops import tensor  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if not available(DEV):
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+WDT = torch.bfloat16 if DEV.type == "cuda" else torch.float32  # weights and activations, as the engine runs them
+
+
+def source(name, width, bits, G, R, T, B, axis, gen):
+    st = Store(tensor(name, width, bits, axis=axis), G, R, torch.float16, kernels="triton")
+    st.append(torch.randn(B, T, width, generator=gen, device=DEV))
+    return st
+
+
+CASES = [  # scheme shape, bits, group, residual, context, batch, KV heads, g, head dim, absorb, tile, chunk, fast
+    ("x", 2, 16, 0, 77, 2, 2, 2, 16, False, 16, 16, True),  # whole tiles of codes, then a partial one
+    ("x", 3, 16, 8, 45, 1, 4, 1, 16, True, 64, 16, False),  # codes straddle bytes; MHA
+    ("x", 4, 32, 16, 100, 2, 2, 2, 32, False, 16, 32, True),
+    ("x", 8, 16, 0, 70, 1, 2, 4, 16, True, 16, 16, True),
+    ("x", 16, 16, 0, 50, 1, 2, 2, 16, True, 16, 16, True),  # unquantized: the cross-layer accumulator
+    ("gqa", 2, 8, 8, 77, 2, 2, 2, 16, False, 64, 16, False),  # key blocks of 8 < the tile: gathered
+    ("gqa", 3, 8, 8, 45, 1, 2, 2, 16, True, 64, 16, False),
+    ("gqa", 2, 16, 16, 64, 1, 2, 2, 16, True, 16, 16, True),  # T = the window's end: the last tile is the window
+    ("gqa", 4, 16, 16, 130, 2, 2, 2, 16, False, 16, 16, True),
+]
+
+
+@pytest.mark.parametrize("shape,bits,G,R,T,B,Hkv,g,hd,absorb,tile,chunk,fast", CASES)
+def test_kernel_equals_reference(shape, bits, G, R, T, B, Hkv, g, hd, absorb, tile, chunk, fast):
+    gen = torch.Generator(device=DEV).manual_seed(bits * 100 + T)
+    dkv, theta = Hkv * hd, 10000.0
+    if shape == "x":  # X per token, K and V from it
+        d = 64
+        x = source("x", d, bits, G, R, T, B, "token", gen)
+        xk, x0, xv = Source.of(x), None, None
+        X = x.read(torch.float64)
+        wk = torch.randn(d, dkv, generator=gen, device=DEV) / 8
+        wv = torch.randn(d, dkv, generator=gen, device=DEV) / 8
+        q = torch.randn(B, Hkv * g, hd, generator=gen, device=DEV)
+        ref = reference(q, X, wk, theta, wv=wv, absorb=absorb)
+    else:  # the key latent per channel, its first channel in fp16 (absorb: none), the value latent per token
+        rk, rv = 32, 48
+        first = not absorb
+        k_st = source("xk", rk - first, bits, G, R, T, B, "channel", gen)
+        v_st = source("xv", rv, bits, G, R, T, B, "token", gen)
+        f0 = torch.randn(B, T, 1, generator=gen, device=DEV).half() if first else None
+        xk, xv = Source.of(k_st), Source.of(v_st)
+        x0 = Source(f0, 1, 0, 16, G) if first else None
+        wk = torch.randn(rk, dkv, generator=gen, device=DEV) / 6
+        wv = torch.randn(rv, dkv, generator=gen, device=DEV) / 6
+        q = torch.randn(B, Hkv * g, hd, generator=gen, device=DEV)
+        ref = reference(q, k_st.read(torch.float64), wk, theta, v_st.read(torch.float64), wv,
+                        x0=f0.double() if first else None, absorb=absorb)
+    assert _fast(xk, tile, chunk) == fast, f"{shape} {bits} bits G {G}: fast tiles not as this case expects"
+    out = remat_attention(q.to(WDT), xk, wk.to(WDT), theta, x0=x0, xv=xv, wv=wv.to(WDT), absorb=absorb,
+                          block_n=tile, block_k=chunk)
+    assert out.shape == ref.shape
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    tol = 2e-2 if WDT == torch.bfloat16 else 1e-5
+    assert err < tol, f"{shape} bits {bits} G {G} R {R} T {T} absorb={absorb}: relative error {err:.2e} >= {tol}"
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="long contexts take minutes in Triton's interpreter")
+def test_rotation_is_exact_at_long_positions():
+    """The GPU reduces RoPE's angles itself (_cos_sin): at positions up to 40k (angles to 4e4 rad) the output
+    matches float64 torch to bf16 rounding."""
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    B, T, d, Hkv, g, hd = 1, 40_000, 128, 2, 4, 64
+    x = source("x", d, 4, 64, 0, T, B, "token", gen)
+    wk = torch.randn(d, Hkv * hd, generator=gen, device=DEV) / 10
+    wv = torch.randn(d, Hkv * hd, generator=gen, device=DEV) / 10
+    q = torch.randn(B, Hkv * g, hd, generator=gen, device=DEV) * 3  # peaked scores: a wrong angle shows
+    X = x.read(torch.float64)
+    ref = reference(q, X, wk, 500000.0, wv=wv)
+    out = remat_attention(q.to(WDT), Source.of(x), wk.to(WDT), 500000.0, wv=wv.to(WDT))
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"relative error {err:.2e} at {T} tokens"
+
+
+ENGINE_CASES = [
+    ("xquant", {"bits": 2, "group": 16, "strategy": "absorb_v"}),
+    ("xquant_gqa", {"bits": 2, "group": 8, "residual": 8, "keep_first_channel": True}),
+    ("xquant_cl", {"bits": 2, "group": 16, "first_layers": 1}),
+    ("xquant_cl_gqa", {"bits": 3, "group": 16, "strategy": "absorb_v"}),
+]
+
+
+@pytest.mark.parametrize("scheme,kw", ENGINE_CASES)
+def test_engine_decodes_the_same_logits_with_the_kernel(scheme, kw):
+    """tiny-gqa, a 26-token prompt and 3 decoded tokens into a Triton-engine cache, then one step with the kernel and
+    the same step (rolled back) with torch: the same logits, the same FLOPs per op; the cache holds the analytic
+    bytes."""
+    m = loading.load_model("tiny-gqa")
+    tokens = torch.randint(0, m.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2)).to(DEV)
+    e = Engine(m, specs.SchemeConfig(scheme=scheme, **kw), device=DEV, seed=1, dtype=WDT, kernels="triton")
+    assert e.cfg.fused, "the kernel engine runs XQuant fused"
+    cache = e.new_cache()
+    e.prefill(tokens[:, :26], cache)
+    for t in range(26, 29):
+        e.step(tokens[:, t], cache)
+    snaps = [[st.snapshot() for st in layer.values()] for layer in cache]
+    outs, flops = [], []
+    for kernels in ("triton", "torch"):
+        e.kernels, rec = kernels, Recorder()
+        outs.append(e.step(tokens[:, 29], cache, rec).float())
+        per_op: dict[str, float] = {}
+        for name, _, f in rec.ops:
+            per_op[name] = per_op.get(name, 0.0) + f
+        flops.append(per_op)
+        for layer, snap in zip(cache, snaps, strict=True):
+            for st, sn in zip(layer.values(), snap, strict=True):
+                st.rollback(sn)
+    err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+    tol = 3e-2 if WDT == torch.bfloat16 else 1e-4
+    assert err < tol, f"{scheme} {kw}: max |logit diff| / max |logit| = {err:.2e} >= {tol}"
+    assert flops[0] == pytest.approx(flops[1], rel=1e-12), f"{scheme}: FLOPs per op differ from the torch path"
+    analytic = int(memory(m, e.cfg, 2, np.array([29]))["cache_bytes"][0])
+    assert Engine.cache_bytes(cache) == analytic, (Engine.cache_bytes(cache), analytic)

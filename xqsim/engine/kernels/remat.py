@@ -1,0 +1,354 @@
+"""Fused rematerialization: decode attention over K and V rebuilt from a cached source, tile by tile, in one kernel
+(XQuant and its variants). K never goes to memory: each tile of tokens is dequantized, multiplied by the head's
+slice of the key weight with the tensor cores, rotated (RoPE at the tokens' positions) and used at once for q.K^T
+under an online softmax.
+
+One program per (sequence, KV head, context split), all g query heads of that KV head in it (GQA), as in the
+split-KV attention kernels (xqsim.engine.kernels.attention), whose merge it shares. Sources are attention.Source:
+codes in the reference packing (per-token groups along a row of channels, as X and the value latent are stored,
+or per-channel blocks of G tokens, as the key latent is), their fp16 scale and zero, and an fp16 tail (the
+residual window, or the whole source when it is unquantized, as the cross-layer accumulator X^ is).
+
+K = [x0 | x_k] W_k: x_k the key source (width KW), x0 an optional unquantized first channel (XQuant-GQA keeps the
+key latent's outlier channel in fp16) that multiplies W_k's first row. V either:
+- remat: V = x_v W_v in the same tile (x_v the key source itself, read once for both products, or a source of its
+  own), then P.V;
+- absorb_v: softmax(q K^T) (x_v W_v) = (softmax(q K^T) x_v) W_v (no RoPE acts on V): the kernel accumulates
+  P.x_v (g rows of the source's width per program, kept in the program's slot of the partial output, which its
+  own later tiles rescale and add to) and the caller multiplies the merged result by W_v once.
+
+The key weight is loaded with its head's columns interleaved (column 2j the rotation's first half's j, 2j + 1 the
+second half's), so the two halves RoPE pairs come out of one product side by side and split in registers; the
+query is read in the same order, which leaves q.K^T unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreted
+from .attention import LOG2E, Source, _code_at, _merge_kernel, _online_softmax, _sm_count, n_splits
+from .rope import inv_freq
+
+
+def _strides(s: Source, dummy8: torch.Tensor, dummy16: torch.Tensor):
+    """(codes, scale, zero, fp, code strides (3), scale strides (3), fp strides (2)) of a source in the reference
+    packing; an unquantized source passes dummies for what it lacks."""
+    fp = s.fp if s.fp is not None else dummy16
+    fps = (fp.stride(0), fp.stride(1)) if s.fp is not None else (0, 0)
+    if s.bits >= 16:
+        return dummy8, dummy16, dummy16, fp, (0, 0, 0), (0, 0, 0), fps
+    if s.cross:
+        raise ValueError("remat_attention reads codes in the reference packing (cross-packed codes are K/V stores')")
+    return s.codes, s.scale, s.zero, fp, tuple(s.codes.stride()[:3]), tuple(s.scale.stride()[:3]), fps
+
+
+def _consts(s: Source, prefix: str) -> dict:
+    """The compile-time description of a source: width, bits, group and axis (per-token sources are one row of
+    channels a token, as X and the latents are)."""
+    channel = s.bits < 16 and s.scale.dim() == 3
+    if s.bits < 16 and not channel and s.codes.shape[2] != 1:
+        raise ValueError(f"remat_attention: a per-token source of {s.codes.shape[2]} rows a token (one expected)")
+    return {f"{prefix}W": s.width, f"{prefix}B": min(s.bits, 16), f"{prefix}G": s.group, f"{prefix}CH": channel}
+
+
+def _fast(s: Source, block_n: int, bk: int) -> bool:
+    """Whether whole tiles of s's codes dequantize whole bytes with one scale a token or a channel (_deq): 2, 4 or
+    8 bits and one group per tile of block_n tokens (per channel) or per chunk of bk channels (per token); or s is
+    unquantized."""
+    if s.bits >= 16:
+        return True
+    if s.bits not in (2, 4, 8):
+        return False
+    return s.group % (block_n if s.scale.dim() == 3 else bk) == 0
+
+
+def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float, *, x0: Source | None = None,
+                    xv: Source | None = None, wv: torch.Tensor | None = None, absorb: bool = False,
+                    block_n: int = 128, block_k: int = 32, num_warps: int = 8, num_stages: int = 2,
+                    per_sm: int = 1) -> torch.Tensor:
+    """Attention of one decode token over K and V rebuilt from cached sources: q (B, H, hd), post-RoPE.
+
+    xk: the key source (B, T, KW); wk: ((1 if x0 else 0) + KW, Hkv*hd), K = [x0 | xk] wk, rotated at positions
+    0..T-1 with base theta. xv: the value source (None: xk itself); wv: (VW, Hkv*hd). Returns (B, H, hd) in q's
+    dtype, or with absorb=True softmax(q K^T / sqrt(hd)) x_v per query head, (B, H, VW) fp32, for the caller's
+    product by wv (wv is not read then)."""
+    B, H, hd = q.shape
+    dkv = wk.shape[1]
+    Hkv, g = dkv // hd, H // (dkv // hd)
+    same = xv is None
+    xv = xk if same else xv
+    T = xk.tq + (xk.fp.shape[1] if xk.fp is not None else 0)
+    for name, s in (("x0", x0), ("xv", xv)):
+        if s is not None and s.tq + (s.fp.shape[1] if s.fp is not None else 0) != T:
+            raise ValueError(f"remat_attention: {name} holds other tokens than xk ({T})")
+    if wk.shape[0] != xk.width + (x0 is not None) or (not absorb and (wv is None or wv.shape[0] != xv.width)):
+        shapes = f"{tuple(wk.shape)}, {None if wv is None else tuple(wv.shape)}"
+        raise ValueError(f"remat_attention: weights {shapes} do not match sources of width {xk.width} and {xv.width}")
+    q, wk = q.contiguous(), wk.contiguous()
+    wv = wk if absorb else wv.contiguous()  # absorb: a pointer the kernel never reads
+    # defaults from the registers ptxas gives at Llama-3.1-8B's shapes (sm_90, 2-bit): 128-token tiles (a tile's
+    # FLOPs per byte of weight read from L2 double over 64) in chunks of 32 channels fit 8 warps without spilling
+    # (180-255 registers a thread: one program an SM)
+    # [0, main): whole tiles of codes in every quantized source (all of T if none is), split evenly; [main, T): the
+    # tiles that reach into a residual window or past T, one split of its own
+    coded = min([s.tq for s in (xk, xv) if s.bits < 16] or [T])
+    main = coded // block_n * block_n
+    splits = n_splits(B * Hkv, main, block_n, per_sm * _sm_count(q.device)) if main else 0
+    split_len = triton.cdiv(triton.cdiv(main, splits), block_n) * block_n if main else block_n
+    n_main = triton.cdiv(main, split_len)
+    splits = n_main + (main < T)
+    width = xv.width if absorb else hd  # what a split accumulates per query head
+    wp = triton.next_power_of_2(width)
+    o_part = torch.empty(B * Hkv, splits, g, wp if absorb else hd, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B * Hkv, splits, g, 2, dtype=torch.float32, device=q.device)
+    d8 = torch.empty(1, dtype=torch.uint8, device=q.device)
+    d16 = torch.empty(1, dtype=q.dtype, device=q.device)
+    kc, ks, kz, kf, kcs, kss, kfs = _strides(xk, d8, d16)
+    vc, vs, vz, vf, vcs, vss, vfs = _strides(xv, d8, d16)
+    f0 = x0.fp if x0 is not None else d16
+    f0s = (f0.stride(0), f0.stride(1)) if x0 is not None else (0, 0)
+    inv = inv_freq(hd, theta, q.device)
+    bk, bkv = min(block_k, triton.next_power_of_2(xk.width)), min(block_k, wp)
+    args = (q, o_part, ml, inv, kc, ks, kz, kf, f0, wk, vc, vs, vz, vf, wv,
+            T, xk.tq, xv.tq, main, split_len, splits)
+    rest = (LOG2E / hd**0.5, q.stride(0), q.stride(1),
+            *kcs, *kss, *kfs, *f0s, wk.stride(0), *vcs, *vss, *vfs, wv.stride(0))
+    consts = dict(HKV=Hkv, G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HD=hd, BLOCK_N=block_n,
+                  BK=bk, BKV=bkv, FIRST=x0 is not None, SAME=same, ABSORB=absorb, WP=wp, **_consts(xk, "K"),
+                  **_consts(xv, "V"), TRIG=not interpreted(), num_warps=num_warps, num_stages=num_stages)
+    if n_main:
+        _remat_kernel[(B * Hkv, n_main)](*args, 0, *rest, KFAST=_fast(xk, block_n, bk),
+                                         VFAST=_fast(xv, block_n, bkv), **consts)
+    if n_main < splits:
+        _remat_kernel[(B * Hkv, 1)](*args, n_main, *rest, KFAST=False, VFAST=False, **consts)
+    out = torch.empty(B, H, width, dtype=torch.float32 if absorb else q.dtype, device=q.device)
+    _merge_kernel[(B * H,)](o_part, ml, out, splits, out.stride(0), out.stride(1), width,
+                            HKV=Hkv, G=g, HD=wp if absorb else hd, num_warps=4)
+    return out
+
+
+def reference(q: torch.Tensor, xk: torch.Tensor, wk: torch.Tensor, theta: float, xv: torch.Tensor | None = None,
+              wv: torch.Tensor | None = None, x0: torch.Tensor | None = None, absorb: bool = False,
+              dtype=torch.float64) -> torch.Tensor:
+    """What remat_attention computes, in torch at `dtype` from the sources' values: q (B, H, hd), xk (B, T, KW),
+    x0 (B, T, 1) or None, xv (B, T, VW) (None: xk). K = [x0 | xk] wk rotated at positions 0..T-1, V = xv wv;
+    softmax(q K^T / sqrt(hd)) V (B, H, hd), or with absorb softmax(q K^T / sqrt(hd)) xv (B, H, VW)."""
+    from ..model import rope
+
+    B, H, hd = q.shape
+    T, Hkv = xk.shape[1], wk.shape[1] // hd
+    xv = xk if xv is None else xv
+    src = torch.cat([x0, xk], -1) if x0 is not None else xk
+    K = (src.to(dtype) @ wk.to(dtype)).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+    K = rope(K, torch.arange(T, device=q.device), theta).repeat_interleave(H // Hkv, 1)  # (B, H, T, hd)
+    p = ((q.to(dtype)[:, :, None] @ K.transpose(-1, -2)) / hd**0.5).softmax(-1)  # (B, H, 1, T)
+    if absorb:
+        return p[:, :, 0] @ xv.to(dtype)  # (B, H, VW)
+    V = (xv.to(dtype) @ wv.to(dtype)).view(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    return (p @ V)[:, :, 0]
+
+
+# ----------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _unpack_bytes(c, BITS: tl.constexpr):
+    """Bytes (R, NB) of codes packed little-endian, 8/BITS a byte -> codes (R, NB * 8/BITS), in order."""
+    R: tl.constexpr = c.shape[0]
+    NB: tl.constexpr = c.shape[1]
+    c = c.to(tl.int32)
+    if BITS == 8:
+        return c
+    elif BITS == 4:
+        return tl.reshape(tl.join(c & 15, c >> 4), (R, NB * 2))
+    else:
+        # each join adds a minor axis: [m, n] holds code 2m + n
+        u = tl.join(tl.join(c & 3, (c >> 4) & 3), tl.join((c >> 2) & 3, c >> 6))  # (R, NB, 2, 2)
+        return tl.reshape(u, (R, NB * 4))
+
+
+@triton.jit
+def _deq(C, S, Z, F, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
+         W: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, CH: tl.constexpr, BLOCK_N: tl.constexpr,
+         BK: tl.constexpr, FAST: tl.constexpr):
+    """Values (BLOCK_N, BK) fp32 of one sequence's source (C, S, Z, F: its codes, scale, zero and fp16 tail) at
+    tokens [t0, t0 + BLOCK_N) and channels [c0, c0 + BK), zero outside [0, T) x [0, W): codes * scale + zero below
+    TQ, the tail from TQ on. Codes: per-token (CH False: one row of W channels a token, groups of GRP along it) or
+    per-channel (CH: blocks of GRP tokens a channel). Offsets within a sequence are 32-bit.
+
+    FAST (whole tiles wholly of codes, 2, 4 or 8 bits, one group per tile and channel chunk; or of an unquantized
+    source): whole bytes are loaded and unpacked in registers, one scale and zero a token (per-token) or a channel
+    (per-channel); else every value gathers its byte, scale and zero, and the tail is read where the tile reaches
+    into it (a launch of its own: its registers would slow the fast tiles down)."""
+    tok = t0 + tl.arange(0, BLOCK_N)
+    ch = c0 + tl.arange(0, BK)
+    if FAST:
+        if BITS >= 16:  # whole tiles of unquantized values
+            x = tl.load(F + tok[:, None] * sf_t + ch[None, :], mask=(ch < W)[None, :], other=0.0).to(tl.float32)
+        else:
+            PER: tl.constexpr = 8 // BITS
+            if CH:  # bytes (channel, tokens of the block): unpacked along tokens, then transposed
+                by = (t0 % GRP) // PER + tl.arange(0, BLOCK_N // PER)
+                blk = t0 // GRP
+                c = tl.load(C + ch[:, None] * sc_1 + blk * sc_2 + by[None, :], mask=(ch < W)[:, None], other=0)
+                c = tl.trans(_unpack_bytes(c, BITS))  # (BLOCK_N, BK)
+                sz = ch * ss_1 + blk * ss_2  # (BK,)
+                s = tl.load(S + sz, mask=ch < W, other=0.0).to(tl.float32)[None, :]
+                z = tl.load(Z + sz, mask=ch < W, other=0.0).to(tl.float32)[None, :]
+            else:  # bytes (token, channels of the row)
+                by = c0 // PER + tl.arange(0, BK // PER)
+                c = tl.load(C + tok[:, None] * sc_1 + by[None, :], mask=(by < tl.cdiv(W, PER))[None, :], other=0)
+                c = _unpack_bytes(c, BITS)  # (BLOCK_N, BK)
+                sz = tok * ss_1 + c0 // GRP  # (BLOCK_N,)
+                s = tl.load(S + sz).to(tl.float32)[:, None]
+                z = tl.load(Z + sz).to(tl.float32)[:, None]
+            x = tl.where((ch < W)[None, :], c.to(tl.float32) * s + z, 0.0)
+    else:
+        ok = (tok < T)[:, None] & (ch < W)[None, :]
+        x = tl.load(F + (tok - TQ)[:, None] * sf_t + ch[None, :], mask=ok & (tok >= TQ)[:, None], other=0.0)
+        x = x.to(tl.float32)
+        if BITS < 16:
+            inq = ok & (tok < TQ)[:, None]
+            if CH:
+                blk = (tok // GRP)[:, None]
+                c = _code_at(C, ch[None, :] * sc_1 + blk * sc_2, (tok % GRP)[:, None], BITS, inq)
+                sz = ch[None, :] * ss_1 + blk * ss_2
+            else:
+                c = _code_at(C, tok[:, None] * sc_1, ch[None, :], BITS, inq)
+                sz = tok[:, None] * ss_1 + (ch // GRP)[None, :]
+            s = tl.load(S + sz, mask=inq, other=0.0).to(tl.float32)
+            z = tl.load(Z + sz, mask=inq, other=0.0).to(tl.float32)
+            x = tl.where(inq, c.to(tl.float32) * s + z, x)
+    return x
+
+
+@triton.jit
+def _cos_sin(ang, FAST: tl.constexpr):
+    """cos and sin of fp32 angles. FAST (a GPU): the angle reduced to [-pi, pi] (Cody-Waite, 2 pi in three
+    parts: |error| < 1e-6 below 2^17 rad) and the hardware's approximations (|error| < 1e-6 there), which keeps
+    the accurate functions' slow path for huge arguments (local memory) out of the kernel."""
+    if FAST:
+        n = tl.floor(ang * 0.15915494309189535 + 0.5)
+        r = ang - n * 6.28125  # 2 pi = 6.28125 + 1.93500518798828125e-3 + 3.0199159819e-7 (+ 1e-15)
+        r = r - n * 1.93500518798828125e-3
+        r = r - n * 3.0199159819e-7
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1)
+        return c, s
+    return tl.cos(ang), tl.sin(ang)
+
+
+@triton.jit
+def _tile(t0, end, start, q, inv, m_i, l_i, acc, out, rows, row_ok, kcol, vcol, O_part,
+          Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv, TQK, TQV,
+          skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, swv,
+          G: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BKV: tl.constexpr,
+          FIRST: tl.constexpr, SAME: tl.constexpr, ABSORB: tl.constexpr, WP: tl.constexpr,
+          KW: tl.constexpr, KB: tl.constexpr, KG: tl.constexpr, KCH: tl.constexpr,
+          VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr,
+          KFAST: tl.constexpr, VFAST: tl.constexpr, TRIG: tl.constexpr):
+    """Tokens [t0, t0 + BLOCK_N) into the running state (max m_i, sum l_i, output acc or the slot `out` of
+    O_part): rebuild K (and V), rotate K, attend. KFAST/VFAST: the tile is wholly codes of its sources (_deq)."""
+    HALF: tl.constexpr = HD // 2
+    dt = Wk.dtype.element_ty
+    tok = t0 + tl.arange(0, BLOCK_N)
+    ck = tl.arange(0, BK)
+    k = tl.zeros([BLOCK_N, HD], tl.float32)  # interleaved rotation halves
+    v = tl.zeros([BLOCK_N, HD], tl.float32)
+    for c0 in range(0, KW, BK):  # K (and, remat from the same source, V): one chunk of the source at a time
+        x = _deq(Kc, Ks, Kz, Kf, t0, c0, TQK, end, skc_1, skc_2, sks_1, sks_2, skf_t,
+                 KW, KB, KG, KCH, BLOCK_N, BK, KFAST).to(dt)  # (BLOCK_N, BK)
+        w_ok = (c0 + ck < KW)[:, None]
+        k += tl.dot(x, tl.load(Wk + (FIRST + c0 + ck)[:, None] * swk + kcol[None, :], mask=w_ok, other=0.0))
+        if SAME and not ABSORB:
+            v += tl.dot(x, tl.load(Wv + (c0 + ck)[:, None] * swv + vcol[None, :], mask=w_ok, other=0.0))
+    if FIRST:  # the unquantized first channel times the weight's first row
+        x0 = tl.load(F0 + tok * sf0_t, mask=tok < end, other=0.0).to(tl.float32)
+        k += x0[:, None] * tl.load(Wk + kcol).to(tl.float32)[None, :]
+    # RoPE at the tokens' positions: pairs (first half j, second half j) sit side by side
+    k1, k2 = tl.split(tl.reshape(k, (BLOCK_N, HALF, 2)))
+    cos, sin = _cos_sin(tok.to(tl.float32)[:, None] * inv[None, :], TRIG)  # (BLOCK_N, HALF)
+    k = tl.reshape(tl.join(k1 * cos - k2 * sin, k1 * sin + k2 * cos), (BLOCK_N, HD))
+    s = tl.dot(q, tl.trans(k.to(dt)))  # (BLOCK_G, BLOCK_N)
+    s = tl.where((tok < end)[None, :], s, float("-inf"))
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+    cv = tl.arange(0, BKV)
+    if ABSORB:  # P.x_v into this program's slot: its own earlier tiles' sums, rescaled
+        for c0 in range(0, VW, BKV):
+            xv = _deq(Vc, Vs, Vz, Vf, t0, c0, TQV, end, svc_1, svc_2, svs_1, svs_2, svf_t,
+                      VW, VB, VG, VCH, BLOCK_N, BKV, VFAST).to(dt)  # (BLOCK_N, BKV)
+            o_ptr = O_part + (out * G + rows)[:, None] * WP + (c0 + cv)[None, :]
+            before = tl.load(o_ptr, mask=row_ok[:, None] & (t0 > start), other=0.0)
+            tl.store(o_ptr, before * alpha[:, None] + tl.dot(p.to(dt), xv), mask=row_ok[:, None])
+        tl.debug_barrier()  # the next tile reads what every thread stored
+    else:
+        if not SAME:
+            for c0 in range(0, VW, BKV):
+                xv = _deq(Vc, Vs, Vz, Vf, t0, c0, TQV, end, svc_1, svc_2, svs_1, svs_2, svf_t,
+                          VW, VB, VG, VCH, BLOCK_N, BKV, VFAST).to(dt)
+                v += tl.dot(xv, tl.load(Wv + (c0 + cv)[:, None] * swv + vcol[None, :],
+                                        mask=(c0 + cv < VW)[:, None], other=0.0))
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt))
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _remat_kernel(Q, O_part, ML, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv,
+                  T, TQK, TQV, main, split_len, n_splits, split0, sm_scale, sq_b, sq_h,
+                  skc_b, skc_1, skc_2, sks_b, sks_1, sks_2, skf_b, skf_t, sf0_b, sf0_t, swk,
+                  svc_b, svc_1, svc_2, svs_b, svs_1, svs_2, svf_b, svf_t, swv,
+                  HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BK: tl.constexpr, BKV: tl.constexpr, FIRST: tl.constexpr,
+                  SAME: tl.constexpr, ABSORB: tl.constexpr, WP: tl.constexpr,
+                  KW: tl.constexpr, KB: tl.constexpr, KG: tl.constexpr, KCH: tl.constexpr,
+                  VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr,
+                  KFAST: tl.constexpr, VFAST: tl.constexpr, TRIG: tl.constexpr):
+    """One (sequence, KV head, split) of the launch that starts at split split0. KFAST/VFAST: its tiles are whole
+    and wholly codes (or unquantized values) of every source (the launch over [0, main))."""
+    pid_bh = tl.program_id(0)  # b * HKV + h
+    pid_s = tl.program_id(1) + split0
+    b = (pid_bh // HKV).to(tl.int64)
+    h = pid_bh % HKV
+    HALF: tl.constexpr = HD // 2
+    rows = tl.arange(0, BLOCK_G)  # query heads h*G + r, padded
+    row_ok = rows < G
+    j = tl.arange(0, HD)
+    perm = (j % 2) * HALF + j // 2  # interleaved rotation halves: column j holds head channel perm[j]
+    dt = Wk.dtype.element_ty
+    q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + perm[None, :], mask=row_ok[:, None], other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(dt)  # (BLOCK_G, HD) interleaved, log2 domain
+    inv = tl.load(Inv + tl.arange(0, HALF))  # (HALF,) fp32 inverse frequencies
+    kcol = h * HD + perm  # the key weight's columns in interleaved order
+    vcol = h * HD + j
+    out = (pid_bh * n_splits + pid_s).to(tl.int64)  # this program's slot of the partial outputs
+    Kc += b * skc_b  # this sequence's sources: 32-bit offsets from here on
+    Ks += b * sks_b
+    Kz += b * sks_b
+    Kf += b * skf_b
+    F0 += b * sf0_b
+    Vc += b * svc_b
+    Vs += b * svs_b
+    Vz += b * svs_b
+    Vf += b * svf_b
+
+    start = pid_s * split_len  # splits of [0, main) (whole tiles, codes only), then [main, T) if main < T
+    end = tl.minimum(start + split_len, main)
+    if start >= main:
+        start = main
+        end = T
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HD], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        m_i, l_i, acc = _tile(t0, end, start, q, inv, m_i, l_i, acc, out, rows, row_ok, kcol, vcol, O_part,
+                              Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv, TQK, TQV,
+                              skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, swv,
+                              G, HD, BLOCK_N, BK, BKV, FIRST, SAME, ABSORB, WP, KW, KB, KG, KCH, VW, VB, VG, VCH,
+                              KFAST, VFAST, TRIG)
+    if not ABSORB:
+        tl.store(O_part + (out * G + rows)[:, None] * HD + j[None, :], acc, mask=row_ok[:, None])
+    tl.store(ML + (out * G + rows) * 2, m_i, mask=row_ok)
+    tl.store(ML + (out * G + rows) * 2 + 1, l_i, mask=row_ok)
