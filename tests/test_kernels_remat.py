@@ -16,7 +16,7 @@ from xqsim.capacity import memory  # noqa: E402
 from xqsim.engine.cache import Store  # noqa: E402
 from xqsim.engine.kernels import available  # noqa: E402
 from xqsim.engine.kernels.attention import Source  # noqa: E402
-from xqsim.engine.kernels.remat import _fast, reference, remat_attention  # noqa: E402
+from xqsim.engine.kernels.remat import _fast, reference, remat_attention, supported  # noqa: E402
 from xqsim.engine.model import Engine, Recorder  # noqa: E402
 from xqsim.schemes.ops import tensor  # noqa: E402
 
@@ -24,6 +24,9 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not available(DEV):
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 WDT = torch.bfloat16 if DEV.type == "cuda" else torch.float32  # weights and activations, as the engine runs them
+# on a GPU the cases run at 4 times their groups, windows and contexts, head dim 128 and tiles of at least 64 tokens
+# (remat.MIN_GPU_HEAD_DIM); the interpreter takes the small shapes, which keep CI fast
+GPU = DEV.type == "cuda"
 
 
 def source(name, width, bits, G, R, T, B, axis, gen):
@@ -47,10 +50,12 @@ CASES = [  # scheme shape, bits, group, residual, context, batch, KV heads, g, h
 
 @pytest.mark.parametrize("shape,bits,G,R,T,B,Hkv,g,hd,absorb,tile,chunk,fast", CASES)
 def test_kernel_equals_reference(shape, bits, G, R, T, B, Hkv, g, hd, absorb, tile, chunk, fast):
+    if GPU:
+        G, R, T, hd, tile = 4 * G, 4 * R, 4 * T, 128, max(tile, 64)
     gen = torch.Generator(device=DEV).manual_seed(bits * 100 + T)
     dkv, theta = Hkv * hd, 10000.0
     if shape == "x":  # X per token, K and V from it
-        d = 64
+        d = 256 if GPU else 64
         x = source("x", d, bits, G, R, T, B, "token", gen)
         xk, x0, xv = Source.of(x), None, None
         X = x.read(torch.float64)
@@ -59,7 +64,7 @@ def test_kernel_equals_reference(shape, bits, G, R, T, B, Hkv, g, hd, absorb, ti
         q = torch.randn(B, Hkv * g, hd, generator=gen, device=DEV)
         ref = reference(q, X, wk, theta, wv=wv, absorb=absorb)
     else:  # the key latent per channel, its first channel in fp16 (absorb: none), the value latent per token
-        rk, rv = 32, 48
+        rk, rv = (128, 192) if GPU else (32, 48)
         first = not absorb
         k_st = source("xk", rk - first, bits, G, R, T, B, "channel", gen)
         v_st = source("xv", rv, bits, G, R, T, B, "token", gen)
@@ -85,7 +90,7 @@ def test_rotation_is_exact_at_long_positions():
     """The GPU reduces RoPE's angles itself (_cos_sin): at positions up to 40k (angles to 4e4 rad) the output
     matches float64 torch to bf16 rounding."""
     gen = torch.Generator(device=DEV).manual_seed(5)
-    B, T, d, Hkv, g, hd = 1, 40_000, 128, 2, 4, 64
+    B, T, d, Hkv, g, hd = 1, 40_000, 128, 2, 4, 128
     x = source("x", d, 4, 64, 0, T, B, "token", gen)
     wk = torch.randn(d, Hkv * hd, generator=gen, device=DEV) / 10
     wv = torch.randn(d, Hkv * hd, generator=gen, device=DEV) / 10
@@ -107,13 +112,13 @@ ENGINE_CASES = [
 
 @pytest.mark.parametrize("scheme,kw", ENGINE_CASES)
 def test_engine_decodes_the_same_logits_with_the_kernel(scheme, kw):
-    """tiny-gqa, a 26-token prompt and 3 decoded tokens into a Triton-engine cache, then one step with the kernel and
-    the same step (rolled back) with torch: the same logits, the same FLOPs per op; the cache holds the analytic
-    bytes."""
-    m = loading.load_model("tiny-gqa")
+    """tiny-gqa (on a GPU SmolLM2-135M's shapes, 2 layers: head dim 64), a 26-token prompt and 3 decoded tokens into a
+    Triton-engine cache, then one step with the kernel and the same step (rolled back) with torch: the same logits,
+    the same FLOPs per op; the cache holds the analytic bytes."""
+    m = loading.load_model("smollm2-135m").model_copy(update={"n_layers": 2}) if GPU else loading.load_model("tiny-gqa")
     tokens = torch.randint(0, m.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2)).to(DEV)
     e = Engine(m, specs.SchemeConfig(scheme=scheme, **kw), device=DEV, seed=1, dtype=WDT, kernels="triton")
-    assert e.cfg.fused, "the kernel engine runs XQuant fused"
+    assert e.cfg.fused and supported(m.hd, DEV), "the kernel engine runs XQuant fused, through the kernel"
     cache = e.new_cache()
     e.prefill(tokens[:, :26], cache)
     for t in range(26, 29):

@@ -10,8 +10,9 @@ because a rolled-back step at a fixed context does the same work at the same add
 cache is reserved up front, so nothing reallocates); where capture fails the row says why and keeps the
 eager figures. Per op, the eager event pairs also time the CPU launching it (a 3 us kernel can read 60 us), so
 each op's GPU work is also taken from the profiler: the summed durations of the kernels it launched
-(`kernel_time_s`, `kernels` per op and for the whole step, the mean of a few profiled eager steps). A fused
-configuration runs as tiles (xqsim.engine.model), not as one fused kernel.
+(`kernel_time_s`, `kernels` per op and for the whole step, the mean of a few profiled eager steps). With the
+torch engine a fused configuration runs as tiles of torch ops (xqsim.engine.model); with the Triton engine the
+ops of a fused attention run in one kernel (xqsim.engine.kernels), which the op holding it times.
 """
 
 from __future__ import annotations

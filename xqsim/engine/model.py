@@ -289,7 +289,10 @@ class Engine:
         self._store(stores, new, rec)
         absorb = c.strategy == "absorb_v"
         if self.kernels == "triton":
-            return self._kernel_remat(i, qh, stores, acc, rec)
+            from .kernels.remat import supported
+
+            if supported(s.hd, self.device):  # else the torch tiles below (MIN_GPU_HEAD_DIM)
+                return self._kernel_remat(i, qh, stores, acc, rec)
         if role == "base":
             acc = torch.empty(B, T, d, device=h.device, dtype=self.dtype)  # X^ (B, T, d), filled tile by tile
 

@@ -17,9 +17,8 @@ key latent's outlier channel in fp16) that multiplies W_k's first row. V either:
   P.x_v (g rows of the source's width per program, kept in the program's slot of the partial output, which its
   own later tiles rescale and add to) and the caller multiplies the merged result by W_v once.
 
-The key weight is loaded with its head's columns interleaved (column 2j the rotation's first half's j, 2j + 1 the
-second half's), so the two halves RoPE pairs come out of one product side by side and split in registers; the
-query is read in the same order, which leaves q.K^T unchanged.
+The weights' head columns are loaded as they lie (contiguous, so the loads are 16-byte copies the compiler can
+pipeline); the halves that RoPE pairs are split in registers once a tile, after the product.
 """
 
 from __future__ import annotations
@@ -31,6 +30,16 @@ import triton.language as tl
 from . import interpreted
 from .attention import LOG2E, Source, _code_at, _merge_kernel, _online_softmax, _sm_count, n_splits
 from .rope import inv_freq
+
+# On an H200 (Triton 3.6) the kernel matched float64 torch to 3e-3..4e-3 at Llama-3.1-8B's head dim of 128, and gave a
+# relative error of 2.1 at head dim 16 (the tests' tiny shapes, 16-token tiles): products with 16-column operands,
+# which kernels.attention pads to 64 columns for the same Triton, are the suspects. On a GPU it runs from 64 up.
+MIN_GPU_HEAD_DIM = 64
+
+
+def supported(hd: int, device: torch.device) -> bool:
+    """Whether remat_attention runs for this head dim on this device (any under Triton's interpreter)."""
+    return interpreted() or device.type != "cuda" or hd >= MIN_GPU_HEAD_DIM
 
 
 def _strides(s: Source, dummy8: torch.Tensor, dummy16: torch.Tensor):
@@ -76,6 +85,8 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     dtype, or with absorb=True softmax(q K^T / sqrt(hd)) x_v per query head, (B, H, VW) fp32, for the caller's
     product by wv (wv is not read then)."""
     B, H, hd = q.shape
+    if not supported(hd, q.device):
+        raise ValueError(f"remat_attention: head dim {hd} on a GPU: at least {MIN_GPU_HEAD_DIM} (see MIN_GPU_HEAD_DIM)")
     dkv = wk.shape[1]
     Hkv, g = dkv // hd, H // (dkv // hd)
     same = xv is None
@@ -256,7 +267,7 @@ def _tile(t0, end, start, q, inv, m_i, l_i, acc, out, rows, row_ok, kcol, vcol, 
     dt = Wk.dtype.element_ty
     tok = t0 + tl.arange(0, BLOCK_N)
     ck = tl.arange(0, BK)
-    k = tl.zeros([BLOCK_N, HD], tl.float32)  # interleaved rotation halves
+    k = tl.zeros([BLOCK_N, HD], tl.float32)
     v = tl.zeros([BLOCK_N, HD], tl.float32)
     for c0 in range(0, KW, BK):  # K (and, remat from the same source, V): one chunk of the source at a time
         x = _deq(Kc, Ks, Kz, Kf, t0, c0, TQK, end, skc_1, skc_2, sks_1, sks_2, skf_t,
@@ -268,10 +279,10 @@ def _tile(t0, end, start, q, inv, m_i, l_i, acc, out, rows, row_ok, kcol, vcol, 
     if FIRST:  # the unquantized first channel times the weight's first row
         x0 = tl.load(F0 + tok * sf0_t, mask=tok < end, other=0.0).to(tl.float32)
         k += x0[:, None] * tl.load(Wk + kcol).to(tl.float32)[None, :]
-    # RoPE at the tokens' positions: pairs (first half j, second half j) sit side by side
-    k1, k2 = tl.split(tl.reshape(k, (BLOCK_N, HALF, 2)))
+    # RoPE at the tokens' positions: the halves it pairs, split in registers, rotated, joined back
+    k1, k2 = tl.split(tl.permute(tl.reshape(k, (BLOCK_N, 2, HALF)), (0, 2, 1)))  # (BLOCK_N, HALF) each
     cos, sin = _cos_sin(tok.to(tl.float32)[:, None] * inv[None, :], TRIG)  # (BLOCK_N, HALF)
-    k = tl.reshape(tl.join(k1 * cos - k2 * sin, k1 * sin + k2 * cos), (BLOCK_N, HD))
+    k = tl.reshape(tl.permute(tl.join(k1 * cos - k2 * sin, k1 * sin + k2 * cos), (0, 2, 1)), (BLOCK_N, HD))
     s = tl.dot(q, tl.trans(k.to(dt)))  # (BLOCK_G, BLOCK_N)
     s = tl.where((tok < end)[None, :], s, float("-inf"))
     p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
@@ -316,13 +327,12 @@ def _remat_kernel(Q, O_part, ML, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv
     rows = tl.arange(0, BLOCK_G)  # query heads h*G + r, padded
     row_ok = rows < G
     j = tl.arange(0, HD)
-    perm = (j % 2) * HALF + j // 2  # interleaved rotation halves: column j holds head channel perm[j]
     dt = Wk.dtype.element_ty
-    q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + perm[None, :], mask=row_ok[:, None], other=0.0)
-    q = (q.to(tl.float32) * sm_scale).to(dt)  # (BLOCK_G, HD) interleaved, log2 domain
+    q = tl.load(Q + b * sq_b + (h * G + rows)[:, None] * sq_h + j[None, :], mask=row_ok[:, None], other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(dt)  # (BLOCK_G, HD), log2 domain
     inv = tl.load(Inv + tl.arange(0, HALF))  # (HALF,) fp32 inverse frequencies
-    kcol = h * HD + perm  # the key weight's columns in interleaved order
-    vcol = h * HD + j
+    kcol = h * HD + j  # the head's columns of the key and value weights (contiguous: loaded in 16-byte pieces)
+    vcol = kcol
     out = (pid_bh * n_splits + pid_s).to(tl.int64)  # this program's slot of the partial outputs
     Kc += b * skc_b  # this sequence's sources: 32-bit offsets from here on
     Ks += b * sks_b
