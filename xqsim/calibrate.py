@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import loading, schemes
 from .measurements import TARGETS, config_of
+from .roofline import BOUNDS, kernel_time, kernels, op_busy, op_table, step_time
 from .specs import OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
 
 
@@ -75,7 +76,7 @@ def op_rates(rows: list[dict], hw: HardwareProfile) -> pd.DataFrame:
             t = measured_op_s(m)
             if t <= 0:
                 continue
-            peak = hw.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
+            peak = hw.peak_flops(cls)
             out.append({"file": r["file"], "model": r["model"], "label": r["label"], "batch": r["batch"],
                         "context": r["context"], "op": name, "op_class": cls, "time_s": t, "flops": flops,
                         "bytes": nbytes, "flops_per_s": flops / t, "bytes_per_s": nbytes / t,
@@ -119,8 +120,6 @@ def default_target(rows: list[dict]) -> str:
 def _design(rows: list[dict]) -> dict[str, np.ndarray]:
     """Every op of every row's decode step, flattened: row, kernel, class index, FLOPs, bytes, times per
     step, bit-plane flag, and whether it is the first op of its kernel (which pays the overhead)."""
-    from .roofline import kernels
-
     ci = {c: i for i, c in enumerate(OP_CLASSES)}
     cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "flops", "bytes", "n", "bitplane", "channel",
                                              "first", "opgroup")}
@@ -148,13 +147,14 @@ def _design(rows: list[dict]) -> dict[str, np.ndarray]:
 class _Model:
     """Step times of many rows as a function of log-parameters: per class an overhead (quant shares
     dequant's), a bandwidth efficiency and, for tensor-core classes, a FLOP-rate efficiency; one bit-plane
-    factor and one per-channel factor. Same formula as roofline.step_time."""
+    factor and one per-channel factor. Each op's and kernel's time is roofline's (op_busy, kernel_time), over
+    all rows' ops at once."""
 
     def __init__(self, d: dict[str, np.ndarray], n_rows: int, hw: HardwareProfile):
         self.d, self.n_rows = d, n_rows
         nc = len(OP_CLASSES)
         self.tensor = np.array([c in TENSOR_CLASSES for c in OP_CLASSES])
-        self.peak = np.array([hw.flops_per_s["bf16" if c in TENSOR_CLASSES else "fp32"].value for c in OP_CLASSES])
+        self.peak = np.array([hw.peak_flops(c) for c in OP_CLASSES])
         self.bw = hw.mem_bytes_per_s.value
         over = [c for c in OP_CLASSES if c not in OVERHEAD_OF]
         self.names = ([f"overhead:{c}" for c in over] + [f"memory:{c}" for c in OP_CLASSES]
@@ -186,22 +186,23 @@ class _Model:
         d = self.d
         o, em, ec, bp, ch = self.unpack(th)
         nk = len(d["kern_n"])
-        tc = np.bincount(d["kern"], d["flops"] / (self.peak[d["cls"]] * ec[d["cls"]]), minlength=nk)
-        tm = np.bincount(d["kern"], d["bytes"] / (self.bw * em[d["cls"]]) * np.where(d["bitplane"], bp, 1.0)
-                         * np.where(d["channel"], ch, 1.0), minlength=nk)
-        ov = np.bincount(d["kern"], o[d["cls"]] * d["first"], minlength=nk)
-        return tc, tm, ov * ((tc + tm) > 0)  # a kernel with no work is not launched: no overhead (as roofline)
+        op_tc, op_tm = op_busy(d["flops"], d["bytes"], self.peak[d["cls"]] * ec[d["cls"]], self.bw * em[d["cls"]],
+                               d["bitplane"], d["channel"], bp, ch)
+        tc = np.bincount(d["kern"], op_tc, minlength=nk)
+        tm = np.bincount(d["kern"], op_tm, minlength=nk)
+        _, ov = kernel_time(tc, tm, np.bincount(d["kern"], o[d["cls"]] * d["first"], minlength=nk))
+        return tc, tm, ov
 
     def step(self, th: np.ndarray) -> np.ndarray:
         tc, tm, ov = self.terms(th)
-        t = self.d["kern_n"] * (np.maximum(tc, tm) + ov)
+        t = self.d["kern_n"] * kernel_time(tc, tm, ov)[0]
         return np.bincount(self.d["kern_row"].astype(int), t, minlength=self.n_rows)
 
     def op_times(self, th: np.ndarray) -> np.ndarray:
         """Per (row, op name): the predicted time of its kernels over all layers (unfused: one op, one kernel)."""
         tc, tm, ov = self.terms(th)
         d = self.d
-        per_kernel = np.maximum(tc, tm) + ov
+        per_kernel = kernel_time(tc, tm, ov)[0]
         return np.bincount(d["opgroup"], d["n"] * per_kernel[d["kern"]] * d["first"], minlength=len(d["op_measured"]))
 
     def shares(self, th: np.ndarray) -> dict[str, np.ndarray]:
@@ -297,8 +298,6 @@ def write_profile(hw: HardwareProfile, fitted: Fitted, out: Path) -> None:
 def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_S) -> pd.DataFrame:
     """Measured vs predicted time of every op of at least `min_time_s`, unfused rows; predicted = own
     roofline time + overhead; measured: measured_op_s."""
-    from .roofline import op_table
-
     rates, out = hw.rates(), []
     for r in rows:
         if r.get("fused"):
@@ -327,8 +326,6 @@ def _family(label: str) -> str:
 def step_predictions(rows: list[dict], hw: HardwareProfile, target: str | None = None) -> pd.DataFrame:
     """Measured (`target`: the CUDA-graph or the eager step; default the fitted block's, else graph where
     measured) vs predicted step time of every row on hw (its fitted block if any), with the predicted bound."""
-    from .roofline import BOUNDS, step_time
-
     target = target or (hw.fitted.target if hw.fitted else default_target(rows))
     rates, out = hw.rates(), []
     for r in rows:

@@ -31,10 +31,28 @@ def kernels(ops: list[Op]) -> list[list[Op]]:
     return out
 
 
+def op_busy(flops, nbytes, flop_rate, byte_rate, bitplane=False, channel=False, bitplane_factor=1.0,
+            channel_factor=1.0) -> tuple:
+    """An op's compute time and memory time [s]: FLOPs over its class's FLOP rate; bytes over its class's
+    bandwidth, x the bit-plane factor for codes whose width does not divide 8, x the channel factor for
+    per-channel codes. Broadcasts over arrays (the fit passes every op of every row at once)."""
+    tm = nbytes / byte_rate
+    tm = tm * np.where(bitplane, bitplane_factor, 1.0) * np.where(channel, channel_factor, 1.0)
+    return flops / flop_rate, tm
+
+
+def kernel_time(tc, tm, overhead) -> tuple:
+    """A kernel's time [s] from its ops' summed compute and memory times and its overhead: max(tc, tm) + overhead,
+    and the overhead it pays (none for a kernel with no work, which is never launched: dequantization at context
+    1, quantization before a window fills)."""
+    ov = overhead * ((tc + tm) > 0)
+    return np.maximum(tc, tm) + ov, ov
+
+
 def _busy(op: Op, rates: dict) -> tuple:
-    mem = op.bytes / rates[f"{op.cls}_bytes_per_s"]
-    mem = mem * rates["bitplane_factor"] if op.bitplane else mem
-    return op.flops / rates[f"{op.cls}_flops_per_s"], mem * rates["channel_factor"] if op.channel else mem
+    return op_busy(op.flops, op.bytes, rates[f"{op.cls}_flops_per_s"], rates[f"{op.cls}_bytes_per_s"], op.bitplane,
+                   op.channel, rates["bitplane_factor"] if op.bitplane else 1.0,
+                   rates["channel_factor"] if op.channel else 1.0)
 
 
 def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, np.ndarray]:
@@ -47,13 +65,11 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
     for kern in kernels(ops):
         n = kern[0].layers
         flops, nbytes = sum(op.flops for op in kern), sum(op.bytes for op in kern)
-        # a kernel with no work (dequantize at context 1, quantize before a window fills) is not launched
-        overhead = rates[f"{kern[0].cls}_overhead_s"] * (np.asarray(flops + nbytes) > 0)
         parts = [_busy(op, rates) for op in kern]
         tc = sum(p[0] for p in parts)
         tm = sum(p[1] for p in parts)
+        t, overhead = kernel_time(tc, tm, rates[f"{kern[0].cls}_overhead_s"])
         busy = np.maximum(tc, tm)
-        t = busy + overhead
         tot["flops"] = tot["flops"] + n * flops
         tot["bytes_moved"] = tot["bytes_moved"] + n * nbytes
         tot["t_compute_s"] = tot["t_compute_s"] + n * tc
@@ -88,15 +104,15 @@ def op_table(ops: list[Op], rates: dict) -> list[dict]:
     """One row per op (scalars): FLOPs, bytes, its own roofline time and bound, per layer and in total."""
     rows = []
     for op in ops:
-        overhead = float(rates[f"{op.cls}_overhead_s"]) * (float(op.flops + op.bytes) > 0)
         tc, tm = (float(x) for x in _busy(op, rates))
+        t, overhead = (float(x) for x in kernel_time(tc, tm, rates[f"{op.cls}_overhead_s"]))
         busy = max(tc, tm)
         bound = "overhead" if overhead > busy else ("compute" if tc > tm else "memory")
         rows.append({
             "name": op.name, "op_class": op.cls, "layers": op.layers, "kernel": op.kernel or op.name,
             "flops": float(op.flops), "bytes_read": float(op.read), "bytes_written": float(op.write),
             "intensity_flop_per_byte": float(op.flops) / float(op.bytes) if float(op.bytes) else float("inf"),
-            "t_compute_s": tc, "t_mem_s": tm, "time_s": busy + overhead, "bound": bound,
-            "achieved_flops_per_s": float(op.flops) / (busy + overhead) if busy + overhead > 0 else 0.0,
+            "t_compute_s": tc, "t_mem_s": tm, "time_s": t, "bound": bound,
+            "achieved_flops_per_s": float(op.flops) / t if t > 0 else 0.0,
         })
     return rows

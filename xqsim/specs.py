@@ -143,6 +143,10 @@ class HardwareProfile(BaseModel):
         """bf16 peak / bandwidth [FLOP/B]."""
         return self.flops_per_s["bf16"].value / self.mem_bytes_per_s.value
 
+    def peak_flops(self, cls: str) -> float:
+        """Spec FLOP/s an op class runs against: the bf16 tensor peak (TENSOR_CLASSES), else the fp32 vector peak."""
+        return self.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
+
     def rates(self, fitted: bool = True) -> dict[str, float]:
         """Achieved rates used by the roofline: bandwidth, per-class FLOP/s and overhead."""
         fit = self.fitted if fitted else None
@@ -150,8 +154,7 @@ class HardwareProfile(BaseModel):
         mem = fit.mem_efficiency if fit else {}
         out = {"mem_bytes_per_s": self.mem_bytes_per_s.value}  # the spec roof, for plots
         for cls in OP_CLASSES:
-            peak = self.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
-            out[f"{cls}_flops_per_s"] = peak * eff.get(cls, 1.0)
+            out[f"{cls}_flops_per_s"] = self.peak_flops(cls) * eff.get(cls, 1.0)
             out[f"{cls}_bytes_per_s"] = self.mem_bytes_per_s.value * mem.get(cls, 1.0)
         overhead = fit.kernel_overhead_s if fit and fit.kernel_overhead_s is not None else None
         out["kernel_overhead_s"] = self.kernel_overhead_s.value if overhead is None else overhead
