@@ -44,7 +44,7 @@ CASES = [  # scheme shape, bits, group, residual, context, batch, KV heads, g, h
     ("gqa", 2, 8, 8, 77, 2, 2, 2, 16, False, 64, 16, False),  # key blocks of 8 < the tile: gathered
     ("gqa", 3, 8, 8, 45, 1, 2, 2, 16, True, 64, 16, False),
     ("gqa", 2, 16, 16, 64, 1, 2, 2, 16, True, 16, 16, True),  # T = the window's end: the last tile is the window
-    ("gqa", 4, 16, 16, 130, 2, 2, 2, 16, False, 16, 16, True),
+    ("gqa", 4, 16, 16, 100, 1, 2, 2, 16, False, 16, 16, True),
 ]
 
 
