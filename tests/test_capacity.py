@@ -27,7 +27,7 @@ def test_transient_counts_remat_buffers_and_cl_accumulator(tiny):
     assert x - act == 100 * (64 + 64 + 64) * 2
     # fused: no intermediates in memory
     assert schemes.transient_bytes(tiny, cfg("xquant", tiny, bits=2, fused=True), T)[0] == act
-    # CL keeps the accumulator X^ (T x d fp16) even when fused
+    # CL keeps the accumulator X^ (T x d fp16) even when fused (its deltas are dequantized as they are added)
     cl = schemes.transient_bytes(tiny, cfg("xquant_cl", tiny, bits=2, fused=True), T)[0]
     assert cl - act == 100 * 64 * 2
 

@@ -16,7 +16,7 @@ from xqsim.capacity import memory  # noqa: E402
 from xqsim.engine.cache import Store  # noqa: E402
 from xqsim.engine.kernels import available  # noqa: E402
 from xqsim.engine.kernels.attention import Source  # noqa: E402
-from xqsim.engine.kernels.remat import _fast, reference, remat_attention, supported  # noqa: E402
+from xqsim.engine.kernels.remat import _fast, accumulate, reference, remat_attention, supported  # noqa: E402
 from xqsim.engine.model import Engine, Recorder  # noqa: E402
 from xqsim.schemes.ops import tensor  # noqa: E402
 
@@ -83,6 +83,21 @@ def test_kernel_equals_reference(shape, bits, G, R, T, B, Hkv, g, hd, absorb, ti
     err = ((out.double() - ref).norm() / ref.norm()).item()
     tol = 2e-2 if WDT == torch.bfloat16 else 1e-5
     assert err < tol, f"{shape} bits {bits} G {G} R {R} T {T} absorb={absorb}: relative error {err:.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("bits,G,R,T", [(2, 16, 0, 40), (3, 16, 8, 29), (16, 16, 0, 30)])
+def test_accumulate_is_dequantize_then_add(bits, G, R, T):
+    """XQuant-CL's X^ update in one kernel: acc + deq(delta) (and deq(x) for the base layer), as torch computes it
+    from the same codes, to the output dtype's rounding."""
+    gen = torch.Generator(device=DEV).manual_seed(bits + T)
+    st = source("dx", 64, bits, G, R, T, 2, "token", gen)
+    acc = torch.randn(2, T, 64, generator=gen, device=DEV).to(WDT)
+    want = acc.double() + st.read(torch.float64)
+    got = accumulate(Source.of(st), acc)
+    assert got.dtype == WDT and (got.double() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    base = accumulate(Source.of(st), None, WDT)
+    err = (base.double() - st.read(torch.float64)).abs().max().item()
+    assert err <= (1e-2 if WDT == torch.bfloat16 else 1e-6), f"bits {bits}: base layer off by {err:.2e}"
 
 
 @pytest.mark.skipif(DEV.type != "cuda", reason="long contexts take minutes in Triton's interpreter")

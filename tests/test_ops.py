@@ -113,11 +113,21 @@ def test_fused_drops_intermediate_traffic_only(tiny):
 def test_cl_accumulator_read_and_written_every_delta_layer(tiny):
     B, T = 2, 30
     _, by = ops_by_name(tiny, cfg("xquant_cl", tiny, bits=2, group=64, fused=True), B, T)
-    # base layer initialises X^ (writes only); the delta layer reads X^ and writes it back, even fused
+    # even fused, X^ is built in memory before the attention kernel, by a kernel that dequantizes and adds (as the
+    # Triton engine does): the base layer writes it from its codes; the delta layer reads X^ and writes it back
     base = next(o for o in by["accumulate"] if o.flops == 0)
     delta = next(o for o in by["accumulate"] if o.flops > 0)
     assert base.write == delta.write == B * T * 64 * 2
+    assert base.read == 0  # its codes are the dequant op's read, in the same kernel
     assert delta.read == B * T * 64 * 2 and delta.flops == B * T * 64
+    ops = ops_by_name(tiny, cfg("xquant_cl", tiny, bits=2, group=64, fused=True), B, T)[0]
+    fused_acc = [[o.name for o in k] for k in kernels(ops) if k[0].kernel == "accumulate"]
+    assert fused_acc == [["dequant_x", "accumulate"], ["dequant_dx", "accumulate"]], fused_acc
+    assert all(o.write == 0 for o in by["dequant_dx"] + by["dequant_x"])
+    # the fused kernel reads X^ once for K and V
+    assert all(o.kernel == "attention" for o in by["remat_k"] + by["remat_v"] + by["attention"])
+    assert [o.read - 64 * 64 * 2 for o in by["remat_k"]] == [B * T * 64 * 2] * 2
+    assert [o.read - 64 * 64 * 2 for o in by["remat_v"]] == [0, 0]
 
 
 def test_cl_gqa_up_projects_then_rematerializes(tiny_gqa):

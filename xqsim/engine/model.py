@@ -332,22 +332,30 @@ class Engine:
     def _kernel_remat(self, i, qh, stores, acc, rec):
         """_remat_attention's rebuild and attention in one Triton kernel (kernels.remat): codes are dequantized, K
         and V rebuilt and K rotated tile by tile on chip, so those ops move no bytes of their own; they are recorded,
-        empty, for their FLOPs. The cross-layer schemes first rebuild X^ (B, T, d) in torch (dequantize,
-        up-project, accumulate), which the kernel then reads as an unquantized source."""
+        empty, for their FLOPs. The cross-layer schemes first rebuild X^ (B, T, d), which the kernel then reads as
+        an unquantized source: XQuant-CL in one kernel that dequantizes and adds (kernels.remat.accumulate),
+        CL-GQA in torch (dequantize, up-project, accumulate)."""
         from .kernels.attention import Source
-        from .kernels.remat import remat_attention
+        from .kernels.remat import accumulate, remat_attention
 
         s, w, c = self.spec, self.w, self.cfg
         B, H, _, hd = qh.shape
         d, dkv, role = s.d_model, s.dkv, self.group_of[i].role
         T = next(iter(stores.values())).tokens
         absorb = c.strategy == "absorb_v"
-        if c.scheme in ("xquant_cl", "xquant_cl_gqa") and (role != "plain" or c.scheme == "xquant_cl_gqa"):
-            x = next(iter(self._read_tile(stores, 0, T, rec).values()))  # (B, T, width)
-            if c.scheme == "xquant_cl_gqa":
-                U = self.f[f"{i}.U"]
-                with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
-                    x = x @ U.T  # (B, T, d)
+        if c.scheme == "xquant_cl" and role != "plain":  # X^ (B, T, d): dequantize and add in one kernel
+            st = next(iter(stores.values()))
+            with rec(f"dequant_{st.t.name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * d):
+                pass  # inside the accumulation kernel
+            with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
+                acc = accumulate(Source.of(st), acc if role == "delta" else None, self.dtype)
+            xk, x0, xv = Source(acc, d, 0, 16, c.group), None, None
+            wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d
+        elif c.scheme == "xquant_cl_gqa":  # X (B, T, d) up-projected from the latent in torch, then X^
+            x = next(iter(self._read_tile(stores, 0, T, rec).values()))  # (B, T, r)
+            U = self.f[f"{i}.U"]
+            with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
+                x = x @ U.T  # (B, T, d)
             if role != "plain":
                 with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
                     acc = x if role == "base" else acc + x  # X^ (B, T, d)

@@ -141,6 +141,26 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     return out
 
 
+def accumulate(x: Source, acc: torch.Tensor | None, dtype: torch.dtype | None = None, block_t: int = 32,
+               block_d: int = 128) -> torch.Tensor:
+    """XQuant-CL's running reconstruction in one pass: acc + deq(x), or deq(x) where acc is None (the base layer):
+    (B, T, W) in acc's dtype, else `dtype`. x: a layer's cached X or delta (per-token codes and their fp16 tail).
+    Dequantization and addition in one kernel: the dequantized delta never reaches memory."""
+    held = x.fp if x.fp is not None else x.codes
+    B, T = held.shape[0], x.tq + (x.fp.shape[1] if x.fp is not None else 0)
+    out = torch.empty(B, T, x.width, dtype=acc.dtype if acc is not None else dtype, device=held.device)
+    if T == 0:
+        return out
+    d8 = torch.empty(1, dtype=torch.uint8, device=out.device)
+    d16 = torch.empty(1, dtype=out.dtype, device=out.device)
+    c, sc, z, f, cs, ss, fs = _strides(x, d8, d16)
+    a, sa = (acc, acc.stride()[:2]) if acc is not None else (d16, (0, 0))
+    grid = (B, triton.cdiv(T, block_t), triton.cdiv(x.width, block_d))
+    _accumulate_kernel[grid](c, sc, z, f, a, out, T, x.tq, *cs, *ss, *fs, *sa, *out.stride()[:2], ADD=acc is not None,
+                             BLOCK_T=block_t, BLOCK_D=block_d, **_consts(x, "V"), num_warps=4)
+    return out
+
+
 def reference(q: torch.Tensor, xk: torch.Tensor, wk: torch.Tensor, theta: float, xv: torch.Tensor | None = None,
               wv: torch.Tensor | None = None, x0: torch.Tensor | None = None, absorb: bool = False,
               dtype=torch.float64) -> torch.Tensor:
@@ -362,3 +382,21 @@ def _remat_kernel(Q, O_part, ML, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv
         tl.store(O_part + (out * G + rows)[:, None] * HD + j[None, :], acc, mask=row_ok[:, None])
     tl.store(ML + (out * G + rows) * 2, m_i, mask=row_ok)
     tl.store(ML + (out * G + rows) * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _accumulate_kernel(C, S, Z, F, Acc, Out, T, TQ, sc_b, sc_1, sc_2, ss_b, ss_1, ss_2, sf_b, sf_t, sa_b, sa_t,
+                       so_b, so_t, ADD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                       VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr):
+    """One (sequence, tile of tokens, chunk of channels) of accumulate(): Out = Acc + deq(X)."""
+    b = tl.program_id(0).to(tl.int64)
+    t0 = tl.program_id(1) * BLOCK_T
+    c0 = tl.program_id(2) * BLOCK_D
+    x = _deq(C + b * sc_b, S + b * ss_b, Z + b * ss_b, F + b * sf_b, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
+             VW, VB, VG, VCH, BLOCK_T, BLOCK_D, False)  # (BLOCK_T, BLOCK_D), zero outside
+    tok = t0 + tl.arange(0, BLOCK_T)
+    ch = c0 + tl.arange(0, BLOCK_D)
+    ok = (tok < T)[:, None] & (ch < VW)[None, :]
+    if ADD:
+        x += tl.load(Acc + b * sa_b + tok[:, None] * sa_t + ch[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + b * so_b + tok[:, None] * so_t + ch[None, :], x.to(Out.dtype.element_ty), mask=ok)
