@@ -19,9 +19,9 @@ import torch
 
 from xqsim import specs
 from xqsim.accuracy import load_text
-from xqsim.engine import gguf
+from xqsim.accuracy import gguf
 from xqsim.engine.model import Engine
-from xqsim.engine.tokenizer import BPETokenizer
+from xqsim.accuracy.tokenizer import BPETokenizer
 
 
 def main() -> None:

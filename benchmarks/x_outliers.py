@@ -14,10 +14,10 @@ import torch
 
 from xqsim import specs
 from xqsim.accuracy import load_text
-from xqsim.engine import gguf
+from xqsim.accuracy import gguf
 from xqsim.engine.model import Engine
 from xqsim.engine.quant import dequantize, quantize
-from xqsim.engine.tokenizer import BPETokenizer
+from xqsim.accuracy.tokenizer import BPETokenizer
 
 
 def roundtrip(v: torch.Tensor, bits: int, group: int) -> torch.Tensor:
