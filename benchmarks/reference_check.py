@@ -18,10 +18,9 @@ import time
 import torch
 
 from xqsim import specs
-from xqsim.accuracy import load_text
-from xqsim.accuracy import gguf
-from xqsim.engine.model import Engine
+from xqsim.accuracy import gguf, load_text
 from xqsim.accuracy.tokenizer import BPETokenizer
+from xqsim.engine.model import Engine
 
 
 def main() -> None:

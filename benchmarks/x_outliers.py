@@ -13,11 +13,10 @@ import argparse
 import torch
 
 from xqsim import specs
-from xqsim.accuracy import load_text
-from xqsim.accuracy import gguf
+from xqsim.accuracy import gguf, load_text
+from xqsim.accuracy.tokenizer import BPETokenizer
 from xqsim.engine.model import Engine
 from xqsim.engine.quant import dequantize, quantize
-from xqsim.accuracy.tokenizer import BPETokenizer
 
 
 def roundtrip(v: torch.Tensor, bits: int, group: int) -> torch.Tensor:
