@@ -14,7 +14,7 @@ from xqsim.engine.cache import Store  # noqa: E402
 from xqsim.engine.kernels import available  # noqa: E402
 from xqsim.engine.kernels.attention import Source, decode_attention, fast_tiles, n_splits  # noqa: E402
 from xqsim.engine.model import Engine  # noqa: E402
-from xqsim.schemes.ops import tensor  # noqa: E402
+from xqsim.schemes.layout import tensor  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not available(DEV):

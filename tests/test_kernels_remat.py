@@ -18,7 +18,7 @@ from xqsim.engine.kernels import available  # noqa: E402
 from xqsim.engine.kernels.attention import Source  # noqa: E402
 from xqsim.engine.kernels.remat import _fast, accumulate, reference, remat_attention, supported  # noqa: E402
 from xqsim.engine.model import Engine, Recorder  # noqa: E402
-from xqsim.schemes.ops import tensor  # noqa: E402
+from xqsim.schemes.layout import tensor  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not available(DEV):

@@ -10,9 +10,10 @@ import numpy as np
 
 from ..specs import ModelSpec, SchemeConfig
 from . import fp16, kivi, xquant, xquant_cl, xquant_cl_gqa, xquant_gqa, xquant_yang
+from .decoder import activation_bytes, dense_weight_elems
+from .decoder import step_ops as _step_ops
 from .layout import LayerGroup, cache_parts
-from .ops import Op, activation_bytes, dense_weight_elems
-from .ops import step_ops as _step_ops
+from .ops import Op
 from .xquant import remat_attention_ops, remat_transient_bytes
 
 

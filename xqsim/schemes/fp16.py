@@ -4,8 +4,8 @@ that KIVI and Yang et al.'s XQuant share."""
 from __future__ import annotations
 
 from ..specs import ModelSpec, SchemeConfig
-from .layout import ELEM_BYTES, LayerGroup
-from .ops import Op, dequant_ops, fp16_read, matmul, rope, store_ops, tensor
+from .layout import ELEM_BYTES, LayerGroup, tensor
+from .ops import Op, dequant_ops, fp16_read, matmul, rope, store_ops
 
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:

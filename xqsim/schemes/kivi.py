@@ -4,8 +4,7 @@ channels within a head, b bits, fp16 scale+zero per group, an fp16 residual wind
 from __future__ import annotations
 
 from ..specs import ModelSpec, SchemeConfig
-from .layout import LayerGroup, split_layers
-from .ops import tensor
+from .layout import LayerGroup, split_layers, tensor
 
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:

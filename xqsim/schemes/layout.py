@@ -185,3 +185,8 @@ def split_layers(model: ModelSpec, cfg: SchemeConfig, make) -> tuple[LayerGroup,
     groups = (LayerGroup(f, make(fb), layers=tuple(range(f))),
               LayerGroup(n - f, make(cfg.bits), layers=tuple(range(f, n))))
     return tuple(g for g in groups if g.count)
+
+
+def tensor(name: str, width: int, bits: int, axis="token", row: int | None = None, shared=False) -> CacheTensor:
+    """A cached tensor of `width` values a token (per-token rows of `row` values, the whole width by default)."""
+    return CacheTensor(name, width, row or width, axis, bits, shared)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..specs import ModelSpec, SchemeConfig
-from .layout import ELEM_BYTES, LayerGroup, split_layers
-from .ops import ADD_FLOPS, ROPE_FLOPS, Op, dequant_ops, fp16_read, matmul, rope, store_ops, tensor
+from .layout import ELEM_BYTES, LayerGroup, split_layers, tensor
+from .ops import ADD_FLOPS, ROPE_FLOPS, Op, dequant_ops, fp16_read, matmul, rope, store_ops
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,7 @@ accumulator (B*T*d, fp16) holds while the layers are processed."""
 from __future__ import annotations
 
 from ..specs import ModelSpec, SchemeConfig
-from .layout import LayerGroup
-from .ops import tensor
+from .layout import LayerGroup, tensor
 from .xquant import RematPlan
 
 

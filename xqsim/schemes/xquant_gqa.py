@@ -6,8 +6,7 @@ K and V are rebuilt with the fused rank x dkv factors."""
 from __future__ import annotations
 
 from ..specs import ModelSpec, SchemeConfig
-from .layout import LayerGroup, split_layers
-from .ops import tensor
+from .layout import LayerGroup, split_layers, tensor
 from .xquant import RematPlan
 
 

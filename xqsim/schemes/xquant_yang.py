@@ -12,8 +12,7 @@ the paper's "1.38". Note: the authors' key sharing slices packed words correctly
 from __future__ import annotations
 
 from ..specs import ModelSpec, SchemeConfig
-from .layout import LayerGroup
-from .ops import tensor
+from .layout import LayerGroup, tensor
 
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
