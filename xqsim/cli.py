@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import loading, specs
-from .specs import REMAT_SCHEMES, UserError
+from .specs import UserError
 
 try:  # typer < 0.20 raises click's exceptions; newer typer vendors click as its own
     from click.exceptions import ClickException as _ClickException
@@ -299,193 +299,6 @@ def _print_summary(s, batch: int, context: int) -> None:
 
 
 @app.command()
-def measure(
-    grid: Annotated[Path | None, typer.Option(help="measurement grid YAML (see measurements/h100/grid_*.yaml)")] = None,
-    model: Annotated[str | None, typer.Option(help="model name or .yaml (single configuration)")] = None,
-    scheme: Annotated[str | None, typer.Option(help=f"one of {', '.join(specs.SCHEMES)}")] = None,
-    bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized; default: the scheme's paper's")] = None,
-    strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,
-    batch: Annotated[str, typer.Option(help="sequences")] = "1",
-    context: Annotated[str, typer.Option(help="tokens, e.g. 4k")] = "1024",
-    layers: Annotated[int | None, typer.Option(help="keep this many layers of the model")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="fp32 (cpu), bf16 or fp16 (cuda); default: the grid's, "
-                                                  "else fp32")] = None,
-    kernels: Annotated[str | None, typer.Option(help="engine: triton (Triton kernels; the default on cuda) "
-                                                    "or torch (plain torch ops, the reference; the default on "
-                                                    "cpu)")] = None,
-    repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 20,
-    warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="write rows to OUT.json and OUT.csv")] = None,
-    force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the (single) result as JSON")] = False,
-) -> None:
-    """Run and time decode steps of the engine (CUDA events on a GPU, perf_counter on CPU)."""
-    try:
-        from .engine import measure as m
-        from .measurements import write_measurements
-    except ImportError as err:
-        raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
-    g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid) if grid is not None else None
-    for name, v, least in (("repeats", repeats, 1), ("warmup", warmup, 0), ("layers", layers, 1)):
-        if v is not None and v < least:
-            raise UserError(f"command line: field '{name}': {v} is not allowed; at least {least}")
-    dev, dt = m.check_device(device, dtype or (g.dtype if g else "fp32"))
-    kernels = m.check_kernels(kernels, dev)
-    if g is not None:
-        specs_ = [loading.load_model(x, grid.parent, f"{grid}: field 'models.{i}'") for i, x in enumerate(g.models)]
-        configs = _scenario_configs(g, grid)
-        batches, contexts, n_layers = g.batch, g.context, g.layers
-        repeats, warmup, max_tokens = g.repeats, g.warmup, g.max_tokens
-    else:
-        if model is None or scheme is None:
-            raise UserError("command line: give --grid FILE, or --model and --scheme for one configuration")
-        specs_ = [loading.load_model(model)]
-        configs = [loading.scheme_config(scheme=scheme, bits=bits, strategy=strategy)]
-        batches, contexts, n_layers, max_tokens = [_count(batch, "batch")], [_count(context, "context")], layers, 2**62
-    if n_layers:
-        specs_ = [x.model_copy(update={"n_layers": min(n_layers, x.n_layers)}) for x in specs_]
-    if grid is None:
-        loading.resolve_for(configs[0], specs_[0])
-        m.check_fits(specs_[0], configs[0], batches[0], contexts[0], dev, dt)
-    info = m.device_info(dev) | {"engine": kernels}
-    paths = [out.with_suffix(".json"), out.with_suffix(".csv")] if out else []
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        raise UserError(f"{existing[0]}: already exists; choose another --out or pass --force")
-    rows: list[dict] = []
-    kept = [0]  # rows in both files
-    total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
-
-    def on_row(row: dict) -> None:
-        rows.append(row)
-        if out:  # the count follows the files: set once both hold the new row, even if Ctrl-C came meanwhile
-            write_measurements(out, info, rows, on_written=lambda: kept.__setitem__(0, len(rows)))
-        else:
-            kept[0] = len(rows)
-        if not as_json:
-            what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
-            took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]
-            if "step_time_graph_s" in row:
-                took += f" (graph {row['step_time_graph_s'] * 1e3:.3f} ms)"
-            console.print(f"[{len(rows)}/{total}] {what}: {took}")
-
-    console.print(f"measuring {total} configurations on {info['device_name']} with the {kernels} engine "
-                  f"(torch {info['torch']})") \
-        if not as_json else None
-    try:
-        m.run_grid(specs_, configs, batches, contexts, dev, dt, repeats, warmup, max_tokens, on_row, kernels)
-    except KeyboardInterrupt:
-        print(f"xqsim: interrupted; {kept[0]} rows kept" + (f" in {paths[0]} and {paths[1]}" if out else ""),
-              file=sys.stderr)
-        sys.exit(130)
-    if as_json:
-        print(loading.to_json({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows})))
-
-
-@app.command()
-def calibrate(
-    measurements: Annotated[list[Path], typer.Argument(help="`xqsim measure` JSON files of one device")],
-    hardware: Annotated[str, typer.Option(help="the profile whose spec figures the fit scales")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="profile YAML to write (default "
-                                                                  "hardware/<name>_fitted.yaml)")] = None,
-    force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
-    target: Annotated[str | None, typer.Option(help="fit the CUDA-graph step (graph, the default where "
-                                                    "measured) or the eager step (eager)")] = None,
-) -> None:
-    """Fit per-class overheads and efficiencies to measured steps; write a new profile with a `fitted:` block."""
-    import datetime
-
-    from . import calibrate as cal
-    from .measurements import read_measurements
-
-    hw = loading.load_hardware(hardware)
-    out = out or loading.HARDWARE_DIR / f"{hw.name}_fitted.yaml"
-    if out.exists() and not force:  # before any work
-        raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
-    infos, rows = read_measurements(measurements)
-    n_fit = sum(1 for r in rows if not r.get("fused"))
-    source = (f"xqsim calibrate on {n_fit} unfused configurations from {', '.join(p.name for p in measurements)} "
-              f"({infos[0]['device_name']}, torch {infos[0]['torch']}), {datetime.date.today().isoformat()}")
-    fitted, report = cal.fit(rows, hw, source, _target(target))
-    cal.write_profile(hw, fitted, out)
-    t = Table(title=f"Fitted on {report['n']:,} measured {report['target']} steps: median error "
-                    f"{report['median_abs_pct']:.1f}%, p90 {report['p90_abs_pct']:.1f}% (in sample)",
-              title_justify="left")
-    for c in ("op class", "overhead per kernel", "bandwidth / spec", "FLOP rate / spec"):
-        t.add_column(c)
-    for c in specs.OP_CLASSES:
-        o, m, f = fitted.overhead_s.get(c), fitted.mem_efficiency.get(c), fitted.compute_efficiency.get(c)
-        t.add_row(c, f"{o * 1e6:.1f} µs" if o else "—", f"{m:.3f}" if m else "—", f"{f:.3f}" if f else "—")
-    console.print(t)
-    if fitted.bitplane_factor:
-        console.print(f"(de)quantization of 3/5/6/7-bit codes (bit planes): x{fitted.bitplane_factor:.2f} time")
-    if fitted.channel_factor:
-        console.print(f"(de)quantization of per-channel codes (channel-major to token-major): "
-                      f"x{fitted.channel_factor:.2f} time")
-    if report["not_determined"]:
-        console.print(f"not determined by these measurements (spec value kept): {', '.join(report['not_determined'])}")
-    console.print(f"wrote {out}")
-
-
-@app.command()
-def validate(
-    measurements: Annotated[list[Path], typer.Argument(help="`xqsim measure` JSON files of one device")],
-    hardware: Annotated[str, typer.Option(help="profile to predict with (its fitted block if any)")],
-    transfer_from: Annotated[str | None, typer.Option(help="use this profile's fitted efficiencies on "
-                                                          "--hardware's spec figures")] = None,
-    held_out: Annotated[str | None, typer.Option(help="refit without each block: context or scheme")] = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="folder for the table and plots")] = None,
-    force: Annotated[bool, typer.Option(help="overwrite the table and plots in OUT")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    target: Annotated[str | None, typer.Option(help="judge against the CUDA-graph step (graph) or the eager "
-                                                    "step (eager); default: the fitted block's")] = None,
-    spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore the profile's fitted block")] = False,
-) -> None:
-    """Predict every measured configuration; report the error overall, per regime and per scheme."""
-    from . import calibrate as cal
-    from .measurements import read_measurements
-
-    if out is not None:  # before any work: never over a file that is there unless --force
-        written = [out / "validation.csv", out / "validation.png", out / "validation.svg"]
-        there = [p for p in written if p.exists()]
-        if there and not force:
-            raise UserError(f"{there[0]}: already exists; choose another -o DIR or pass --force to overwrite")
-    hw = loading.load_hardware(hardware)
-    if spec_only or held_out:  # a held-out fit starts from the spec figures
-        hw = hw.model_copy(update={"fitted": None})
-    if transfer_from:
-        hw = cal.transferred(hw, loading.load_hardware(transfer_from))
-    if held_out not in (None, "context", "scheme"):
-        raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: context, scheme")
-    _, rows = read_measurements(measurements)
-    df, report = cal.validation(rows, hw, held_out, _target(target))
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        loading.write_atomic(out / "validation.csv", lambda p: df.to_csv(p, index=False))
-        cal.plot_validation(df, out / "validation")
-    if as_json:
-        print(loading.to_json(report))
-        return
-    t = Table(title=f"{len(df)} configurations on {hw.name} ({report['profile']} rates, {report['target']} "
-                    f"steps, held out: {report['held_out']})", title_justify="left")
-    for c in ("", "n", "median |error|", "p90", "max"):
-        t.add_column(c, justify="left" if not c else "right")
-    blocks = [("all", report)] + [(f"regime {k}", v) for k, v in report["per_regime"].items()] + \
-        [(f"scheme {k}", v) for k, v in report["per_scheme"].items()] + \
-        [(k.replace("_", " "), report[k]) for k in ("fused_tiled", "per_op") if k in report]
-    for name, r in blocks:
-        t.add_row(name, str(r["n"]), *(f"{r[k]:.1f}%" for k in ("median_abs_pct", "p90_abs_pct", "max_abs_pct")))
-    console.print(t)
-
-
-def _target(target: str | None) -> str | None:
-    if target not in (None, "graph", "eager"):
-        raise UserError(f"command line: field 'target': '{target}' is not allowed; allowed: graph, eager")
-    return target
-
-
-@app.command()
 def dashboard(
     port: Annotated[int, typer.Option(help="port to serve the page on")] = 8501,
     headless: Annotated[bool, typer.Option(help="do not open a browser")] = False,
@@ -503,76 +316,6 @@ def dashboard(
            "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false",
            "--client.toolbarMode", "minimal"]  # .streamlit/config.toml's settings, for a run from any folder
     sys.exit(subprocess.run(cmd, cwd=Path.cwd()).returncode)
-
-
-@app.command()
-def accuracy(
-    model: Annotated[str, typer.Option(help="model with real weights (smollm2-135m) or a .gguf file")] = "smollm2-135m",
-    schemes: Annotated[str | None, typer.Option(help="comma-separated schemes, e.g. kivi,xquant")] = None,
-    bits: Annotated[str, typer.Option(help="comma-separated code bits; 16 = unquantized")] = "2,3,4,8",
-    strategy: Annotated[str | None, typer.Option(help="remat or absorb_v (default absorb_v: same logits)")] = None,
-    grid: Annotated[Path | None, typer.Option(help="accuracy grid YAML (measurements/accuracy/grid.yaml)")] = None,
-    tokens: Annotated[str, typer.Option(help="tokens of the evaluation slice")] = "3072",
-    context: Annotated[str, typer.Option(help="tokens per window (cache emptied between windows)")] = "512",
-    text: Annotated[Path | None, typer.Option(help="UTF-8 text file (default: the Britannica article)")] = None,
-    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("measurements/accuracy"),
-    force: Annotated[bool, typer.Option(help="overwrite the files of a previous run there")] = False,
-    jobs: Annotated[int, typer.Option(help="configurations run at once, one torch thread each")] = 1,
-) -> None:
-    """Perplexity, logit error and top-1 agreement of each scheme on a real model, decoding token by token."""
-    try:
-        from . import accuracy as acc
-    except ImportError as err:
-        raise UserError(f"the accuracy run needs torch: pip install -e '.[engine,accuracy]' ({err})") from None
-    if grid is not None:
-        g = loading.parse(acc.AccuracyGrid, loading.read_yaml(grid), grid)
-        configs, model, n, c = _scenario_configs(g, grid), g.model, g.tokens, g.context
-        text = text or (grid.parent / g.text if g.text else None)
-    else:
-        if not schemes:
-            raise UserError("command line: give --schemes (e.g. kivi,xquant) or --grid FILE")
-        n, c = _count(tokens, "tokens"), _count(context, "context")
-        if c < 2:  # a window predicts its tokens 2..c from the ones before
-            raise UserError("command line: field 'context': a window needs at least 2 tokens")
-        configs = [loading.scheme_config(scheme=s.strip(), bits=None if s.strip() == "fp16" else b,
-                                         strategy=strategy if s.strip() in REMAT_SCHEMES else None)  # K/V: none
-                   for s in schemes.split(",") for b in dict.fromkeys(_ints(bits, "bits"))]
-        configs = list(dict.fromkeys(configs))
-    if jobs < 1:
-        raise UserError(f"command line: field 'jobs': {jobs} is not allowed; at least 1")
-    acc.check_writable(out, force)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        tasks: dict[int, int] = {}
-
-        def start(i: int, label: str, steps: int) -> None:
-            tasks[i] = progress.add_task(f"{label} ({i}/{len(configs)})", total=steps)
-
-        try:
-            df = acc.run(model, configs, n, c, text, out, max(jobs, 1), start, lambda i: progress.advance(tasks[i]),
-                         g.model_dump(mode="json") if grid else None)
-        except KeyboardInterrupt:
-            print(f"xqsim: interrupted; finished configurations kept in {out}/accuracy.csv", file=sys.stderr)
-            sys.exit(130)
-    t = Table(title=f"{df['model'].iloc[0]} on {df['text'].iloc[0]}: {df['windows'].iloc[0]} windows x {c} tokens",
-              title_justify="left")
-    for col in ("scheme", "mem (paper)", "mem (full)", "ppl", "ΔPPL", "mean |Δlogit|", "top-1"):
-        t.add_column(col, justify="left" if col == "scheme" else "right")
-    for r in df.itertuples():
-        t.add_row(r.label, f"{r.mem_ratio_paper:.3f}", f"{r.mem_ratio_full:.3f}", f"{r.ppl:.3f}", f"{r.delta_ppl:+.4f}",
-                  f"{r.logit_err_mean:.2e}", f"{r.top1_agree:.4f}")
-    console.print(t)
-    console.print(f"wrote {out}/accuracy.csv, accuracy.json, delta_ppl_vs_memory.png/.svg")
-
-
-def _ints(value: str, field: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"command line: field '{field}': expected comma-separated integers (got {value!r})") from None
-    if not out:
-        raise UserError(f"command line: field '{field}': expected comma-separated integers (got {value!r})")
-    return out
 
 
 @hw_app.command("list")
@@ -625,3 +368,6 @@ def one_line(message: str) -> str:
     """A message as one printable line: what a user wrote may hold line breaks and control characters (a YAML key
     '\x1e' or '\n'), which are shown escaped."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+
+
+from . import cli_measure  # noqa: E402,F401  (its commands join `app`)
