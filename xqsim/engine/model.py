@@ -14,7 +14,7 @@ import torch
 from .. import schemes
 from ..schemes.layout import LayerGroup
 from ..schemes.ops import ADD_FLOPS, DEQUANT_FLOPS, NORM_FLOPS, QUANT_FLOPS, ROPE_FLOPS, SWIGLU_FLOPS
-from ..specs import REMAT_SCHEMES, ModelSpec, SchemeConfig
+from ..specs import ModelSpec, SchemeConfig
 from .cache import Store
 from .kernels import check as check_kernels
 from .kernels import resolve as resolve_kernels
@@ -82,7 +82,7 @@ class Engine:
         self.spec, self.cfg, self.tile = spec, cfg.resolved(spec), tile
         self.device, self.dtype, self.store_dtype = torch.device(device), dtype, store_dtype
         self.kernels = resolve_kernels(kernels, self.device)  # 'triton' (default on CUDA) or 'torch'
-        if self.kernels == "triton" and self.cfg.scheme != "fp16":
+        if self.kernels == "triton" and schemes.SCHEMES[self.cfg.scheme].compresses:
             # K/V schemes attend in one kernel that dequantizes in registers, XQuant's rebuild K and V in one kernel
             # that never writes them: the fused execution, whatever was asked
             self.cfg = self.cfg.model_copy(update={"fused": True})
@@ -90,22 +90,24 @@ class Engine:
         self.w = weights if weights is not None else init_weights(spec, seed, self.device, dtype)
         self.groups = schemes.layout(spec, self.cfg)
         self.group_of: dict[int, LayerGroup] = {i: g for g in self.groups for i in g.layers}
+        # where each layer rebuilds K and V from (None: the scheme caches them); the engine asks the plan, not the
+        # scheme's name
+        self.plan_of = {i: schemes.plan(spec, self.cfg, g) for i, g in self.group_of.items()}
         self._factorize()
 
     # ------------------------------------------------------------------ SVD factors (GQA variants)
     def _factorize(self) -> None:
-        c, s = self.cfg, self.spec
         self.f: dict[str, torch.Tensor] = {}
-        for i in range(s.n_layers):
-            if c.scheme == "xquant_gqa":
-                for side, r in (("k", c.rank_k), ("v", c.rank_v)):
+        for i, p in self.plan_of.items():
+            if p is not None and p.split_latents:  # the SVDs of Wk and of Wv, ranks rk and rv
+                for side, r in (("k", p.k_width), ("v", p.v_width)):
                     U, S, Vh = torch.linalg.svd(self.w[f"{i}.w{side}"].double(), full_matrices=False)
                     self.f[f"{i}.down_{side}"] = U[:, :r].to(self.dtype)  # (d, r)
                     self.f[f"{i}.up_{side}"] = (S[:r, None] * Vh[:r]).to(self.dtype)  # (r, dkv)
-            elif c.scheme == "xquant_cl_gqa":
+            elif p is not None and p.up:  # one SVD of [Wk | Wv]: down-project with U, up-project with U^T
                 U, _, _ = torch.linalg.svd(torch.cat([self.w[f"{i}.wk"], self.w[f"{i}.wv"]], 1).double(),
                                            full_matrices=False)
-                self.f[f"{i}.U"] = U[:, : c.rank_k + c.rank_v].to(self.dtype)  # (d, r)
+                self.f[f"{i}.U"] = U[:, : p.up].to(self.dtype)  # (d, r)
 
     # ------------------------------------------------------------------ cache
     def new_cache(self) -> list[dict[str, Store]]:
@@ -115,7 +117,7 @@ class Engine:
         for i in range(self.spec.n_layers):
             stores = {}
             for t in self.group_of[i].tensors:
-                eta = (c.eta_k if t.name == "k" else c.eta_v) if c.scheme == "xquant_yang" else 0.0
+                eta = (c.eta_k if t.name == "k" else c.eta_v) or 0.0  # Yang et al.'s calibration where set
                 below = layers[i - 1][t.name] if t.shared else None
                 stores[t.name] = Store(t, c.group, c.residual or 0, self.store_dtype, eta or 0.0, below, self.kernels)
             layers.append(stores)
@@ -140,7 +142,7 @@ class Engine:
                 h = rms_norm(x, w[f"{i}.attn_norm"], s.norm_eps)  # (B, 1, d)
             with rec("q_proj", "matmul", 2 * B * d * s.dq):
                 q = h @ w[f"{i}.wq"]  # (B, 1, dq)
-            if self.cfg.scheme in REMAT_SCHEMES:
+            if self.plan_of[i] is not None:
                 o, acc = self._remat_attention(i, h, q, cache[i], acc, rec)
             else:
                 o = self._kv_attention(i, h, q, cache[i], rec)
@@ -188,13 +190,13 @@ class Engine:
 
     def _prefill_store(self, i, h, k, v, stores, acc):
         """What layer i caches for the prompt; the CL schemes rebuild X^ from what they stored."""
-        c, role = self.cfg, self.group_of[i].role
+        c, role, p = self.cfg, self.group_of[i].role, self.plan_of[i]
         B, T0, _ = h.shape
-        if c.scheme not in REMAT_SCHEMES:
+        if p is None:
             stores["k"].append(k.transpose(1, 2).reshape(B, T0, -1))  # post-RoPE keys (B, T0, dkv)
             stores["v"].append(v.transpose(1, 2).reshape(B, T0, -1))
             return acc
-        if c.scheme == "xquant_gqa":
+        if p.split_latents:
             lk, lv = h @ self.f[f"{i}.down_k"], h @ self.f[f"{i}.down_v"]
             if c.keep_first_channel:
                 stores["xk0"].append(lk[..., :1])
@@ -270,15 +272,15 @@ class Engine:
         acc (B, T, d) is X^ of the CL schemes, carried from layer to layer; returned updated."""
         s, w, c = self.spec, self.w, self.cfg
         B, d, dkv, hd, H, Hkv = h.shape[0], s.d_model, s.dkv, s.hd, s.n_heads, s.n_kv_heads
-        role = self.group_of[i].role
+        role, p = self.group_of[i].role, self.plan_of[i]
         T = next(iter(stores.values())).tokens + 1
         pos = torch.arange(T, device=h.device)
         x_new = h - acc[:, -1:] if role == "delta" else h  # CL: the delta against X^ of layer i-1
-        if c.scheme == "xquant_gqa":
-            with rec("down_proj", "matmul", 2 * B * d * (c.rank_k + c.rank_v)):
+        if p.split_latents:
+            with rec("down_proj", "matmul", 2 * B * d * p.down):
                 lk, lv = h @ self.f[f"{i}.down_k"], h @ self.f[f"{i}.down_v"]  # (B, 1, rk), (B, 1, rv)
             new = ({"xk0": lk[..., :1], "xk": lk[..., 1:]} if c.keep_first_channel else {"xk": lk}) | {"xv": lv}
-        elif c.scheme == "xquant_cl_gqa":
+        elif p.up:
             U = self.f[f"{i}.U"]  # (d, r)
             with rec("down_proj", "matmul", 2 * B * d * U.shape[1]):
                 new = {next(iter(stores)): x_new @ U}  # (B, 1, r)
@@ -299,12 +301,12 @@ class Engine:
         def make_tile(t0: int, t1: int):
             n = t1 - t0
             vals = self._read_tile(stores, t0, t1, rec)  # name -> (B, n, width)
-            if c.scheme == "xquant_gqa":
+            if p.split_latents:
                 k_src = torch.cat([vals["xk0"], vals["xk"]], -1) if c.keep_first_channel else vals["xk"]  # (B,n,rk)
                 v_src, wk, wv = vals["xv"], self.f[f"{i}.up_k"], self.f[f"{i}.up_v"]
             else:
                 x = next(iter(vals.values()))  # (B, n, width)
-                if c.scheme == "xquant_cl_gqa":
+                if p.up:
                     U = self.f[f"{i}.U"]
                     with rec("up_proj", "remat", 2 * B * n * U.shape[1] * d):
                         x = x @ U.T  # (B, n, d)
@@ -326,7 +328,7 @@ class Engine:
             with rec("remat_v", "remat", 2 * B * n * v_src.shape[-1] * dkv):
                 return K, (v_src @ wv).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
 
-        wv = self.f[f"{i}.up_v"] if c.scheme == "xquant_gqa" else w[f"{i}.wv"]
+        wv = self.f[f"{i}.up_v"] if p.split_latents else w[f"{i}.wv"]
         return self._attend_tiles(qh, T, make_tile, rec, wv if absorb else None), acc
 
     def _kernel_remat(self, i, qh, stores, acc, rec):
@@ -340,10 +342,10 @@ class Engine:
 
         s, w, c = self.spec, self.w, self.cfg
         B, H, _, hd = qh.shape
-        d, dkv, role = s.d_model, s.dkv, self.group_of[i].role
+        d, dkv, role, p = s.d_model, s.dkv, self.group_of[i].role, self.plan_of[i]
         T = next(iter(stores.values())).tokens
         absorb = c.strategy == "absorb_v"
-        if c.scheme == "xquant_cl" and role != "plain":  # X^ (B, T, d): dequantize and add in one kernel
+        if p.acc and not p.up:  # X^ (B, T, d) from X or its delta: dequantize and add in one kernel
             st = next(iter(stores.values()))
             with rec(f"dequant_{st.t.name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * d):
                 pass  # inside the accumulation kernel
@@ -351,7 +353,7 @@ class Engine:
                 acc = accumulate(Source.of(st), acc if role == "delta" else None, self.dtype)
             xk, x0, xv = Source(acc, d, 0, 16, c.group), None, None
             wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d
-        elif c.scheme == "xquant_cl_gqa":  # X (B, T, d) up-projected from the latent in torch, then X^
+        elif p.up:  # X (B, T, d) up-projected from the joint latent in torch, then X^
             x = next(iter(self._read_tile(stores, 0, T, rec).values()))  # (B, T, r)
             U = self.f[f"{i}.U"]
             with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
@@ -367,10 +369,10 @@ class Engine:
                 if st.t.quantized:
                     with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
                         pass  # inside the kernel
-            if c.scheme == "xquant_gqa":
+            if p.split_latents:
                 xk, xv = Source.of(stores["xk"]), Source.of(stores["xv"])
                 x0 = Source.of(stores["xk0"]) if c.keep_first_channel else None
-                wk, wv, k_width, v_width = self.f[f"{i}.up_k"], self.f[f"{i}.up_v"], c.rank_k, c.rank_v
+                wk, wv, k_width, v_width = self.f[f"{i}.up_k"], self.f[f"{i}.up_v"], p.k_width, p.v_width
             else:  # X itself
                 xk, x0, xv = Source.of(next(iter(stores.values()))), None, None
                 wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d

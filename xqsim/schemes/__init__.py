@@ -14,7 +14,7 @@ from .decoder import activation_bytes, dense_weight_elems
 from .decoder import step_ops as _step_ops
 from .layout import LayerGroup, cache_parts
 from .ops import Op
-from .xquant import remat_attention_ops, remat_transient_bytes
+from .xquant import RematPlan, remat_attention_ops, remat_transient_bytes
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,11 @@ class Scheme:
     layout: Callable  # (model, cfg) -> tuple[LayerGroup, ...]
     kv_weight_elems: Callable  # (model, cfg) -> int
     plan: Callable | None = None  # rematerializing schemes: (model, cfg, group) -> RematPlan
+    compresses: bool = True  # False for the fp16 baseline: nothing to dequantize or rebuild, nothing to fuse
 
 
 SCHEMES: dict[str, Scheme] = {
-    "fp16": Scheme(fp16.layout, fp16.kv_weight_elems),
+    "fp16": Scheme(fp16.layout, fp16.kv_weight_elems, compresses=False),
     "kivi": Scheme(kivi.layout, fp16.kv_weight_elems),
     "xquant": Scheme(xquant.layout, xquant.kv_weight_elems, xquant.plan),
     "xquant_cl": Scheme(xquant_cl.layout, xquant.kv_weight_elems, xquant_cl.plan),
@@ -38,6 +39,12 @@ SCHEMES: dict[str, Scheme] = {
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     """The cache's layer groups for a resolved config."""
     return SCHEMES[cfg.scheme].layout(model, cfg)
+
+
+def plan(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup) -> RematPlan | None:
+    """Where a rematerializing scheme rebuilds a layer's K and V from; None for a scheme that caches K and V."""
+    p = SCHEMES[cfg.scheme].plan
+    return None if p is None else p(model, cfg, group)
 
 
 def attention_ops(model: ModelSpec, cfg: SchemeConfig, group: LayerGroup, B, T) -> list[Op]:
@@ -77,5 +84,5 @@ def transient_bytes(model: ModelSpec, cfg: SchemeConfig, T, groups=None) -> np.n
     return peak + activation_bytes(model)
 
 
-__all__ = ["SCHEMES", "Op", "LayerGroup", "layout", "step_ops", "weights_bytes", "transient_bytes",
-           "cache_parts", "attention_ops"]
+__all__ = ["SCHEMES", "Op", "LayerGroup", "RematPlan", "layout", "plan", "step_ops", "weights_bytes",
+           "transient_bytes", "cache_parts", "attention_ops"]

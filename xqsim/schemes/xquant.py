@@ -27,6 +27,12 @@ class RematPlan:
     up: int = 0  # CL-GQA: latent width up-projected to d, then K and V are rebuilt from X; 0: none
     acc: Literal["", "init", "add"] = ""  # CL: the accumulator X^ is (re)built here and K, V read it
 
+    @property
+    def split_latents(self) -> bool:
+        """K and V are rebuilt from latents of their own (XQuant-GQA: the token down-projected by the SVDs of Wk
+        and of Wv), not from X or one joint latent."""
+        return bool(self.down) and not self.up
+
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     """Per layer: X, d values per token, per-token groups along d."""
