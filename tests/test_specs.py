@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xqsim import loading, specs
+from xqsim import loading, scenario, specs
 from xqsim.specs import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_tiny_scenario():
 
 
 def test_scenario_scalars_become_lists_and_counts_parse():
-    sc = loading.parse(specs.Scenario, {"name": "s", "hardware": "h100_sxm", "models": "tiny",
+    sc = loading.parse(scenario.Scenario, {"name": "s", "hardware": "h100_sxm", "models": "tiny",
                                       "schemes": [{"scheme": "kivi", "bits": 2}], "batch": 4,
                                       "context": ["1k", "32k", 16, "32k"]}, "s.yaml")
     assert sc.hardware == ["h100_sxm"] and sc.batch == [4]
@@ -137,7 +137,7 @@ def test_scenario_scalars_become_lists_and_counts_parse():
 @pytest.mark.parametrize("value, expected", [("32k", 32768), ("1M", 1048576), ("1.5k", 1536), (" 64K ", 65536),
                                              ("16", 16), (16, 16), ("abc", "abc"), ("k", "k")])
 def test_parse_count(value, expected):
-    assert specs.parse_count(value) == expected
+    assert scenario.parse_count(value) == expected
 
 
 # ----------------------------------------------------------------------------- suggestions
@@ -150,7 +150,7 @@ def test_parse_count(value, expected):
     ("tiny-gq", ["tiny", "tiny-gqa"], "tiny-gqa"),
     ("llama_3.1_8b", ["llama-2-7b", "llama-3.1-8b"], "llama-3.1-8b"),
     ("xquant_gq", list(specs.SCHEMES), "xquant_gqa"),
-    ("batchs", list(specs.Scenario.model_fields), "batch"),
+    ("batchs", list(scenario.Scenario.model_fields), "batch"),
     ("kivy", list(specs.SCHEMES), "kivi"),
 ])
 def test_suggest(typed, known, expected):
@@ -351,7 +351,7 @@ def test_default_bits_are_one_table_everywhere(monkeypatch, capsys):
                                   "xquant_cl_gqa": 2, "xquant_yang": 2}
     for s, b in specs.DEFAULT_BITS.items():
         assert specs.SchemeConfig(scheme=s).bits == b
-        assert [c.bits for c in specs.ScenarioScheme(scheme=s).expand()] == [b]
+        assert [c.bits for c in scenario.ScenarioScheme(scheme=s).expand()] == [b]
     monkeypatch.setattr(sys, "argv", ["xqsim", "estimate", "--hardware", "h100_sxm", "--model", "llama-3.1-8b",
                                       "--scheme", "xquant_yang", "--json"])
     main()

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import loading, specs
+from . import scenario as scenario_
 from .specs import UserError
 
 try:  # typer < 0.20 raises click's exceptions; newer typer vendors click as its own
@@ -39,7 +40,7 @@ MAX_COUNT = {"batch": 2**20, "context": 2**31}  # sequences; tokens (2.1 billion
 def _count(value: str, field: str) -> int:
     """A whole positive count like 16, 32k or 1M, at most MAX_COUNT[field]; else a one-line error."""
     most = MAX_COUNT.get(field, 2**31)
-    x = specs.count_value(str(value))
+    x = scenario_.count_value(str(value))
     if not (math.isfinite(x) and x == int(x) and 0 < x <= most):
         raise UserError(f"command line: field '{field}': expected a positive integer like 16, 32k or 1M, at "
                         f"most {most:,} (got {value!r})")
@@ -134,7 +135,7 @@ def _named_field(msg: str, prefix: str = "") -> str:
     return f"field '{field}': " if field else ""
 
 
-def _scenario_configs(scenario: specs.Scenario, path: Path) -> list[specs.SchemeConfig]:
+def _scenario_configs(scenario: scenario_.Scenario, path: Path) -> list[specs.SchemeConfig]:
     configs = []
     for i, entry in enumerate(scenario.schemes):
         try:

@@ -12,17 +12,8 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .specs import (
-    ContextRange,
-    Figure,
-    Fitted,
-    HardwareProfile,
-    ModelSpec,
-    Scenario,
-    ScenarioScheme,
-    SchemeConfig,
-    UserError,
-)
+from .scenario import ContextRange, Scenario, ScenarioScheme
+from .specs import Figure, Fitted, HardwareProfile, ModelSpec, SchemeConfig, UserError
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (its measurements, the dashboard's app.py)
 DATA = Path(__file__).resolve().parent / "data"  # shipped with the package (in a checkout: links to its folders)

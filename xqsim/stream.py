@@ -17,7 +17,8 @@ import pandas as pd
 
 from .crossover import grid_crossovers, memory_walls
 from .loading import partial, write_atomic
-from .specs import HardwareProfile, ModelSpec, Scenario, SchemeConfig, Strategy, UserError
+from .scenario import Scenario
+from .specs import HardwareProfile, ModelSpec, SchemeConfig, Strategy, UserError
 from .sweep import CATEGORIES, _flatten, _frame, evaluated
 
 CHUNK_ROWS = 100_000  # rows a sweep evaluates, writes and lets go of at once

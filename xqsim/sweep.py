@@ -18,8 +18,9 @@ from . import schemes
 from .capacity import MAX_CONTEXT, max_batch, max_context, memory, seq_memory
 from .loading import to_json, write_atomic
 from .roofline import BOUNDS, step_time
+from .scenario import Scenario
 from .schemes.layout import paper_bytes_per_token
-from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Scenario, SchemeConfig, UserError
+from .specs import OP_CLASSES, HardwareProfile, ModelSpec, SchemeConfig, UserError
 
 # Column order of the result table (snake_case, unit-suffixed).
 KEY_COLUMNS = ["hardware", "model", "scheme", "label", "bits", "strategy", "fused", "batch", "context"]

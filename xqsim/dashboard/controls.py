@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from .. import loading, specs
+from ..scenario import parse_count
 from ..specs import HardwareProfile, ModelSpec, SchemeConfig, UserError
 from .data import with_budget
 
@@ -115,13 +116,13 @@ def _from_url(qp: dict[str, str]) -> tuple[dict, list[str]]:
             elif key == "schemes":
                 state |= _scheme_state([x for x in raw.split(",") if x])
             elif key in ("batch", "at"):
-                v = specs.parse_count(raw)
+                v = parse_count(raw)
                 if not isinstance(v, int) or not 0 < v <= MAX_BATCH:
                     raise UserError(f"'{raw}' is not a count from 1 to {MAX_BATCH:,} like 16, 32k or 1M")
                 state[key] = v if key == "batch" else min(CONTEXTS, key=lambda c: abs(c - v))
             elif key == "ctx":
                 lo, _, hi = raw.partition("-")
-                lo, hi = specs.parse_count(lo), specs.parse_count(hi)
+                lo, hi = parse_count(lo), parse_count(hi)
                 if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo < hi):
                     raise UserError(f"'{raw}' is not a range like 1k-1M")
                 state[key] = tuple(min(CONTEXTS, key=lambda c, v=v: abs(c - v)) for v in (lo, hi))

@@ -29,7 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..capacity import memory
-from ..specs import ModelSpec, ScenarioScheme, SchemeConfig, UserError
+from ..scenario import ScenarioScheme
+from ..specs import ModelSpec, SchemeConfig, UserError
 from .model import Engine, Recorder, init_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

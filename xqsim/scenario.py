@@ -1,0 +1,138 @@
+"""Scenarios: a sweep's grid (hardware x models x scheme entries x batch x context) as its YAML says it, the
+entries' list-valued options expanded into SchemeConfigs, and the counts ('32k', '1M') users write."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from .specs import DEFAULT_BITS, REMAT_SCHEMES, Frozen, Positive, SchemeConfig, SchemeName, Strategy
+
+
+def _listify(v: Any) -> Any:
+    return v if isinstance(v, list) else [v]
+
+
+def count_value(v: str) -> float:
+    """The number a count spells: '32k' -> 32768.0, '1.5M' -> 1572864.0; nan where it spells none."""
+    s = v.strip().lower()
+    mult = {"k": 1024, "m": 1024**2}.get(s[-1:], 1)
+    try:
+        return float(s[:-1] if mult > 1 else s) * mult
+    except ValueError:
+        return float("nan")
+
+
+def parse_count(v: Any) -> Any:
+    """'32k' -> 32768, '1M' -> 1048576; other values pass through."""
+    if isinstance(v, str):
+        x = count_value(v)
+        return v if x != x else int(x)  # x != x: nan
+    return v
+
+
+class ScenarioScheme(BaseModel):
+    """A scheme entry of a scenario: list-valued options expand into their product."""
+
+    model_config = Frozen
+    scheme: SchemeName
+    bits: list[int] | None = None  # None: the scheme's DEFAULT_BITS
+    strategy: list[Strategy | None] = [None]
+    fused: list[bool] = [False]
+    group: Positive = 128
+    residual: int | None = Field(None, ge=0)
+    first_layers: int | None = Field(None, ge=0)
+    first_bits: int | None = None
+    rank_k: Positive | None = None
+    rank_v: Positive | None = None
+    keep_first_channel: bool = False
+    v_bits: int | None = None
+    share_from: int | None = Field(None, ge=0)
+
+    _lists = field_validator("bits", "strategy", "fused", mode="before")(classmethod(lambda c, v: _listify(v)))
+
+    def expand(self) -> list[SchemeConfig]:
+        """One SchemeConfig per combination of the list-valued options."""
+        base = self.model_dump(exclude={"bits", "strategy", "fused"})
+        strategies = self.strategy if self.scheme in REMAT_SCHEMES else [None]
+        bits = self.bits or [DEFAULT_BITS[self.scheme]]
+        return [SchemeConfig(**base, bits=b, strategy=st, fused=f)
+                for b, st, f in itertools.product(bits, dict.fromkeys(strategies), self.fused)]
+
+
+class ContextRange(BaseModel):
+    model_config = Frozen
+    start: Positive
+    stop: Positive
+    num: Positive = 64
+    log: bool = True
+
+    _counts = field_validator("start", "stop", mode="before")(classmethod(lambda c, v: parse_count(v)))
+
+    @model_validator(mode="after")
+    def _order(self) -> ContextRange:
+        if self.stop < self.start:
+            raise ValueError(f"stop ({self.stop}) must be >= start ({self.start})")
+        return self
+
+    def values(self) -> list[int]:
+        f = np.geomspace if self.log else np.linspace
+        return sorted({int(round(x)) for x in f(self.start, self.stop, self.num)})
+
+
+class Scenario(BaseModel):
+    """A sweep: the Cartesian product of hardware x models x schemes x batch x context."""
+
+    model_config = Frozen
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    hardware: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    schemes: list[ScenarioScheme] = Field(min_length=1)
+    batch: list[Positive] = Field(min_length=1)
+    context: list[Positive] | ContextRange
+    plot_batch: Positive | None = Field(None, description="batch shown in per-batch plots (default: nearest 16)")
+    plot_context: Positive | None = Field(None, description="context of the roofline plot (default: nearest 32k)")
+    fitted: bool = Field(True, description="use the fitted efficiencies of a profile when it has them")
+
+    _hw = field_validator("hardware", "models", "batch", mode="before")(classmethod(lambda c, v: _listify(v)))
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _ctx(cls, v: Any) -> Any:
+        return [parse_count(x) for x in _listify(v)] if not isinstance(v, dict) else v
+
+    @field_validator("plot_context", mode="before")
+    @classmethod
+    def _pctx(cls, v: Any) -> Any:
+        return parse_count(v)
+
+    @field_validator("context")
+    @classmethod
+    def _ctx_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one context (a list, or a range {start, stop, num})")
+        return v
+
+    @field_validator("hardware", "models")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        twice = next((x for i, x in enumerate(v) if x in v[:i]), None)
+        if twice is not None:
+            raise ValueError(f"'{twice}' is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _plot_batch_in_batch(self) -> Scenario:
+        if self.plot_batch is not None and self.plot_batch not in self.batch:
+            raise ValueError(f"plot_batch={self.plot_batch} is not one of batch {self.batch}")
+        return self
+
+    def contexts(self) -> list[int]:
+        return self.context.values() if isinstance(self.context, ContextRange) else sorted(set(self.context))
+
+    def scheme_configs(self) -> list[SchemeConfig]:
+        return list(dict.fromkeys(c for s in self.schemes for c in s.expand()))
