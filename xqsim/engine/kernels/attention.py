@@ -262,6 +262,18 @@ def _cross_pos(j, BITS: tl.constexpr):
 
 
 @triton.jit
+def _split_range(pid_s, split_len, main, T):
+    """Tokens [start, end) of split pid_s: the splits of split_len tokens cover [0, main), the one after them
+    [main, T) (the tiles that reach into fp16 windows, a launch of their own)."""
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, main)
+    if start >= main:
+        start = main
+        end = T
+    return start, end
+
+
+@triton.jit
 def _online_softmax(s, m_i, l_i):
     """One tile of scores s (rows, n), log2 domain, into the running max m_i and sum l_i: (p, alpha, m, l), with
     p = 2^(s - m) and alpha the factor that rescales what was accumulated before."""
@@ -370,13 +382,7 @@ def _split_kernel(Q, O_part, ML, Kc8, Kc32, Ks, Kz, Kf, Vc8, Vc32, Vs, Vz, Vf,
     row_ok = rows < G
     chan = h * HD + cols  # this head's channels in the (B, T, HKV*HD) layout
 
-    start = pid_s * split_len  # splits of [0, main), then [main, T) if main < T
-    end = start + split_len
-    if end > main:
-        end = main
-    if start >= main:
-        start = main
-        end = T
+    start, end = _split_range(pid_s, split_len, main, T)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HD], tl.float32)

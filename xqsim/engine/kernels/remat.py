@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .attention import LOG2E, Source, _code_at, _merge_kernel, _online_softmax, _sm_count, n_splits
+from .attention import LOG2E, Source, _code_at, _merge_kernel, _online_softmax, _sm_count, _split_range, n_splits
 from .rope import inv_freq
 
 # On an H200 (Triton 3.6) the kernel matched float64 torch to 3e-3..4e-3 at Llama-3.1-8B's head dim of 128, and gave a
@@ -364,11 +364,7 @@ def _remat_kernel(Q, O_part, ML, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv
     Vz += b * svs_b
     Vf += b * svf_b
 
-    start = pid_s * split_len  # splits of [0, main) (whole tiles, codes only), then [main, T) if main < T
-    end = tl.minimum(start + split_len, main)
-    if start >= main:
-        start = main
-        end = T
+    start, end = _split_range(pid_s, split_len, main, T)  # [0, main): whole tiles, codes only
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HD], tl.float32)
