@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import arr, cfg
 
-from xqsim import loading, schemes, specs
+from xqsim import loading, schemes
 from xqsim.capacity import memory, seq_memory
 from xqsim.schemes.layout import cache_parts
 
@@ -125,7 +125,7 @@ def test_unquantized_xquant_caches_half_of_fp16_kv_on_mha():
 def test_linear_memory_form_matches_exact_bytes(scheme, kw, strategy, fused):
     """capacity.seq_memory (used for max batch/context) equals the exact breakdown at every context."""
     model = loading.load_model("llama-3.1-8b")
-    strategy = strategy if scheme in specs.REMAT_SCHEMES else None
+    strategy = strategy if schemes.SCHEMES[scheme].rematerializes else None
     c = cfg(scheme, model, strategy=strategy, fused=fused and scheme != "fp16", **kw)
     T = np.arange(0, 700, dtype=np.int64)
     exact = memory(model, c, 1, T)

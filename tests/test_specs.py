@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xqsim import loading, scenario, specs
+from xqsim import loading, scenario, schemes, specs
 from xqsim.specs import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def expected_configs(path: Path) -> int:
         k = 1
         for key in ("bits", "strategy", "fused"):
             v = entry.get(key, [None])
-            if key != "strategy" or entry["scheme"] in specs.REMAT_SCHEMES:
+            if key != "strategy" or schemes.SCHEMES[entry["scheme"]].rematerializes:
                 k *= len(set(v)) if isinstance(v, list) else 1
         n += k
     return n
@@ -340,16 +340,18 @@ def test_unreadable_yaml(tmp_path):
 
 
 def test_default_bits_are_one_table_everywhere(monkeypatch, capsys):
-    """A scheme's bits left out are its paper's (DEFAULT_BITS) in SchemeConfig, a scenario entry and `estimate`
-    (it used 4 in estimate, 16 in measure and scenarios, 2 in the dashboard)."""
+    """A scheme's bits left out are its paper's (each scheme module's DEFAULT_BITS) in SchemeConfig, a scenario entry
+    and `estimate` (it used 4 in estimate, 16 in measure and scenarios, 2 in the dashboard)."""
     import json
     import sys
 
     from xqsim.cli import main
 
-    assert specs.DEFAULT_BITS == {"fp16": 16, "kivi": 2, "xquant": 4, "xquant_cl": 3, "xquant_gqa": 4,
-                                  "xquant_cl_gqa": 2, "xquant_yang": 2}
-    for s, b in specs.DEFAULT_BITS.items():
+    default = {s: x.default_bits for s, x in schemes.SCHEMES.items()}
+    assert default == {"fp16": 16, "kivi": 2, "xquant": 4, "xquant_cl": 3, "xquant_gqa": 4, "xquant_cl_gqa": 2,
+                       "xquant_yang": 2}
+    assert set(schemes.SCHEMES) == set(specs.SCHEMES)
+    for s, b in default.items():
         assert specs.SchemeConfig(scheme=s).bits == b
         assert [c.bits for c in scenario.ScenarioScheme(scheme=s).expand()] == [b]
     monkeypatch.setattr(sys, "argv", ["xqsim", "estimate", "--hardware", "h100_sxm", "--model", "llama-3.1-8b",

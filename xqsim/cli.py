@@ -59,7 +59,7 @@ def estimate(
     batch: Annotated[str, typer.Option(help="sequences decoded together")] = "1",
     context: Annotated[str, typer.Option(help="tokens in the cache, e.g. 32768 or 32k")] = "4096",
     bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized; default: the scheme's paper's "
-                                                 "(xqsim.specs.DEFAULT_BITS)")] = None,
+                                                 "(xqsim.schemes.SCHEMES)")] = None,
     group: Annotated[int | None, typer.Option(help="quantization group size")] = None,
     residual: Annotated[int | None, typer.Option(help="fp16 residual window [tokens]")] = None,
     strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from . import loading, specs
 from .cli import _count, _scenario_configs, app, console
-from .specs import REMAT_SCHEMES, UserError
+from .schemes import SCHEMES
+from .specs import UserError
 
 
 @app.command()
@@ -232,8 +233,7 @@ def accuracy(
         n, c = _count(tokens, "tokens"), _count(context, "context")
         if c < 2:  # a window predicts its tokens 2..c from the ones before
             raise UserError("command line: field 'context': a window needs at least 2 tokens")
-        configs = [loading.scheme_config(scheme=s.strip(), bits=None if s.strip() == "fp16" else b,
-                                         strategy=strategy if s.strip() in REMAT_SCHEMES else None)  # K/V: none
+        configs = [_accuracy_config(s.strip(), b, strategy)
                    for s in schemes.split(",") for b in dict.fromkeys(_ints(bits, "bits"))]
         configs = list(dict.fromkeys(configs))
     if jobs < 1:
@@ -261,6 +261,14 @@ def accuracy(
                   f"{r.logit_err_mean:.2e}", f"{r.top1_agree:.4f}")
     console.print(t)
     console.print(f"wrote {out}/accuracy.csv, accuracy.json, delta_ppl_vs_memory.png/.svg")
+
+
+def _accuracy_config(name: str, bits: int, strategy: str | None):
+    """One `accuracy --schemes` entry at `bits` (the baseline has none), with the strategy where the scheme
+    rematerializes (K/V schemes take none); an unknown name is loading's one-line error."""
+    sch = SCHEMES.get(name)
+    return loading.scheme_config(scheme=name, bits=bits if sch is None or sch.compresses else None,
+                                 strategy=strategy if sch is not None and sch.rematerializes else None)
 
 
 def _ints(value: str, field: str) -> list[int]:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .specs import DEFAULT_BITS, REMAT_SCHEMES, Frozen, Positive, SchemeConfig, SchemeName, Strategy
+from .schemes import SCHEMES
+from .specs import Frozen, Positive, SchemeConfig, SchemeName, Strategy
 
 
 def _listify(v: Any) -> Any:
@@ -39,7 +40,7 @@ class ScenarioScheme(BaseModel):
 
     model_config = Frozen
     scheme: SchemeName
-    bits: list[int] | None = None  # None: the scheme's DEFAULT_BITS
+    bits: list[int] | None = None  # None: the scheme's default
     strategy: list[Strategy | None] = [None]
     fused: list[bool] = [False]
     group: Positive = 128
@@ -57,8 +58,8 @@ class ScenarioScheme(BaseModel):
     def expand(self) -> list[SchemeConfig]:
         """One SchemeConfig per combination of the list-valued options."""
         base = self.model_dump(exclude={"bits", "strategy", "fused"})
-        strategies = self.strategy if self.scheme in REMAT_SCHEMES else [None]
-        bits = self.bits or [DEFAULT_BITS[self.scheme]]
+        strategies = self.strategy if SCHEMES[self.scheme].rematerializes else [None]
+        bits = self.bits or [SCHEMES[self.scheme].default_bits]
         return [SchemeConfig(**base, bits=b, strategy=st, fused=f)
                 for b, st, f in itertools.product(bits, dict.fromkeys(strategies), self.fused)]
 

@@ -7,9 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SchemeName = Literal["fp16", "kivi", "xquant", "xquant_cl", "xquant_gqa", "xquant_cl_gqa", "xquant_yang"]
-SCHEMES: tuple[str, ...] = SchemeName.__args__
-REMAT_SCHEMES = ("xquant", "xquant_cl", "xquant_gqa", "xquant_cl_gqa")
-CL_SCHEMES = ("xquant_cl", "xquant_cl_gqa")
+SCHEMES: tuple[str, ...] = SchemeName.__args__  # what each one is: xqsim.schemes.SCHEMES
 Strategy = Literal["remat", "absorb_v"]
 OpClass = Literal["matmul", "attention", "remat", "dequant", "quant", "rope", "elementwise"]
 OP_CLASSES: tuple[str, ...] = OpClass.__args__
@@ -17,21 +15,6 @@ OP_CLASSES: tuple[str, ...] = OpClass.__args__
 TENSOR_CLASSES = ("matmul", "attention", "remat")
 
 UNQUANTIZED = 16
-BITS_ALLOWED = {s: (2, 3, 4, 8, UNQUANTIZED) for s in SCHEMES}
-# Each scheme's default code bits, the same in every command, scenario and the dashboard: its paper's headline
-DEFAULT_BITS = {
-    "fp16": UNQUANTIZED,
-    "kivi": 2,  # Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"
-    "xquant": 4,  # Tomar et al., arXiv 2508.10395, abstract: "~7.7x memory savings with <0.1 perplexity
-    #               degradation" (Table 4: 4-bit X, normalized KV size 0.13)
-    "xquant_cl": 3,  # same abstract: XQuant-CL "10x memory savings ... with only 0.01 perplexity degradation"
-    #                  (Table 4: 3-bit deltas, the first 3 layers at 4 bits, 0.10)
-    "xquant_gqa": 4,  # same paper's GQA rows report 4, 3 and 2 bits with no headline: XQuant's 4
-    "xquant_cl_gqa": 2,  # same paper: the one CL-GQA configuration of its GQA table, 2-bit (0.15)
-    "xquant_yang": 2,  # Yang et al., arXiv 2510.11236: keys 2-bit, values 2 then 1-bit, 1.38 equivalent bits
-}
-BITS_ALLOWED["fp16"] = (UNQUANTIZED,)
-BITS_ALLOWED["xquant_yang"] = (1, 2, 3, 4, 8, UNQUANTIZED)
 
 MAX_COUNT = 2**31  # every count a spec holds (layers, widths, heads, vocabulary, group, rank, batch, context)
 # whole numbers, not booleans or floats, in [1, MAX_COUNT)
@@ -216,10 +199,19 @@ class ModelSpec(BaseModel):
 # ----------------------------------------------------------------------------- scheme
 
 
+def _scheme(name: str):
+    """What scheme `name` is (xqsim.schemes.Scheme: its bits, defaults, options), imported when first asked: the
+    scheme modules import this one."""
+    from .schemes import SCHEMES as registry
+
+    return registry[name]
+
+
 def _first_bits_below(scheme: str, bits: int, first_bits: int | None) -> bool:
-    """Leading layers asked at fewer bits than the rest (they are kept at max(first_bits, bits); XQuant-Yang's
-    first_bits is its own setting)."""
-    return first_bits is not None and scheme != "xquant_yang" and bits < UNQUANTIZED and first_bits < bits
+    """Leading layers asked at fewer bits than the rest (they are kept at max(first_bits, bits), except where
+    first_bits is the scheme's own setting: Yang et al.)."""
+    return (first_bits is not None and _scheme(scheme).first_bits_floor and bits < UNQUANTIZED
+            and first_bits < bits)
 
 
 class SchemeConfig(BaseModel):
@@ -228,7 +220,7 @@ class SchemeConfig(BaseModel):
     model_config = Frozen
     scheme: SchemeName
     bits: int = Field(UNQUANTIZED, description="code bits of the cached tensors; 16 = unquantized; left out: the "
-                      "scheme's DEFAULT_BITS")
+                      "scheme's default (its paper's headline)")
     group: Positive = Field(128, description="quantization group size [elements]")
     residual: int | None = Field(None, ge=0, description="fp16 residual window [tokens]")
     strategy: Strategy | None = Field(None, description="remat or absorb_v (rematerializing schemes)")
@@ -248,39 +240,38 @@ class SchemeConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_bits(cls, data: Any) -> Any:
-        """bits left out: the scheme's DEFAULT_BITS."""
-        if isinstance(data, dict) and data.get("bits") is None and data.get("scheme") in DEFAULT_BITS:
-            data = {**data, "bits": DEFAULT_BITS[data["scheme"]]}
+        """bits left out: the scheme's default."""
+        if isinstance(data, dict) and data.get("bits") is None and data.get("scheme") in SCHEMES:
+            data = {**data, "bits": _scheme(data["scheme"]).default_bits}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> SchemeConfig:
-        s = self.scheme
-        allowed = BITS_ALLOWED[s]
-        for field in ("bits", "first_bits") + (("v_bits",) if s == "xquant_yang" else ()):
+        from .schemes import SCHEMES as registry
+
+        s, sch = self.scheme, _scheme(self.scheme)
+        for field in ("bits", "first_bits") + (("v_bits",) if "v_bits" in sch.options else ()):
             v = getattr(self, field)
-            if v is not None and v not in allowed:
-                raise ValueError(f"{field}={v} is not supported by {s}; allowed: {list(allowed)}")
-        if self.strategy is not None and s not in REMAT_SCHEMES:
-            raise ValueError(f"strategy {self.strategy} applies only to rematerializing schemes "
-                             f"{list(REMAT_SCHEMES)}; {s} caches K and V")
-        if self.fused and s == "fp16":
-            raise ValueError("fused applies only to compressed caches: fp16 has nothing to dequantize or rebuild")
+            if v is not None and v not in sch.bits:
+                raise ValueError(f"{field}={v} is not supported by {s}; allowed: {list(sch.bits)}")
+        if self.strategy is not None and not sch.rematerializes:
+            remat = [n for n, x in registry.items() if x.rematerializes]
+            raise ValueError(f"strategy {self.strategy} applies only to rematerializing schemes {remat}; {s} caches "
+                             f"K and V")
+        if self.fused and not sch.compresses:
+            raise ValueError(f"fused applies only to compressed caches: {s} has nothing to dequantize or rebuild")
         if _first_bits_below(s, self.bits, self.first_bits):
             raise ValueError(f"first_bits={self.first_bits} is below bits={self.bits}: the leading layers are kept "
                              f"at first_bits or more, never fewer")
-        only = {"rank_k": ("xquant_gqa", "xquant_cl_gqa"), "rank_v": ("xquant_gqa", "xquant_cl_gqa"),
-                "keep_first_channel": ("xquant_gqa",), "v_bits": ("xquant_yang",),
-                "share_from": ("xquant_yang",), "eta_k": ("xquant_yang",), "eta_v": ("xquant_yang",)}
-        for field, schemes in only.items():
-            if getattr(self, field) not in (None, False) and s not in schemes:
-                raise ValueError(f"{field} applies only to {list(schemes)}")
+        for field in dict.fromkeys(f for x in registry.values() for f in x.options):
+            if getattr(self, field) not in (None, False) and field not in sch.options:
+                raise ValueError(f"{field} applies only to {[n for n, x in registry.items() if field in x.options]}")
         r, g = self.residual, self.group
         quantized = self.bits < UNQUANTIZED or (self.v_bits or UNQUANTIZED) < UNQUANTIZED
-        if s in ("kivi", "xquant_yang", "xquant_gqa") and quantized and r is not None and (r < g or r % g):
+        if sch.keys_per_channel and quantized and r is not None and (r < g or r % g):
             raise ValueError(f"residual={r}: {s} quantizes keys per channel in blocks of group={g} tokens, "
                              f"so residual must be a positive multiple of {g}")
-        if s in CL_SCHEMES and self.first_layers == 0:
+        if sch.cross_layer and self.first_layers == 0:
             raise ValueError(f"{s} needs first_layers >= 1 (the last of them is the base layer)")
         return self
 
@@ -291,42 +282,32 @@ class SchemeConfig(BaseModel):
         fused for fp16 under the Triton engine, a default first_bits below bits) are left out."""
         d = {k: v for k, v in data.items() if v is not None}
         s = d.get("scheme")
-        if s not in REMAT_SCHEMES:
+        if s not in SCHEMES:
+            return cls(**d)  # the error names it
+        sch = _scheme(s)
+        if not sch.rematerializes:
             d.pop("strategy", None)
-        if s == "fp16":
+        if not sch.compresses:
             d.pop("fused", None)
-        if _first_bits_below(s, d.get("bits", DEFAULT_BITS.get(s, UNQUANTIZED)), d.get("first_bits")):
+        if _first_bits_below(s, d.get("bits", sch.default_bits), d.get("first_bits")):
             d.pop("first_bits")
         return cls(**d)
 
     def resolved(self, model: ModelSpec) -> SchemeConfig:
-        """Fill model-dependent defaults and check the options against the model's shapes."""
-        s, upd = self.scheme, {}
+        """Fill model-dependent defaults (the common ones here, the scheme's own from its module) and check the
+        options against the model's shapes."""
+        sch, upd = _scheme(self.scheme), {}
         quant = self.bits < UNQUANTIZED
-        if self.strategy is None and s in REMAT_SCHEMES:
+        if self.strategy is None and sch.rematerializes:
             upd["strategy"] = "remat"
         if self.residual is None:
             # KIVI's code keeps R=128 fp16 tokens; per-channel layouts need R to be a multiple of G.
-            upd["residual"] = self.group if s in ("kivi", "xquant_yang", "xquant_gqa") and quant else 0
+            upd["residual"] = self.group if sch.keys_per_channel and quant else 0
         if self.first_layers is None:
-            upd["first_layers"] = 1 if s in CL_SCHEMES else (model.n_layers // 2 if s == "xquant_yang" else 0)
+            upd["first_layers"] = 1 if sch.cross_layer else 0
         if self.first_bits is None:
-            upd["first_bits"] = 2 if s == "xquant_yang" else 4
-        if s == "xquant_yang" and self.share_from is None and quant:
-            # Yang et al.'s code config "kq=32, vq=16, km=vm=16" on 32 layers: equivalent 88/64 bits.
-            upd["share_from"] = model.n_layers // 2
-        if s == "xquant_gqa":
-            upd["rank_k"] = self.rank_k or model.dkv
-            upd["rank_v"] = self.rank_v or model.dkv
-        if s == "xquant_cl_gqa":  # one SVD of [Wk | Wv] (d x 2dkv): rank at most min(d, 2dkv)
-            r = min(model.d_model, 2 * model.dkv)
-            upd["rank_k"] = self.rank_k or r // 2
-            upd["rank_v"] = self.rank_v or r - r // 2
-        if s == "xquant_yang":
-            upd["v_bits"] = self.v_bits if self.v_bits is not None else (1 if quant else UNQUANTIZED)
-            upd["eta_k"] = self.eta_k if self.eta_k is not None else (1 / 6 if self.bits == 1 else 0.045)
-            vb = upd["v_bits"]
-            upd["eta_v"] = self.eta_v if self.eta_v is not None else (1 / 6 if vb == 1 else 0.045)
+            upd["first_bits"] = 4
+        upd |= sch.resolve(self, model)
         out = self.model_copy(update=upd)
         out._check_model(model)
         return out
@@ -338,8 +319,9 @@ class SchemeConfig(BaseModel):
             raise UserError(f"rank_k={self.rank_k} exceeds min(d_model, dkv)={min(model.d_model, model.dkv)}")
         if self.rank_v and self.rank_v > min(model.d_model, model.dkv):
             raise UserError(f"rank_v={self.rank_v} exceeds min(d_model, dkv)={min(model.d_model, model.dkv)}")
-        if self.scheme == "xquant_cl_gqa" and self.rank_k + self.rank_v > model.d_model:
-            raise UserError(f"rank_k+rank_v={self.rank_k + self.rank_v} exceeds d_model={model.d_model}")
+        why = _scheme(self.scheme).check_model(self, model)
+        if why:
+            raise UserError(why)
 
     @property
     def label(self) -> str:

@@ -11,6 +11,7 @@ import streamlit as st
 
 from .. import loading, specs
 from ..scenario import parse_count
+from ..schemes import SCHEMES
 from ..specs import HardwareProfile, ModelSpec, SchemeConfig, UserError
 from .data import with_budget
 
@@ -76,7 +77,7 @@ def _scheme_state(labels: list[str]) -> dict:
         if s not in out["schemes"]:
             out["schemes"].append(s)
             out[f"bits:{s}"] = []
-            out[f"strategy:{s}"] = strategy or ("remat" if s in specs.REMAT_SCHEMES else None)
+            out[f"strategy:{s}"] = strategy or ("remat" if SCHEMES[s].rematerializes else None)
             out[f"fused:{s}"] = fused
         if b not in out[f"bits:{s}"]:
             out[f"bits:{s}"].append(b)
@@ -213,13 +214,13 @@ def _scheme_widgets(box) -> None:
     """Bits, strategy and fusion of each selected scheme."""
     ss = st.session_state
     for s in ss["schemes"]:
-        allowed = list(specs.BITS_ALLOWED[s])
-        ss.setdefault(f"bits:{s}", [specs.DEFAULT_BITS[s]])
+        allowed = list(SCHEMES[s].bits)
+        ss.setdefault(f"bits:{s}", [SCHEMES[s].default_bits])
         ss[f"bits:{s}"] = [b for b in ss[f"bits:{s}"] if b in allowed]
-        if s == "fp16":
+        if not SCHEMES[s].compresses:
             continue
         box.multiselect(f"{s}: bits (16 = unquantized)", allowed, key=f"bits:{s}")
-        if s in specs.REMAT_SCHEMES:
+        if SCHEMES[s].rematerializes:
             ss.setdefault(f"strategy:{s}", "absorb_v")
             box.radio(f"{s}: strategy", ["remat", "absorb_v"], key=f"strategy:{s}", horizontal=True,
                       help="remat rebuilds K and V; absorb_v never rebuilds V: softmax(qK^T)(X Wv) = "

@@ -10,7 +10,8 @@ import streamlit as st
 
 from ..loading import ROOT
 from ..recommend import fmt_threshold, recommend, verdict_lines
-from ..specs import REMAT_SCHEMES, HardwareProfile, SchemeConfig, UserError
+from ..schemes import SCHEMES
+from ..specs import HardwareProfile, SchemeConfig, UserError
 from . import charts, data
 from .controls import Controls, keep_valid
 
@@ -179,7 +180,8 @@ def render_roofline(c: Controls) -> None:
 
 def render_compare(c: Controls) -> None:
     # rematerializing schemes first: the view asks which GPU's ridge makes rematerialization pay
-    options = sorted((cfg for cfg in c.configs if cfg.scheme != "fp16"), key=lambda o: o.scheme not in REMAT_SCHEMES)
+    options = sorted((cfg for cfg in c.configs if SCHEMES[cfg.scheme].compresses),
+                     key=lambda o: not SCHEMES[o.scheme].rematerializes)
     if not options:
         st.info("Select a scheme other than fp16 to compare it with fp16 across GPUs.")
         return

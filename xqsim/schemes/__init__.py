@@ -1,5 +1,5 @@
-"""The KV-cache schemes: one module each for the cache layout; two attention blocks (stored K/V in
-fp16.py, rematerialized K/V in xquant.py). Chosen by name in SCHEMES."""
+"""The KV-cache schemes: one module each for its cache layout, options and defaults; two attention blocks (stored
+K/V in fp16.py, rematerialized K/V in xquant.py). Chosen by name in SCHEMES, which says what each scheme is."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..specs import ModelSpec, SchemeConfig
+from ..specs import UNQUANTIZED, ModelSpec, SchemeConfig
 from . import fp16, kivi, xquant, xquant_cl, xquant_cl_gqa, xquant_gqa, xquant_yang
 from .decoder import activation_bytes, dense_weight_elems
 from .decoder import step_ops as _step_ops
@@ -16,24 +16,61 @@ from .layout import LayerGroup, cache_parts
 from .ops import Op
 from .xquant import RematPlan, remat_attention_ops, remat_transient_bytes
 
+ALL_BITS = (2, 3, 4, 8, UNQUANTIZED)
+
+
+def _nothing(cfg: SchemeConfig, model: ModelSpec) -> dict:
+    return {}
+
+
+def _fits(cfg: SchemeConfig, model: ModelSpec) -> str | None:
+    return None
+
 
 @dataclass(frozen=True)
 class Scheme:
+    """What one scheme is: its cache layout and weights, where it rebuilds K and V from, and its options, bits and
+    defaults (each scheme module states its own). SchemeConfig validates and resolves a config by asking this."""
+
     layout: Callable  # (model, cfg) -> tuple[LayerGroup, ...]
     kv_weight_elems: Callable  # (model, cfg) -> int
+    default_bits: int  # bits left out: its paper's headline (the module cites it)
     plan: Callable | None = None  # rematerializing schemes: (model, cfg, group) -> RematPlan
     compresses: bool = True  # False for the fp16 baseline: nothing to dequantize or rebuild, nothing to fuse
+    bits: tuple[int, ...] = ALL_BITS  # code bits it supports (16 = unquantized)
+    options: tuple[str, ...] = ()  # option fields that only it (and schemes like it) takes
+    keys_per_channel: bool = False  # keys quantized per channel in blocks of `group` tokens: the residual
+    #                                 window is a multiple of the group, and a group by default
+    cross_layer: bool = False  # a base layer, then deltas against the running X^: first_layers >= 1
+    first_bits_floor: bool = True  # the leading layers keep max(first_bits, bits) (Yang et al.: its own setting)
+    resolve: Callable = _nothing  # (cfg, model) -> its model-dependent defaults
+    check_model: Callable = _fits  # (cfg, model) -> why the config does not fit the model, or None
+
+    @property
+    def rematerializes(self) -> bool:
+        return self.plan is not None
 
 
 SCHEMES: dict[str, Scheme] = {
-    "fp16": Scheme(fp16.layout, fp16.kv_weight_elems, compresses=False),
-    "kivi": Scheme(kivi.layout, fp16.kv_weight_elems),
-    "xquant": Scheme(xquant.layout, xquant.kv_weight_elems, xquant.plan),
-    "xquant_cl": Scheme(xquant_cl.layout, xquant.kv_weight_elems, xquant_cl.plan),
-    "xquant_gqa": Scheme(xquant_gqa.layout, xquant_gqa.kv_weight_elems, xquant_gqa.plan),
-    "xquant_cl_gqa": Scheme(xquant_cl_gqa.layout, xquant_cl_gqa.kv_weight_elems, xquant_cl_gqa.plan),
-    "xquant_yang": Scheme(xquant_yang.layout, fp16.kv_weight_elems),
+    "fp16": Scheme(fp16.layout, fp16.kv_weight_elems, fp16.DEFAULT_BITS, compresses=False, bits=(fp16.BITS,)),
+    "kivi": Scheme(kivi.layout, fp16.kv_weight_elems, kivi.DEFAULT_BITS, keys_per_channel=True),
+    "xquant": Scheme(xquant.layout, xquant.kv_weight_elems, xquant.DEFAULT_BITS, xquant.plan),
+    "xquant_cl": Scheme(xquant_cl.layout, xquant.kv_weight_elems, xquant_cl.DEFAULT_BITS, xquant_cl.plan,
+                        cross_layer=True),
+    "xquant_gqa": Scheme(xquant_gqa.layout, xquant_gqa.kv_weight_elems, xquant_gqa.DEFAULT_BITS, xquant_gqa.plan,
+                         options=xquant_gqa.OPTIONS, keys_per_channel=True, resolve=xquant_gqa.resolve),
+    "xquant_cl_gqa": Scheme(xquant_cl_gqa.layout, xquant_cl_gqa.kv_weight_elems, xquant_cl_gqa.DEFAULT_BITS,
+                            xquant_cl_gqa.plan, options=xquant_cl_gqa.OPTIONS, cross_layer=True,
+                            resolve=xquant_cl_gqa.resolve, check_model=xquant_cl_gqa.check_model),
+    "xquant_yang": Scheme(xquant_yang.layout, fp16.kv_weight_elems, xquant_yang.DEFAULT_BITS, bits=xquant_yang.BITS,
+                          options=xquant_yang.OPTIONS, keys_per_channel=True, first_bits_floor=False,
+                          resolve=xquant_yang.resolve),
 }
+
+
+def rematerializing() -> list[str]:
+    """The schemes that rebuild K and V from a cached source (XQuant's variants)."""
+    return [n for n, x in SCHEMES.items() if x.rematerializes]
 
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
@@ -84,5 +121,5 @@ def transient_bytes(model: ModelSpec, cfg: SchemeConfig, T, groups=None) -> np.n
     return peak + activation_bytes(model)
 
 
-__all__ = ["SCHEMES", "Op", "LayerGroup", "RematPlan", "layout", "plan", "step_ops", "weights_bytes",
-           "transient_bytes", "cache_parts", "attention_ops"]
+__all__ = ["SCHEMES", "Scheme", "Op", "LayerGroup", "RematPlan", "layout", "plan", "rematerializing", "step_ops",
+           "weights_bytes", "transient_bytes", "cache_parts", "attention_ops"]

@@ -7,6 +7,8 @@ from ..specs import ModelSpec, SchemeConfig
 from .layout import ELEM_BYTES, LayerGroup, tensor
 from .ops import Op, dequant_ops, fp16_read, matmul, rope, store_ops
 
+DEFAULT_BITS = BITS = 16  # the baseline: nothing quantized
+
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     """K and V, dkv values each per token per layer, fp16."""

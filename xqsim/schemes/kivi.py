@@ -6,6 +6,8 @@ from __future__ import annotations
 from ..specs import ModelSpec, SchemeConfig
 from .layout import LayerGroup, split_layers, tensor
 
+DEFAULT_BITS = 2  # Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"
+
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     """Per layer: K (dkv, per channel) and V (dkv in rows of one head, per token)."""

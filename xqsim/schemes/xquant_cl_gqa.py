@@ -9,6 +9,22 @@ from .layout import LayerGroup
 from .xquant import RematPlan
 from .xquant_cl import cl_layout
 
+DEFAULT_BITS = 2  # Tomar et al.: the one CL-GQA configuration of their GQA table, 2-bit (0.15)
+OPTIONS = ("rank_k", "rank_v")
+
+
+def resolve(cfg: SchemeConfig, model: ModelSpec) -> dict:
+    """Model-dependent defaults: one SVD of [Wk | Wv] (d x 2dkv), of rank at most min(d, 2dkv), split in two."""
+    r = min(model.d_model, 2 * model.dkv)
+    return {"rank_k": cfg.rank_k or r // 2, "rank_v": cfg.rank_v or r - r // 2}
+
+
+def check_model(cfg: SchemeConfig, model: ModelSpec) -> str | None:
+    """Why the ranks do not fit the model, or None."""
+    if cfg.rank_k + cfg.rank_v > model.d_model:
+        return f"rank_k+rank_v={cfg.rank_k + cfg.rank_v} exceeds d_model={model.d_model}"
+    return None
+
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     return cl_layout(model, cfg, cfg.rank_k + cfg.rank_v)

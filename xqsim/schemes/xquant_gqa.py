@@ -9,6 +9,14 @@ from ..specs import ModelSpec, SchemeConfig
 from .layout import LayerGroup, split_layers, tensor
 from .xquant import RematPlan
 
+DEFAULT_BITS = 4  # Tomar et al.'s GQA rows report 4, 3 and 2 bits with no headline: XQuant's 4
+OPTIONS = ("rank_k", "rank_v", "keep_first_channel")
+
+
+def resolve(cfg: SchemeConfig, model: ModelSpec) -> dict:
+    """Model-dependent defaults: both latents of rank dkv (the SVD keeps all of Wk and Wv)."""
+    return {"rank_k": cfg.rank_k or model.dkv, "rank_v": cfg.rank_v or model.dkv}
+
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     """Per layer: key latent (rk, per channel; first channel fp16 if kept) and value latent (rv, per token)."""

@@ -14,6 +14,25 @@ from __future__ import annotations
 from ..specs import ModelSpec, SchemeConfig
 from .layout import LayerGroup, tensor
 
+DEFAULT_BITS = 2  # Yang et al., arXiv 2510.11236: keys 2-bit, values 2 then 1-bit, 1.38 equivalent bits
+BITS = (1, 2, 3, 4, 8, 16)
+OPTIONS = ("v_bits", "share_from", "eta_k", "eta_v")
+
+
+def resolve(cfg: SchemeConfig, model: ModelSpec) -> dict:
+    """Model-dependent defaults: the authors' code configuration "kq=32, vq=16, km=vm=16" scaled to the model
+    (the first half of the layers at 2 bits, odd layers of the second half sharing codes; values 1-bit after the
+    first half), and the calibration eta of their code (1/6 at 1 bit, else 0.045)."""
+    quant = cfg.bits < 16
+    vb = cfg.v_bits if cfg.v_bits is not None else (1 if quant else 16)
+    out = {"first_layers": model.n_layers // 2 if cfg.first_layers is None else cfg.first_layers,
+           "first_bits": 2 if cfg.first_bits is None else cfg.first_bits, "v_bits": vb,
+           "eta_k": cfg.eta_k if cfg.eta_k is not None else (1 / 6 if cfg.bits == 1 else 0.045),
+           "eta_v": cfg.eta_v if cfg.eta_v is not None else (1 / 6 if vb == 1 else 0.045)}
+    if cfg.share_from is None and quant:
+        out["share_from"] = model.n_layers // 2
+    return out
+
 
 def layout(model: ModelSpec, cfg: SchemeConfig) -> tuple[LayerGroup, ...]:
     """Per layer K (per channel) and V (per token), bits and sharing set per layer."""
