@@ -3,14 +3,15 @@ entries' list-valued options expanded into SchemeConfigs, and the counts ('32k',
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
 from .schemes import SCHEMES
-from .specs import Frozen, Positive, SchemeConfig, SchemeName, Strategy
+from .specs import Frozen, Positive, SchemeConfig
 
 
 def _listify(v: Any) -> Any:
@@ -35,33 +36,40 @@ def parse_count(v: Any) -> Any:
     return v
 
 
-class ScenarioScheme(BaseModel):
-    """A scheme entry of a scenario: list-valued options expand into their product."""
+# the options a scenario entry may list (the grid takes their product), with an entry's default: bits None is the
+# scheme's own default
+LISTED = {"bits": None, "strategy": [None], "fused": [False]}
 
+
+class _Entry(BaseModel):
     model_config = Frozen
-    scheme: SchemeName
-    bits: list[int] | None = None  # None: the scheme's default
-    strategy: list[Strategy | None] = [None]
-    fused: list[bool] = [False]
-    group: Positive = 128
-    residual: int | None = Field(None, ge=0)
-    first_layers: int | None = Field(None, ge=0)
-    first_bits: int | None = None
-    rank_k: Positive | None = None
-    rank_v: Positive | None = None
-    keep_first_channel: bool = False
-    v_bits: int | None = None
-    share_from: int | None = Field(None, ge=0)
 
-    _lists = field_validator("bits", "strategy", "fused", mode="before")(classmethod(lambda c, v: _listify(v)))
+    _lists = field_validator(*LISTED, mode="before", check_fields=False)(classmethod(lambda c, v: _listify(v)))
 
     def expand(self) -> list[SchemeConfig]:
         """One SchemeConfig per combination of the list-valued options."""
-        base = self.model_dump(exclude={"bits", "strategy", "fused"})
+        base = self.model_dump(exclude=set(LISTED))
         strategies = self.strategy if SCHEMES[self.scheme].rematerializes else [None]
         bits = self.bits or [SCHEMES[self.scheme].default_bits]
         return [SchemeConfig(**base, bits=b, strategy=st, fused=f)
                 for b, st, f in itertools.product(bits, dict.fromkeys(strategies), self.fused)]
+
+
+def _entry_fields() -> dict:
+    """SchemeConfig's options as a scenario entry declares them: the same fields, types, bounds and descriptions,
+    the LISTED ones as lists (declared once, in SchemeConfig)."""
+    out = {}
+    for name, f in SchemeConfig.model_fields.items():
+        if name in LISTED:
+            ann = list[f.annotation]
+            out[name] = (ann | None if LISTED[name] is None else ann, Field(LISTED[name], description=f.description))
+        else:
+            out[name] = (f.annotation, copy.copy(f))
+    return out
+
+
+ScenarioScheme = create_model("ScenarioScheme", __base__=_Entry, __module__=__name__, **_entry_fields())
+ScenarioScheme.__doc__ = "A scheme entry of a scenario: SchemeConfig's options, bits, strategy and fused as lists."
 
 
 class ContextRange(BaseModel):

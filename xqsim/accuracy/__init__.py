@@ -4,7 +4,6 @@ loader of the model's weights (gguf.py) and its byte-level BPE tokenizer (tokeni
 from .perplexity import (
     COLUMNS,
     AccuracyGrid,
-    AccuracyScheme,
     MemoEngine,
     MemoStore,
     check_writable,
@@ -14,5 +13,5 @@ from .perplexity import (
     strip_ocr_markers,
 )
 
-__all__ = ["COLUMNS", "AccuracyGrid", "AccuracyScheme", "MemoEngine", "MemoStore", "check_writable", "decode",
+__all__ = ["COLUMNS", "AccuracyGrid", "MemoEngine", "MemoStore", "check_writable", "decode",
            "load_text", "run", "strip_ocr_markers"]

@@ -53,13 +53,6 @@ COLUMNS = ["model", "text", "tokens", "context", "windows", "scheme", "label", "
            "delta_ppl", "nll", "logit_err_mean", "logit_err_max", "kl_mean", "top1_agree", "time_s"]
 
 
-class AccuracyScheme(ScenarioScheme):
-    """A scheme entry of an accuracy grid: a scenario entry plus Yang et al.'s calibration."""
-
-    eta_k: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: key calibration eta")
-    eta_v: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: value calibration eta")
-
-
 class AccuracyGrid(BaseModel):
     """What `xqsim accuracy --grid` runs: one model, one text slice, a list of scheme entries."""
 
@@ -69,7 +62,7 @@ class AccuracyGrid(BaseModel):
     text: str | None = Field(None, description="UTF-8 file (relative to the grid); default: the Britannica article")
     tokens: int = Field(3072, gt=1, description="tokens of the evaluation slice (whole windows)")
     context: int = Field(512, gt=1, description="tokens per window; each window starts with an empty cache")
-    schemes: list[AccuracyScheme] = Field(min_length=1)
+    schemes: list[ScenarioScheme] = Field(min_length=1)
 
 
 # ----------------------------------------------------------------------------- inputs
