@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -85,7 +83,7 @@ def estimate(
     try:  # options that do not fit this model's shapes (e.g. a rank above its dkv)
         cfg.resolved(m)
     except UserError as err:
-        raise UserError(f"command line: {_named_field(str(err))}{err}") from None
+        raise UserError(f"command line: {scenario_.named_field(str(err))}{err}") from None
     r = run_estimate(hw, m, cfg, _count(batch, "batch"), _count(context, "context"), fitted=not spec_only)
     if as_json:
         print(loading.to_json(r))
@@ -128,24 +126,6 @@ def _print_estimate(r: dict) -> None:
         f"{r['throughput_cap_tokens_per_s']:,.0f} tokens/s")
 
 
-def _named_field(msg: str, prefix: str = "") -> str:
-    """"field 'PREFIX.NAME': " for the first scheme option a check's message mentions, e.g. 'bits=5 ...'."""
-    names = [w for w in re.findall(r"[A-Za-z_]\w*", msg) if w in specs.SchemeConfig.model_fields]
-    field = ".".join(x for x in (prefix, names[0] if names else "") if x)
-    return f"field '{field}': " if field else ""
-
-
-def _scenario_configs(scenario: scenario_.Scenario, path: Path) -> list[specs.SchemeConfig]:
-    configs = []
-    for i, entry in enumerate(scenario.schemes):
-        try:
-            configs += entry.expand()
-        except ValidationError as err:
-            msg = err.errors()[0]["msg"].removeprefix("Value error, ")
-            raise UserError(f"{path}: {_named_field(msg, f'schemes.{i}')}{msg}") from None
-    return list(dict.fromkeys(configs))
-
-
 @app.command()
 def recommend(
     model: Annotated[str, typer.Option(help="model name (xqsim models list) or a .yaml file")],
@@ -173,7 +153,7 @@ def recommend(
     m = loading.load_model(model, where="command line: field 'model'")
     limit = None if max_delta_ppl.strip().lower() == "none" else _fraction(max_delta_ppl, "max-delta-ppl")
     sc = loading.load_scenario(scenario)
-    configs = _scenario_configs(sc, scenario)
+    configs = sc.scheme_configs(scenario)
     b, t = _count(batch, "batch"), _count(context, "context")
     df = run_recommend(hws, m, configs, b, t, limit, fitted=fitted)
     if as_json:
@@ -233,7 +213,7 @@ def sweep(
     base = scenario.parent
     hws = [loading.load_hardware(h, base, f"{scenario}: field 'hardware.{i}'") for i, h in enumerate(sc.hardware)]
     models = [loading.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
-    configs = _scenario_configs(sc, scenario)
+    configs = sc.scheme_configs(scenario)
     n = len(hws) * len(models) * len(configs) * len(set(sc.batch)) * len(sc.contexts())
     csv = n <= st.LARGE_SWEEP if csv is None else csv
     mem, files = st.size_estimate(n, csv, workers)

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import loading, specs
-from .cli import _count, _scenario_configs, app, console
+from .cli import _count, app, console
+from .scenario import scheme_configs
 from .schemes import SCHEMES
 from .specs import UserError
 
@@ -53,7 +54,7 @@ def measure(
     kernels = m.check_kernels(kernels, dev)
     if g is not None:
         specs_ = [loading.load_model(x, grid.parent, f"{grid}: field 'models.{i}'") for i, x in enumerate(g.models)]
-        configs = _scenario_configs(g, grid)
+        configs = scheme_configs(g.schemes, grid)
         batches, contexts, n_layers = g.batch, g.context, g.layers
         repeats, warmup, max_tokens = g.repeats, g.warmup, g.max_tokens
     else:
@@ -225,7 +226,7 @@ def accuracy(
         raise UserError(f"the accuracy run needs torch: pip install -e '.[engine,accuracy]' ({err})") from None
     if grid is not None:
         g = loading.parse(acc.AccuracyGrid, loading.read_yaml(grid), grid)
-        configs, model, n, c = _scenario_configs(g, grid), g.model, g.tokens, g.context
+        configs, model, n, c = scheme_configs(g.schemes, grid), g.model, g.tokens, g.context
         text = text or (grid.parent / g.text if g.text else None)
     else:
         if not schemes:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from .schemes import SCHEMES
-from .specs import Frozen, Positive, SchemeConfig
+from .specs import Frozen, Positive, SchemeConfig, UserError
 
 
 def _listify(v: Any) -> Any:
@@ -143,5 +145,28 @@ class Scenario(BaseModel):
     def contexts(self) -> list[int]:
         return self.context.values() if isinstance(self.context, ContextRange) else sorted(set(self.context))
 
-    def scheme_configs(self) -> list[SchemeConfig]:
-        return list(dict.fromkeys(c for s in self.schemes for c in s.expand()))
+    def scheme_configs(self, where: str | Path | None = None) -> list[SchemeConfig]:
+        return scheme_configs(self.schemes, where)
+
+
+def scheme_configs(entries, where: str | Path | None = None) -> list[SchemeConfig]:
+    """The configurations of scheme entries (a scenario's, a measurement or accuracy grid's), in order, each once.
+    With `where` (the file) a bad entry is a UserError naming the file and field ('schemes.N.bits'), not a
+    ValidationError."""
+    out: list[SchemeConfig] = []
+    for i, entry in enumerate(entries):
+        try:
+            out += entry.expand()
+        except ValidationError as err:
+            if where is None:
+                raise
+            msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise UserError(f"{where}: {named_field(msg, f'schemes.{i}')}{msg}") from None
+    return list(dict.fromkeys(out))
+
+
+def named_field(msg: str, prefix: str = "") -> str:
+    """"field 'PREFIX.NAME': " for the first scheme option a check's message mentions, e.g. 'bits=5 ...'."""
+    names = [w for w in re.findall(r"[A-Za-z_]\w*", msg) if w in SchemeConfig.model_fields]
+    field = ".".join(x for x in (prefix, names[0] if names else "") if x)
+    return f"field '{field}': " if field else ""
