@@ -319,10 +319,6 @@ def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_
 
 # ----------------------------------------------------------------------------- validation
 
-def _family(label: str) -> str:
-    return label.split("-")[0]
-
-
 def step_predictions(rows: list[dict], hw: HardwareProfile, target: str | None = None) -> pd.DataFrame:
     """Measured (`target`: the CUDA-graph or the eager step; default the fitted block's, else graph where
     measured) vs predicted step time of every row on hw (its fitted block if any), with the predicted bound."""
@@ -330,7 +326,7 @@ def step_predictions(rows: list[dict], hw: HardwareProfile, target: str | None =
     rates, out = hw.rates(), []
     for r in rows:
         t = step_time(row_ops(r), rates, False)
-        out.append({"model": r["model"], "label": r["label"], "scheme": _family(r["label"]), "batch": r["batch"],
+        out.append({"model": r["model"], "label": r["label"], "scheme": r["config"]["scheme"], "batch": r["batch"],
                     "context": r["context"], "fused": bool(r.get("fused")), "target": target,
                     "measured_s": measured_step(r, target), "predicted_s": float(t["step_time_s"]),
                     "regime": BOUNDS[int(t["bound_code"])]})
@@ -363,7 +359,7 @@ def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None 
              per_op: bool = False) -> pd.DataFrame:
     """Predictions of each block of rows (one context length, or one scheme) by a fit that never saw it: step
     predictions, or with `per_op` the op errors (op_errors) of the held-out rows."""
-    key = (lambda r: r["context"]) if by == "context" else (lambda r: _family(r["label"]))
+    key = (lambda r: r["context"]) if by == "context" else (lambda r: r["config"]["scheme"])
     target = target or default_target(rows)
     parts = []
     for value in sorted({key(r) for r in rows}, key=str):

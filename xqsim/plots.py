@@ -85,19 +85,21 @@ def _color(scheme: str, bits: int) -> tuple:
     return tuple(c + (1 - c) * shade for c in base)
 
 
-def _bits(label: str) -> int:
-    part = next((p for p in label.split("-")[1:] if p.endswith("b") and p[:-1].isdigit()), "16b")
-    return int(part[:-1])
-
-
-def _styles(labels: list[str]) -> dict[str, dict]:
-    """Colour by scheme family and bits; solid for remat, dashed for absorb_v, dotted or dash-dot when fused."""
+def _styles(variants) -> dict[str, dict]:
+    """Per variant label: colour by scheme family and bits; solid for remat, dashed for absorb_v, dotted or dash-dot
+    when fused. variants: (label, scheme, bits, strategy, fused) each, from configs or a results table's columns."""
     out = {}
-    for lab in labels:
-        style = "--" if "absorb_v" in lab else "-"
-        out[lab] = {"color": _color(lab.split("-")[0], _bits(lab)),
-                    "ls": (":" if "fused" in lab and style == "-" else "-." if "fused" in lab else style), "lw": 1.4}
+    for lab, scheme, bits, strategy, fused in variants:
+        style = "--" if strategy == "absorb_v" else "-"
+        out[lab] = {"color": _color(scheme, int(bits)),
+                    "ls": (":" if fused and style == "-" else "-." if fused else style), "lw": 1.4}
     return out
+
+
+def _variants(df: pd.DataFrame) -> list[tuple]:
+    """(label, scheme, bits, strategy, fused) of each variant of a results table, in order."""
+    return list(df.drop_duplicates("label")[["label", "scheme", "bits", "strategy", "fused"]]
+                .astype({"label": str, "scheme": str}).itertuples(index=False, name=None))
 
 
 def save(fig, path: Path, dpi: int = 110) -> list[Path]:
@@ -123,7 +125,7 @@ def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str) 
     models = list(dict.fromkeys(df["model"].astype(str)))
     hws = list(dict.fromkeys(df["hardware"].astype(str)))
     fig, axes = _grid(models, hws, title)
-    styles = _styles(list(dict.fromkeys(df["label"].astype(str))))
+    styles = _styles(_variants(df))
     for i, m in enumerate(models):
         for j, h in enumerate(hws):
             ax = axes[i, j]
@@ -242,7 +244,7 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
     """Each scheme's ops at (batch, context) placed by arithmetic intensity and roofline FLOP rate."""
     fig, axes = _grid([m.name for m in models], [h.name for h in hws],
                       f"Roofline: ops of one decode step, batch {batch}, context {context}")
-    styles = _styles(list(dict.fromkeys(c.label for c in configs)))
+    styles = _styles((c.label, c.scheme, c.bits, c.strategy, c.fused) for c in configs)
     for i, m in enumerate(models):
         for j, hw in enumerate(hws):
             ax = axes[i, j]
