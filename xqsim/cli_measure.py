@@ -43,7 +43,6 @@ def measure(
     """Run and time decode steps of the engine (CUDA events on a GPU, perf_counter on CPU)."""
     try:
         from .engine import measure as m
-        from .measurements import write_measurements
     except ImportError as err:
         raise UserError(f"the engine needs torch: pip install -e '.[engine]' ({err})") from None
     g = loading.parse(m.MeasureGrid, loading.read_yaml(grid), grid) if grid is not None else None
@@ -53,19 +52,13 @@ def measure(
     dev, dt = m.check_device(device, dtype or (g.dtype if g else "fp32"))
     kernels = m.check_kernels(kernels, dev)
     if g is not None:
-        specs_ = [loading.load_model(x, grid.parent, f"{grid}: field 'models.{i}'") for i, x in enumerate(g.models)]
-        configs = scheme_configs(g.schemes, grid)
-        batches, contexts, n_layers = g.batch, g.context, g.layers
-        repeats, warmup, max_tokens = g.repeats, g.warmup, g.max_tokens
+        specs_, configs, batches, contexts, repeats, warmup, max_tokens = _grid_plan(g, grid)
     else:
         if model is None or scheme is None:
             raise UserError("command line: give --grid FILE, or --model and --scheme for one configuration")
-        specs_ = [loading.load_model(model)]
+        specs_ = [_kept_layers(loading.load_model(model), layers)]
         configs = [loading.scheme_config(scheme=scheme, bits=bits, strategy=strategy)]
-        batches, contexts, n_layers, max_tokens = [_count(batch, "batch")], [_count(context, "context")], layers, 2**62
-    if n_layers:
-        specs_ = [x.model_copy(update={"n_layers": min(n_layers, x.n_layers)}) for x in specs_]
-    if grid is None:
+        batches, contexts, max_tokens = [_count(batch, "batch")], [_count(context, "context")], 2**62
         loading.resolve_for(configs[0], specs_[0])
         m.check_fits(specs_[0], configs[0], batches[0], contexts[0], dev, dt)
     info = m.device_info(dev) | {"engine": kernels}
@@ -73,23 +66,10 @@ def measure(
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]}: already exists; choose another --out or pass --force")
+    total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
     rows: list[dict] = []
     kept = [0]  # rows in both files
-    total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
-
-    def on_row(row: dict) -> None:
-        rows.append(row)
-        if out:  # the count follows the files: set once both hold the new row, even if Ctrl-C came meanwhile
-            write_measurements(out, info, rows, on_written=lambda: kept.__setitem__(0, len(rows)))
-        else:
-            kept[0] = len(rows)
-        if not as_json:
-            what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
-            took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]
-            if "step_time_graph_s" in row:
-                took += f" (graph {row['step_time_graph_s'] * 1e3:.3f} ms)"
-            console.print(f"[{len(rows)}/{total}] {what}: {took}")
-
+    on_row = _row_sink(rows, kept, out, info, total, as_json)
     console.print(f"measuring {total} configurations on {info['device_name']} with the {kernels} engine "
                   f"(torch {info['torch']})") \
         if not as_json else None
@@ -101,6 +81,40 @@ def measure(
         sys.exit(130)
     if as_json:
         print(loading.to_json({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows})))
+
+
+def _row_sink(rows: list[dict], kept: list[int], out: Path | None, info: dict, total: int, as_json: bool):
+    """What `measure` does with each measured row: keep it, rewrite OUT.json and OUT.csv (kept[0] follows the files:
+    set once both hold the new row, even if a Ctrl-C came meanwhile) and print a line."""
+    from .measurements import write_measurements
+
+    def on_row(row: dict) -> None:
+        rows.append(row)
+        if out:
+            write_measurements(out, info, rows, on_written=lambda: kept.__setitem__(0, len(rows)))
+        else:
+            kept[0] = len(rows)
+        if not as_json:
+            what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
+            took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]
+            if "step_time_graph_s" in row:
+                took += f" (graph {row['step_time_graph_s'] * 1e3:.3f} ms)"
+            console.print(f"[{len(rows)}/{total}] {what}: {took}")
+
+    return on_row
+
+
+def _kept_layers(spec, layers: int | None):
+    """The model with its first `layers` layers (all where None or more)."""
+    return spec.model_copy(update={"n_layers": min(layers, spec.n_layers)}) if layers else spec
+
+
+def _grid_plan(g, grid: Path) -> tuple:
+    """A measurement grid's models (with the layers it keeps), configurations, batches, contexts, repeats, warm-up
+    steps and token limit."""
+    specs_ = [_kept_layers(loading.load_model(x, grid.parent, f"{grid}: field 'models.{i}'"), g.layers)
+              for i, x in enumerate(g.models)]
+    return specs_, scheme_configs(g.schemes, grid), g.batch, g.context, g.repeats, g.warmup, g.max_tokens
 
 
 @app.command()
