@@ -334,48 +334,14 @@ class Engine:
     def _kernel_remat(self, i, qh, stores, acc, rec):
         """_remat_attention's rebuild and attention in one Triton kernel (kernels.remat): codes are dequantized, K
         and V rebuilt and K rotated tile by tile on chip, so those ops move no bytes of their own; they are recorded,
-        empty, for their FLOPs. The cross-layer schemes first rebuild X^ (B, T, d), which the kernel then reads as
-        an unquantized source: XQuant-CL in one kernel that dequantizes and adds (kernels.remat.accumulate),
-        CL-GQA in torch (dequantize, up-project, accumulate)."""
-        from .kernels.attention import Source
-        from .kernels.remat import accumulate, remat_attention
+        empty, for their FLOPs."""
+        from .kernels.remat import remat_attention
 
-        s, w, c = self.spec, self.w, self.cfg
+        s, c = self.spec, self.cfg
         B, H, _, hd = qh.shape
-        d, dkv, role, p = s.d_model, s.dkv, self.group_of[i].role, self.plan_of[i]
-        T = next(iter(stores.values())).tokens
-        absorb = c.strategy == "absorb_v"
-        if p.acc and not p.up:  # X^ (B, T, d) from X or its delta: dequantize and add in one kernel
-            st = next(iter(stores.values()))
-            with rec(f"dequant_{st.t.name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * d):
-                pass  # inside the accumulation kernel
-            with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
-                acc = accumulate(Source.of(st), acc if role == "delta" else None, self.dtype)
-            xk, x0, xv = Source(acc, d, 0, 16, c.group), None, None
-            wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d
-        elif p.up:  # X (B, T, d) up-projected from the joint latent in torch, then X^
-            x = next(iter(self._read_tile(stores, 0, T, rec).values()))  # (B, T, r)
-            U = self.f[f"{i}.U"]
-            with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
-                x = x @ U.T  # (B, T, d)
-            if role != "plain":
-                with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
-                    acc = x if role == "base" else acc + x  # X^ (B, T, d)
-                x = acc
-            xk, x0, xv = Source(x, d, 0, 16, c.group), None, None
-            wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d
-        else:
-            for name, st in stores.items():
-                if st.t.quantized:
-                    with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
-                        pass  # inside the kernel
-            if p.split_latents:
-                xk, xv = Source.of(stores["xk"]), Source.of(stores["xv"])
-                x0 = Source.of(stores["xk0"]) if c.keep_first_channel else None
-                wk, wv, k_width, v_width = self.f[f"{i}.up_k"], self.f[f"{i}.up_v"], p.k_width, p.v_width
-            else:  # X itself
-                xk, x0, xv = Source.of(next(iter(stores.values()))), None, None
-                wk, wv, k_width, v_width = w[f"{i}.wk"], w[f"{i}.wv"], d, d
+        T, dkv, absorb = next(iter(stores.values())).tokens, s.dkv, c.strategy == "absorb_v"
+        (xk, x0, xv, wk, wv), acc = self._kernel_sources(i, B, stores, acc, rec)
+        k_width, v_width = wk.shape[0], wv.shape[0]
         with rec("remat_k", "remat", 2 * B * T * k_width * dkv):
             pass  # inside the kernel, as are RoPE of K and, with remat, the rebuild of V
         with rec("rope_k", "rope", ROPE_FLOPS * B * T * dkv):
@@ -393,6 +359,44 @@ class Engine:
                 o = torch.einsum("bkgw,wkh->bkgh", o.to(self.dtype).view(B, s.n_kv_heads, H // s.n_kv_heads, -1),
                                  wv.view(-1, s.n_kv_heads, hd))  # (B, Hkv, g, hd)
         return o.reshape(B, 1, H * hd), acc
+
+    def _kernel_sources(self, i, B, stores, acc, rec):
+        """What the remat kernel reads for layer i at batch B: ((key source, fp16 first channel or None, value
+        source or None, key weight, value weight), X^). The cross-layer schemes first rebuild X^ (B, T, d), read
+        unquantized: XQuant-CL in one kernel that dequantizes and adds (kernels.remat.accumulate), CL-GQA in torch
+        (dequantize, up-project, add). Other sources are read as they are stored, dequantized inside the kernel."""
+        from .kernels.attention import Source
+        from .kernels.remat import accumulate
+
+        s, w, c = self.spec, self.w, self.cfg
+        d, role, p = s.d_model, self.group_of[i].role, self.plan_of[i]
+        st = next(iter(stores.values()))
+        T = st.tokens
+        if p.acc and not p.up:  # X^ (B, T, d) from X or its delta
+            with rec(f"dequant_{st.t.name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * d):
+                pass  # inside the accumulation kernel
+            with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
+                acc = accumulate(Source.of(st), acc if role == "delta" else None, self.dtype)
+            return (Source(acc, d, 0, 16, c.group), None, None, w[f"{i}.wk"], w[f"{i}.wv"]), acc
+        if p.up:  # X (B, T, d) up-projected from the joint latent, then X^
+            x = next(iter(self._read_tile(stores, 0, T, rec).values()))  # (B, T, r)
+            U = self.f[f"{i}.U"]
+            with rec("up_proj", "remat", 2 * B * T * U.shape[1] * d):
+                x = x @ U.T  # (B, T, d)
+            if role != "plain":
+                with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
+                    acc = x if role == "base" else acc + x  # X^ (B, T, d)
+                x = acc
+            return (Source(x, d, 0, 16, c.group), None, None, w[f"{i}.wk"], w[f"{i}.wv"]), acc
+        for name, x in stores.items():
+            if x.t.quantized:
+                with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * x.n_quantized * x.t.width):
+                    pass  # inside the kernel
+        if p.split_latents:
+            x0 = Source.of(stores["xk0"]) if c.keep_first_channel else None
+            return (Source.of(stores["xk"]), x0, Source.of(stores["xv"]), self.f[f"{i}.up_k"],
+                    self.f[f"{i}.up_v"]), acc
+        return (Source.of(st), None, None, w[f"{i}.wk"], w[f"{i}.wv"]), acc  # X itself
 
     def _read_tile(self, stores: dict[str, Store], t0: int, t1: int, rec: Recorder) -> dict[str, torch.Tensor]:
         """Tokens [t0, t1) of every tensor as values; dequant_<t> for the quantized ones."""
