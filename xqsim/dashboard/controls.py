@@ -234,12 +234,11 @@ def view_picker() -> str:
                     label_visibility="collapsed")
 
 
-def sidebar() -> Controls:
-    """Draw the sidebar; the selection resolved to specs, with one error line per thing that is not usable."""
+def _known_specs(upload_box, errors: list[str]) -> tuple[dict, dict]:
+    """The shipped hardware and models plus the user's uploads (a new one selected at once), by name; a name in the
+    URL that none of them has is an error line, and dropped."""
     ss = st.session_state
-    errors = list(init_state())
     hw_by_name, model_by_name = (dict(d) for d in shipped())
-    box, upload_box = st.sidebar.container(), st.sidebar.container()
     uploaded, bad = _uploads(upload_box, set(hw_by_name) | set(model_by_name))
     errors += bad
     for spec in uploaded:
@@ -260,6 +259,15 @@ def sidebar() -> Controls:
                       f"{loading.suggest(ss['model'], list(model_by_name))}; known: {', '.join(model_by_name)}; "
                       f"using {DEFAULTS['model']}")
         ss["model"] = DEFAULTS["model"]
+    return hw_by_name, model_by_name
+
+
+def sidebar() -> Controls:
+    """Draw the sidebar; the selection resolved to specs, with one error line per thing that is not usable."""
+    ss = st.session_state
+    errors = list(init_state())
+    box, upload_box = st.sidebar.container(), st.sidebar.container()
+    hw_by_name, model_by_name = _known_specs(upload_box, errors)
     box.multiselect("GPUs", list(hw_by_name), key="hw",  # short names: a chip cuts "h100_sxm: NVIDIA H100..."
                     help="; ".join(f"{n}: {h.display_name}" for n, h in hw_by_name.items()))
     box.selectbox("Model", list(model_by_name), key="model",
