@@ -370,8 +370,9 @@ def main() -> None:
                ("kivi-8", specs.SchemeConfig(scheme="kivi", bits=8))]
     if a.remat_tune:
         variants = [("n128k32s2", {}), ("n128k32s3", {"num_stages": 3}), ("n128k64s2", {"block_k": 64}),
-                    ("n128k64s3", {"block_k": 64, "num_stages": 3}), ("n64k64s3", {"block_n": 64, "block_k": 64,
-                                                                                    "num_stages": 3})]
+                    ("n128k64s3", {"block_k": 64, "num_stages": 3}),
+                    ("n64k64s3", {"block_n": 64, "block_k": 64, "num_stages": 3}),
+                    ("n128k32v64", {"block_v": 64})]  # 64-channel value steps: no spills (sm_90 ptxas)
         remat_cases(spec, REMAT_CONFIGS[::2], [(8, 24576)], hw, rows, check=False, variants=variants)
     elif a.remat:
         remat_cases(spec, REMAT_CONFIGS, [(1, 8192), (8, 8192), (8, 24576), (1, 32768)], hw, rows, check=True)

@@ -77,7 +77,7 @@ def _fast(s: Source, block_n: int, bk: int) -> bool:
 def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float, *, x0: Source | None = None,
                     xv: Source | None = None, wv: torch.Tensor | None = None, absorb: bool = False,
                     block_n: int = 128, block_k: int = 32, num_warps: int = 8, num_stages: int = 2,
-                    per_sm: int = 1) -> torch.Tensor:
+                    per_sm: int = 1, block_v: int | None = None) -> torch.Tensor:
     """Attention of one decode token over K and V rebuilt from cached sources: q (B, H, hd), post-RoPE.
 
     xk: the key source (B, T, KW); wk: ((1 if x0 else 0) + KW, Hkv*hd), K = [x0 | xk] wk, rotated at positions
@@ -122,7 +122,10 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     f0 = x0.fp if x0 is not None else d16
     f0s = (f0.stride(0), f0.stride(1)) if x0 is not None else (0, 0)
     inv = inv_freq(hd, theta, q.device)
-    bk, bkv = min(block_k, triton.next_power_of_2(xk.width)), min(block_k, wp)
+    # channels a step of the key projection takes (block_k), and of the value side's product (block_v: the
+    # rebuild of V from its own source, or absorb_v's P.x_v with its read-modify-write of the program's slot)
+    bk = min(block_k, triton.next_power_of_2(xk.width))
+    bkv = min(block_v or block_k, triton.next_power_of_2(xv.width))
     args = (q, o_part, ml, inv, kc, ks, kz, kf, f0, wk, vc, vs, vz, vf, wv,
             T, xk.tq, xv.tq, main, split_len, splits)
     rest = (LOG2E / hd**0.5, q.stride(0), q.stride(1),
