@@ -8,7 +8,8 @@ SDPA on the fp16 cache beside it. Then quantize-on-append and RoPE per layer, an
 step of 2 layers and of the full model. Prints a table per part and, last, `min_pct_of_roofline: <number>`
 (the worst attention kernel at context >= 8k). --tune times kernel variants instead (block, warps, conversion).
 --remat times the fused rematerialization kernels of XQuant and XQuant-GQA instead (per layer: share of the bf16
-tensor peak or of the bandwidth, whichever binds; `min_pct_of_remat_roofline`), then their full-model steps.
+tensor peak or of the bandwidth, whichever binds; `min_pct_of_remat_roofline`), XQuant-CL's accumulation kernel
+(share of the bandwidth), then the full-model steps.
 
     python benchmarks/kernel_roofline.py [--out DIR] [--quick] [--tune] [--remat]
 """
@@ -235,6 +236,30 @@ def remat_row(row: dict, t: float, hw, out_rows: list) -> None:
           + (f", err {row['rel_err']:.0e}" if "rel_err" in row else ""), flush=True)
 
 
+def accumulate_cases(spec, points, hw, out_rows) -> None:
+    """XQuant-CL's accumulation kernel per layer (kernels.remat.accumulate: X^ + deq(delta), 2-bit deltas): its
+    time and share of the spec bandwidth, over the bytes the analytic fused model gives its kernel (the delta's
+    codes and scale/zero, X^ read and written)."""
+    from xqsim.engine.kernels.remat import accumulate
+
+    cfg = specs.SchemeConfig(scheme="xquant_cl", bits=2, fused=True).resolved(spec)
+    for B, T in points:
+        ops = schemes.step_ops(spec, cfg, np.int64(B), np.int64(T))
+        mine = {"accumulate"} | {f"dequant_{t.name}" for t in schemes.layout(spec, cfg)[-1].tensors}  # delta layer
+        per_layer = {o.name: float(o.bytes) for o in ops if o.kernel == "accumulate" and o.name in mine}
+        nbytes = sum(per_layer.values())
+        stores = layer_stores(spec, cfg, B, T, torch.bfloat16, seed=0)  # the delta layer's store, `dx`
+        acc = torch.randn(B, T, spec.d_model, device="cuda", dtype=torch.bfloat16)
+        t = graph_time(functools.partial(accumulate, Source.of(stores["dx"]), acc))
+        row = {"part": "accumulate", "scheme": "xquant_cl-2", "batch": B, "context": T, "bytes": nbytes,
+               "time_s": t, "tb_s": nbytes / t / 1e12, "pct_bw": 100 * nbytes / t / hw.mem_bytes_per_s.value}
+        out_rows.append(row)
+        print(f"accumulate xquant_cl-2 B{B} T{T}: {t * 1e6:.0f} us/layer, {row['tb_s']:.2f} TB/s "
+              f"({row['pct_bw']:.1f}% of bandwidth)", flush=True)
+        del stores, acc
+        torch.cuda.empty_cache()
+
+
 REMAT_CONFIGS = [("xquant-2 absorb", specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v")),
                  ("xquant-2 remat", specs.SchemeConfig(scheme="xquant", bits=2, strategy="remat")),
                  ("xquant_gqa-2 absorb", specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v")),
@@ -376,6 +401,8 @@ def main() -> None:
         remat_cases(spec, REMAT_CONFIGS[::2], [(8, 24576)], hw, rows, check=False, variants=variants)
     elif a.remat:
         remat_cases(spec, REMAT_CONFIGS, [(1, 8192), (8, 8192), (8, 24576), (1, 32768)], hw, rows, check=True)
+        save(a.out, info, rows)
+        accumulate_cases(spec, [(1, 32768), (8, 24576)], hw, rows)
         save(a.out, info, rows)
         step_cases(spec, [(8, 24576)], rows, lambda: save(a.out, info, rows), configs=REMAT_CONFIGS[::2],
                    torch_too=False)

@@ -93,9 +93,11 @@ def test_accumulate_is_dequantize_then_add(bits, G, R, T):
     st = source("dx", 64, bits, G, R, T, 2, "token", gen)
     acc = torch.randn(2, T, 64, generator=gen, device=DEV).to(WDT)
     want = acc.double() + st.read(torch.float64)
-    got = accumulate(Source.of(st), acc)
+    # channel chunks of 16 = the groups: whole tiles of 2-bit codes (and the unquantized case) take the fast path
+    assert _fast(Source.of(st), 32, 16) == (bits != 3)
+    got = accumulate(Source.of(st), acc, block_d=16)
     assert got.dtype == WDT and (got.double() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
-    base = accumulate(Source.of(st), None, WDT)
+    base = accumulate(Source.of(st), None, WDT, block_d=16)
     err = (base.double() - st.read(torch.float64)).abs().max().item()
     assert err <= (1e-2 if WDT == torch.bfloat16 else 1e-6), f"bits {bits}: base layer off by {err:.2e}"
 

@@ -158,9 +158,14 @@ def accumulate(x: Source, acc: torch.Tensor | None, dtype: torch.dtype | None = 
     d16 = torch.empty(1, dtype=out.dtype, device=out.device)
     c, sc, z, f, cs, ss, fs = _strides(x, d8, d16)
     a, sa = (acc, acc.stride()[:2]) if acc is not None else (d16, (0, 0))
-    grid = (B, triton.cdiv(T, block_t), triton.cdiv(x.width, block_d))
-    _accumulate_kernel[grid](c, sc, z, f, a, out, T, x.tq, *cs, *ss, *fs, *sa, *out.stride()[:2], ADD=acc is not None,
-                             BLOCK_T=block_t, BLOCK_D=block_d, **_consts(x, "V"), num_warps=4)
+    args = (c, sc, z, f, a, out, T, x.tq, *cs, *ss, *fs, *sa, *out.stride()[:2])
+    consts = dict(ADD=acc is not None, BLOCK_T=block_t, BLOCK_D=block_d, **_consts(x, "V"), num_warps=4)
+    main = (x.tq if x.bits < 16 else T) // block_t * block_t  # whole tiles of codes: whole bytes, one scale a token
+    chunks = triton.cdiv(x.width, block_d)
+    if main:
+        _accumulate_kernel[(B, main // block_t, chunks)](*args, 0, FAST=_fast(x, block_t, block_d), **consts)
+    if main < T:
+        _accumulate_kernel[(B, triton.cdiv(T - main, block_t), chunks)](*args, main, FAST=False, **consts)
     return out
 
 
@@ -385,14 +390,15 @@ def _remat_kernel(Q, O_part, ML, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv
 
 @triton.jit
 def _accumulate_kernel(C, S, Z, F, Acc, Out, T, TQ, sc_b, sc_1, sc_2, ss_b, ss_1, ss_2, sf_b, sf_t, sa_b, sa_t,
-                       so_b, so_t, ADD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                       VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr):
-    """One (sequence, tile of tokens, chunk of channels) of accumulate(): Out = Acc + deq(X)."""
+                       so_b, so_t, T0, ADD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                       VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr, FAST: tl.constexpr):
+    """One (sequence, tile of tokens from T0, chunk of channels) of accumulate(): Out = Acc + deq(X). FAST: the
+    launch's tiles are whole and wholly codes (_deq)."""
     b = tl.program_id(0).to(tl.int64)
-    t0 = tl.program_id(1) * BLOCK_T
+    t0 = T0 + tl.program_id(1) * BLOCK_T
     c0 = tl.program_id(2) * BLOCK_D
     x = _deq(C + b * sc_b, S + b * ss_b, Z + b * ss_b, F + b * sf_b, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
-             VW, VB, VG, VCH, BLOCK_T, BLOCK_D, False)  # (BLOCK_T, BLOCK_D), zero outside
+             VW, VB, VG, VCH, BLOCK_T, BLOCK_D, FAST)  # (BLOCK_T, BLOCK_D), zero outside
     tok = t0 + tl.arange(0, BLOCK_T)
     ch = c0 + tl.arange(0, BLOCK_D)
     ok = (tok < T)[:, None] & (ch < VW)[None, :]
