@@ -7,6 +7,7 @@ really computed on, so a test can hold them against the analytic op list (xqsim.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -271,7 +272,7 @@ class Engine:
         """Store this token's X (or latent, or delta), rebuild K and V for all T tokens, attend.
         acc (B, T, d) is X^ of the CL schemes, carried from layer to layer; returned updated."""
         s, w, c = self.spec, self.w, self.cfg
-        B, d, dkv, hd, H, Hkv = h.shape[0], s.d_model, s.dkv, s.hd, s.n_heads, s.n_kv_heads
+        B, d, hd, H = h.shape[0], s.d_model, s.hd, s.n_heads
         role, p = self.group_of[i].role, self.plan_of[i]
         T = next(iter(stores.values())).tokens + 1
         pos = torch.arange(T, device=h.device)
@@ -297,39 +298,44 @@ class Engine:
                 return self._kernel_remat(i, qh, stores, acc, rec)
         if role == "base":
             acc = torch.empty(B, T, d, device=h.device, dtype=self.dtype)  # X^ (B, T, d), filled tile by tile
-
-        def make_tile(t0: int, t1: int):
-            n = t1 - t0
-            vals = self._read_tile(stores, t0, t1, rec)  # name -> (B, n, width)
-            if p.split_latents:
-                k_src = torch.cat([vals["xk0"], vals["xk"]], -1) if c.keep_first_channel else vals["xk"]  # (B,n,rk)
-                v_src, wk, wv = vals["xv"], self.f[f"{i}.up_k"], self.f[f"{i}.up_v"]
-            else:
-                x = next(iter(vals.values()))  # (B, n, width)
-                if p.up:
-                    U = self.f[f"{i}.U"]
-                    with rec("up_proj", "remat", 2 * B * n * U.shape[1] * d):
-                        x = x @ U.T  # (B, n, d)
-                if role != "plain":
-                    with rec("accumulate", "elementwise", ADD_FLOPS * B * n * d * (role == "delta")):
-                        if role == "base":
-                            acc[:, t0:t1] = x
-                        else:
-                            acc[:, t0:t1] += x
-                    x = acc[:, t0:t1]
-                k_src = v_src = x
-                wk, wv = w[f"{i}.wk"], w[f"{i}.wv"]
-            with rec("remat_k", "remat", 2 * B * n * k_src.shape[-1] * dkv):
-                K = (k_src @ wk).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
-            with rec("rope_k", "rope", ROPE_FLOPS * B * n * dkv):
-                K = rope(K, pos[t0:t1], s.rope_theta, self.kernels)
-            if absorb:
-                return K, v_src
-            with rec("remat_v", "remat", 2 * B * n * v_src.shape[-1] * dkv):
-                return K, (v_src @ wv).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
-
         wv = self.f[f"{i}.up_v"] if p.split_latents else w[f"{i}.wv"]
-        return self._attend_tiles(qh, T, make_tile, rec, wv if absorb else None), acc
+        tile = functools.partial(self._rebuilt_tile, i, stores, acc, pos, rec)
+        return self._attend_tiles(qh, T, tile, rec, wv if absorb else None), acc
+
+    def _rebuilt_tile(self, i, stores, acc, pos, rec, t0: int, t1: int):
+        """Tokens [t0, t1) of layer i rebuilt in torch: K (B, Hkv, n, hd), rotated, and V (B, Hkv, n, hd), or with
+        absorb_v the value source (B, n, width). The CL schemes write their tile of X^ into acc (B, T, d) first."""
+        s, w, c = self.spec, self.w, self.cfg
+        role, p = self.group_of[i].role, self.plan_of[i]
+        d, dkv, hd, Hkv = s.d_model, s.dkv, s.hd, s.n_kv_heads
+        vals = self._read_tile(stores, t0, t1, rec)  # name -> (B, n, width)
+        B, n = next(iter(vals.values())).shape[:2]
+        if p.split_latents:
+            k_src = torch.cat([vals["xk0"], vals["xk"]], -1) if c.keep_first_channel else vals["xk"]  # (B, n, rk)
+            v_src, wk, wv = vals["xv"], self.f[f"{i}.up_k"], self.f[f"{i}.up_v"]
+        else:
+            x = next(iter(vals.values()))  # (B, n, width)
+            if p.up:
+                U = self.f[f"{i}.U"]
+                with rec("up_proj", "remat", 2 * B * n * U.shape[1] * d):
+                    x = x @ U.T  # (B, n, d)
+            if role != "plain":
+                with rec("accumulate", "elementwise", ADD_FLOPS * B * n * d * (role == "delta")):
+                    if role == "base":
+                        acc[:, t0:t1] = x
+                    else:
+                        acc[:, t0:t1] += x
+                x = acc[:, t0:t1]
+            k_src = v_src = x
+            wk, wv = w[f"{i}.wk"], w[f"{i}.wv"]
+        with rec("remat_k", "remat", 2 * B * n * k_src.shape[-1] * dkv):
+            K = (k_src @ wk).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
+        with rec("rope_k", "rope", ROPE_FLOPS * B * n * dkv):
+            K = rope(K, pos[t0:t1], s.rope_theta, self.kernels)
+        if c.strategy == "absorb_v":
+            return K, v_src
+        with rec("remat_v", "remat", 2 * B * n * v_src.shape[-1] * dkv):
+            return K, (v_src @ wv).view(B, n, Hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
 
     def _kernel_remat(self, i, qh, stores, acc, rec):
         """_remat_attention's rebuild and attention in one Triton kernel (kernels.remat): codes are dequantized, K
