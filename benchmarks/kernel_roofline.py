@@ -66,16 +66,6 @@ def layer_stores(spec, cfg, B: int, T: int, dtype, seed: int, kernels: str = "tr
     return stores
 
 
-def attention_op(spec, cfg, B: int, T: int) -> tuple[float, float]:
-    """Bytes and FLOPs of one layer's fused attention kernel (dequant + attention ops), analytic."""
-    ops = schemes.step_ops(spec, cfg.model_copy(update={"fused": True}), np.int64(B), np.int64(T))
-    mine = [o for o in ops if o.name == "attention" or o.name.startswith("dequant_")]
-    per_layer = {}
-    for o in mine:  # ops repeat per layer group; take one layer of the last group
-        per_layer[o.name] = (float(o.bytes), float(o.flops))
-    return sum(b for b, _ in per_layer.values()), sum(f for _, f in per_layer.values())
-
-
 def reference(q, k: Store, v: Store) -> torch.Tensor:
     """softmax(qK^T/sqrt(hd))V in fp32 over the dequantized cache: (B, H, hd)."""
     B, H, hd = q.shape
@@ -94,7 +84,7 @@ def attention_cases(spec, configs, batches, contexts, variants, hw, out_rows, ch
         cfg = cfg.resolved(spec)
         for B in batches:
             for T in contexts:
-                nbytes, flops = attention_op(spec, cfg, B, T)
+                nbytes, flops = kernel_op(spec, cfg, B, T)
                 layers = max(1, min(32, math.ceil(L2_FLUSH_BYTES / nbytes)))
                 free = torch.cuda.mem_get_info()[0]
                 est = layers * B * T * (2 * spec.dkv * 2 if cfg.bits >= 16 else spec.dkv * 1.5)

@@ -248,6 +248,7 @@ class SchemeConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> SchemeConfig:
         from .schemes import SCHEMES as registry
+        from .schemes import rematerializing
 
         s, sch = self.scheme, _scheme(self.scheme)
         for field in ("bits", "first_bits") + (("v_bits",) if "v_bits" in sch.options else ()):
@@ -255,9 +256,8 @@ class SchemeConfig(BaseModel):
             if v is not None and v not in sch.bits:
                 raise ValueError(f"{field}={v} is not supported by {s}; allowed: {list(sch.bits)}")
         if self.strategy is not None and not sch.rematerializes:
-            remat = [n for n, x in registry.items() if x.rematerializes]
-            raise ValueError(f"strategy {self.strategy} applies only to rematerializing schemes {remat}; {s} caches "
-                             f"K and V")
+            raise ValueError(f"strategy {self.strategy} applies only to rematerializing schemes {rematerializing()}; "
+                             f"{s} caches K and V")
         if self.fused and not sch.compresses:
             raise ValueError(f"fused applies only to compressed caches: {s} has nothing to dequantize or rebuild")
         if _first_bits_below(s, self.bits, self.first_bits):

@@ -65,6 +65,15 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float, kernels: str = "torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def _fused_dequant(stores: dict[str, Store], B: int, rec: Recorder) -> None:
+    """The dequant op of each quantized store, recorded for its FLOPs and empty: a Triton kernel dequantizes the
+    codes where it reads them, so the op moves no bytes of its own (the analytic model's fused execution)."""
+    for name, st in stores.items():
+        if st.t.quantized:
+            with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
+                pass
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -120,7 +129,7 @@ class Engine:
             for t in self.group_of[i].tensors:
                 eta = (c.eta_k if t.name == "k" else c.eta_v) or 0.0  # Yang et al.'s calibration where set
                 below = layers[i - 1][t.name] if t.shared else None
-                stores[t.name] = Store(t, c.group, c.residual or 0, self.store_dtype, eta or 0.0, below, self.kernels)
+                stores[t.name] = Store(t, c.group, c.residual or 0, self.store_dtype, eta, below, self.kernels)
             layers.append(stores)
         return layers
 
@@ -259,10 +268,7 @@ class Engine:
         from .kernels.attention import Source, decode_attention
 
         B, H, _, hd = qh.shape
-        for name, st in stores.items():
-            if st.t.quantized:
-                with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * st.t.width):
-                    pass  # inside the attention kernel
+        _fused_dequant(stores, B, rec)
         T = stores["k"].tokens
         with rec("attention", "attention", 4 * B * H * T * hd):
             o = decode_attention(qh.reshape(B, H, hd), Source.of(stores["k"]), Source.of(stores["v"]))  # (B, H, hd)
@@ -378,9 +384,8 @@ class Engine:
         d, role, p = s.d_model, self.group_of[i].role, self.plan_of[i]
         st = next(iter(stores.values()))
         T = st.tokens
-        if p.acc and not p.up:  # X^ (B, T, d) from X or its delta
-            with rec(f"dequant_{st.t.name}", "dequant", DEQUANT_FLOPS * B * st.n_quantized * d):
-                pass  # inside the accumulation kernel
+        if p.acc and not p.up:  # X^ (B, T, d) from X or its delta, dequantized inside the accumulation kernel
+            _fused_dequant(stores, B, rec)
             with rec("accumulate", "elementwise", ADD_FLOPS * B * T * d * (role == "delta")):
                 acc = accumulate(Source.of(st), acc if role == "delta" else None, self.dtype)
             return (Source(acc, d, 0, 16, c.group), None, None, w[f"{i}.wk"], w[f"{i}.wv"]), acc
@@ -394,10 +399,7 @@ class Engine:
                     acc = x if role == "base" else acc + x  # X^ (B, T, d)
                 x = acc
             return (Source(x, d, 0, 16, c.group), None, None, w[f"{i}.wk"], w[f"{i}.wv"]), acc
-        for name, x in stores.items():
-            if x.t.quantized:
-                with rec(f"dequant_{name}", "dequant", DEQUANT_FLOPS * B * x.n_quantized * x.t.width):
-                    pass  # inside the kernel
+        _fused_dequant(stores, B, rec)
         if p.split_latents:
             x0 = Source.of(stores["xk0"]) if c.keep_first_channel else None
             return (Source.of(stores["xk"]), x0, Source.of(stores["xv"]), self.f[f"{i}.up_k"],

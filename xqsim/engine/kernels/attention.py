@@ -50,6 +50,11 @@ class Source:
     zero: torch.Tensor | None = None
     cross: bool = False
 
+    @property
+    def tokens(self) -> int:
+        """Tokens held: the codes' and the fp16 tail's."""
+        return self.tq + (self.fp.shape[1] if self.fp is not None else 0)
+
     @staticmethod
     def of(store) -> Source:
         """The Source of an engine Store (xqsim.engine.cache.Store)."""
@@ -77,6 +82,15 @@ def n_splits(batch_heads: int, T: int, block_n: int, slots: int) -> int:
         if eff > best_eff + 0.02:
             best, best_eff = s, eff
     return best
+
+
+def split_plan(batch_heads: int, main: int, T: int, block_n: int, slots: int) -> tuple[int, int, int]:
+    """(split_len, n_main, splits): [0, main) in n_main even splits of whole tiles (n_splits), and [main, T), where
+    it is not empty, a split of its own (the tiles a launch of their own reads: fp16 windows, a partial tile)."""
+    n = n_splits(batch_heads, main, block_n, slots) if main else 0
+    split_len = triton.cdiv(triton.cdiv(main, n), block_n) * block_n if main else block_n
+    n_main = triton.cdiv(main, split_len)
+    return split_len, n_main, n_main + (main < T)
 
 
 def fast_tiles(k: Source, v: Source, hd: int, block_n: int) -> bool:
@@ -125,8 +139,8 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
     fp_k = k.fp if k.fp is not None else _empty_like_fp(B, k.width, q)
     fp_v = v.fp if v.fp is not None else _empty_like_fp(B, v.width, q)
     g = H // Hkv
-    T = k.tq + (k.fp.shape[1] if k.fp is not None else 0)
-    assert T == v.tq + (v.fp.shape[1] if v.fp is not None else 0), "K and V hold different token counts"
+    T = k.tokens
+    assert T == v.tokens, "K and V hold different token counts"
     block_g = max(16, triton.next_power_of_2(g))
     fast = fast and fast_tiles(k, v, hd, block_n)
     fast_end = (k.tq // block_n) * block_n if fast else 0  # value tiles may reach into the fp16 window
@@ -135,9 +149,7 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
     # fast kernels split [0, main) into even splits of whole tiles of codes; the rest (tiles reaching into the
     # values' fp16 window, then the keys' window) is a split of its own, so no split carries both
     main = min(fast_end, (v.tq // block_n) * block_n) if fast else T
-    splits = n_splits(B * Hkv, main, block_n, per_sm * _sm_count(q.device)) if main else 0
-    split_len = triton.cdiv(triton.cdiv(main, splits), block_n) * block_n if main else block_n
-    splits = triton.cdiv(main, split_len) + (main < T)
+    split_len, n_main, splits = split_plan(B * Hkv, main, T, block_n, per_sm * _sm_count(q.device))
     o_part = torch.empty(B * Hkv, splits, g, hd, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * Hkv, splits, g, 2, dtype=torch.float32, device=q.device)
     dummy8 = torch.empty(1, dtype=torch.uint8, device=q.device)  # never read: no kernel to fill it
@@ -165,8 +177,7 @@ def decode_attention(q: torch.Tensor, k: Source, v: Source, *, block_n: int | No
                   num_warps=num_warps, num_stages=num_stages)
     # the fast splits and the split past `main` are two launches of two compilations: the tiles that reach into the
     # fp16 window take registers that would make the fast loop spill (H200: 16% slower at batch 32, 128k)
-    n_main = splits - (main < T)  # main == T unless fast
-    if n_main:
+    if n_main:  # main == T unless fast
         _split_kernel[(B * Hkv, n_main)](*args, 0, FAST=fast, MIXED=False, **consts)
     if n_main < splits:
         _split_kernel[(B * Hkv, 1)](*args, n_main, FAST=fast, MIXED=mixed, **consts)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .attention import LOG2E, Source, _code_at, _merge_kernel, _online_softmax, _sm_count, _split_range, n_splits
+from .attention import LOG2E, Source, _code_at, _merge_kernel, _online_softmax, _sm_count, _split_range, split_plan
 from .rope import inv_freq
 
 # On an H200 (Triton 3.6) the kernel matched float64 torch to 3e-3..4e-3 at Llama-3.1-8B's head dim of 128, and gave a
@@ -83,7 +83,11 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     xk: the key source (B, T, KW); wk: ((1 if x0 else 0) + KW, Hkv*hd), K = [x0 | xk] wk, rotated at positions
     0..T-1 with base theta. xv: the value source (None: xk itself); wv: (VW, Hkv*hd). Returns (B, H, hd) in q's
     dtype, or with absorb=True softmax(q K^T / sqrt(hd)) x_v per query head, (B, H, VW) fp32, for the caller's
-    product by wv (wv is not read then)."""
+    product by wv (wv is not read then).
+
+    The defaults come from the registers ptxas gives at Llama-3.1-8B's shapes (sm_90, 2-bit): 128-token tiles (a
+    tile's FLOPs per byte of weight read from L2 double over 64) in chunks of 32 channels fit 8 warps without
+    spilling (180-255 registers a thread: one program an SM)."""
     B, H, hd = q.shape
     if not supported(hd, q.device):
         raise ValueError(f"remat_attention: head dim {hd} on a GPU: at least {MIN_GPU_HEAD_DIM} (see MIN_GPU_HEAD_DIM)")
@@ -91,26 +95,20 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     Hkv, g = dkv // hd, H // (dkv // hd)
     same = xv is None
     xv = xk if same else xv
-    T = xk.tq + (xk.fp.shape[1] if xk.fp is not None else 0)
+    T = xk.tokens
     for name, s in (("x0", x0), ("xv", xv)):
-        if s is not None and s.tq + (s.fp.shape[1] if s.fp is not None else 0) != T:
+        if s is not None and s.tokens != T:
             raise ValueError(f"remat_attention: {name} holds other tokens than xk ({T})")
     if wk.shape[0] != xk.width + (x0 is not None) or (not absorb and (wv is None or wv.shape[0] != xv.width)):
         shapes = f"{tuple(wk.shape)}, {None if wv is None else tuple(wv.shape)}"
         raise ValueError(f"remat_attention: weights {shapes} do not match sources of width {xk.width} and {xv.width}")
     q, wk = q.contiguous(), wk.contiguous()
     wv = wk if absorb else wv.contiguous()  # absorb: a pointer the kernel never reads
-    # defaults from the registers ptxas gives at Llama-3.1-8B's shapes (sm_90, 2-bit): 128-token tiles (a tile's
-    # FLOPs per byte of weight read from L2 double over 64) in chunks of 32 channels fit 8 warps without spilling
-    # (180-255 registers a thread: one program an SM)
     # [0, main): whole tiles of codes in every quantized source (all of T if none is), split evenly; [main, T): the
     # tiles that reach into a residual window or past T, one split of its own
     coded = min([s.tq for s in (xk, xv) if s.bits < 16] or [T])
     main = coded // block_n * block_n
-    splits = n_splits(B * Hkv, main, block_n, per_sm * _sm_count(q.device)) if main else 0
-    split_len = triton.cdiv(triton.cdiv(main, splits), block_n) * block_n if main else block_n
-    n_main = triton.cdiv(main, split_len)
-    splits = n_main + (main < T)
+    split_len, n_main, splits = split_plan(B * Hkv, main, T, block_n, per_sm * _sm_count(q.device))
     width = xv.width if absorb else hd  # what a split accumulates per query head
     wp = triton.next_power_of_2(width)
     o_part = torch.empty(B * Hkv, splits, g, wp if absorb else hd, dtype=torch.float32, device=q.device)
@@ -150,7 +148,7 @@ def accumulate(x: Source, acc: torch.Tensor | None, dtype: torch.dtype | None = 
     (B, T, W) in acc's dtype, else `dtype`. x: a layer's cached X or delta (per-token codes and their fp16 tail).
     Dequantization and addition in one kernel: the dequantized delta never reaches memory."""
     held = x.fp if x.fp is not None else x.codes
-    B, T = held.shape[0], x.tq + (x.fp.shape[1] if x.fp is not None else 0)
+    B, T = held.shape[0], x.tokens
     out = torch.empty(B, T, x.width, dtype=acc.dtype if acc is not None else dtype, device=held.device)
     if T == 0:
         return out
