@@ -3,8 +3,8 @@ run: registers a thread, spilled bytes, shared memory, and counts of the instruc
 (HGMMA: Hopper's asynchronous tensor-core products; HMMA: the older synchronous ones; LDGSTS: asynchronous
 global-to-shared copies; LDL/STL: local-memory traffic). No GPU time is spent.
 
-    python benchmarks/sm90_report.py [--scheme xquant|xquant_gqa] [--absorb] [--block-n 128] [--block-k 32]
-        [--block-v N] [--warps 8] [--stages 2] [--sass FILE]
+    python benchmarks/sm90_report.py [--scheme xquant|xquant_gqa] [--absorb] [--block-n 128] [--block-k N]
+        [--block-v N] [--warps 8] [--stages 3] [--sass FILE]
 
 The launches are captured from a real call of `remat_attention` on CPU tensors at Llama-3.1-8B's shapes (the
 kernel is never run), then compiled with the specialization Triton's JIT gives them on a GPU (16-byte aligned
@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -94,8 +95,27 @@ def report(k, sass_file: Path | None = None) -> dict:
     stack = re.search(r"STACK:(\d+)", res)
     ops = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDL", "STL",
                                                               "BAR", "LDS", "STS")}
+    ops["loop"] = hot_loop(sass)
     return {"regs": int(reg.group(1)) if reg else None, "stack": int(stack.group(1)) if stack else None,
             "smem": k.metadata.shared, **ops}
+
+
+def hot_loop(sass: str) -> str:
+    """Instructions of the innermost loop around the first HGMMA (the key projection's step): their count and the
+    most frequent opcodes, e.g. '212:FFMA=40,LOP3=30,...'."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in
+             re.finditer(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);", sass)]
+    first = next((i for i, (_, ins) in enumerate(lines) if "HGMMA" in ins), None)
+    if first is None:
+        return "none"
+    for addr, ins in lines[first:]:
+        b = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
+        if b and int(b.group(1), 16) <= lines[first][0]:
+            body = [i.split()[-1] if i.startswith("@") else i.split()[0] for a, i in lines
+                    if int(b.group(1), 16) <= a <= addr]
+            ops = Counter(o.split(".")[0] for o in body)
+            return f"{len(body)}:" + ",".join(f"{k}={v}" for k, v in ops.most_common(8))
+    return "none"
 
 
 def remat_call(a) -> None:
@@ -133,10 +153,10 @@ def main() -> None:
     ap.add_argument("--scheme", choices=("xquant", "xquant_gqa"), default="xquant")
     ap.add_argument("--absorb", action="store_true")
     ap.add_argument("--block-n", type=int, default=128)
-    ap.add_argument("--block-k", type=int, default=32)
+    ap.add_argument("--block-k", type=int, default=None)
     ap.add_argument("--block-v", type=int, default=None)
     ap.add_argument("--warps", type=int, default=8)
-    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--sass", type=Path, default=None, help="write the first kernel's SASS here")
     a = ap.parse_args()
     launches = capture(lambda: remat_call(a))

@@ -78,11 +78,63 @@ def test_kernel_equals_reference(shape, bits, G, R, T, B, Hkv, g, hd, absorb, ti
                         x0=f0.double() if first else None, absorb=absorb)
     assert _fast(xk, tile, chunk) == fast, f"{shape} {bits} bits G {G}: fast tiles not as this case expects"
     out = remat_attention(q.to(WDT), xk, wk.to(WDT), theta, x0=x0, xv=xv, wv=wv.to(WDT), absorb=absorb,
-                          block_n=tile, block_k=chunk)
+                          block_n=tile, block_k=chunk, span=2 * tile)  # absorb_v: spans of 2 tiles, several a split
     assert out.shape == ref.shape
     err = ((out.double() - ref).norm() / ref.norm()).item()
     tol = 2e-2 if WDT == torch.bfloat16 else 1e-5
     assert err < tol, f"{shape} bits {bits} G {G} R {R} T {T} absorb={absorb}: relative error {err:.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("shape", ["x", "gqa"])
+def test_absorb_spans_in_one_split(shape):
+    """absorb_v's spans: one split (per_sm small) holding several spans of whole tiles and a tail, with scores
+    that grow along the context, so each span's maximum rescales what the spans before it summed."""
+    n, tile = (4, 64) if GPU else (1, 16)
+    B, Hkv, g, hd, T, G = 2, 2, 2, (128 if GPU else 16), 7 * n * tile + 5, 4 * n * tile
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    ramp = torch.linspace(0.2, 3.0, T, device=DEV)[None, :, None]  # later tokens, larger keys: larger scores
+    if shape == "x":
+        st = Store(tensor("x", 64, 2, axis="token"), G, 0, torch.float16, kernels="triton")
+        st.append(torch.randn(B, T, 64, generator=gen, device=DEV) * ramp)
+        xk, xv, X, Xv = Source.of(st), None, st.read(torch.float64), None
+        wk = torch.randn(64, Hkv * hd, generator=gen, device=DEV) / 8
+    else:
+        k_st = Store(tensor("xk", 32, 2, axis="channel"), G, G, torch.float16, kernels="triton")
+        v_st = Store(tensor("xv", 48, 2, axis="token"), G, 0, torch.float16, kernels="triton")
+        k_st.append(torch.randn(B, T, 32, generator=gen, device=DEV) * ramp)
+        v_st.append(torch.randn(B, T, 48, generator=gen, device=DEV))
+        xk, xv, X, Xv = Source.of(k_st), Source.of(v_st), k_st.read(torch.float64), v_st.read(torch.float64)
+        wk = torch.randn(32, Hkv * hd, generator=gen, device=DEV) / 6
+    q = torch.randn(B, Hkv * g, hd, generator=gen, device=DEV)
+    ref = reference(q, X, wk, 10000.0, Xv, absorb=True)
+    out = remat_attention(q.to(WDT), xk, wk.to(WDT), 10000.0, xv=xv, absorb=True, block_n=tile, block_k=16,
+                          per_sm=1e-3, span=2 * tile)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    tol = 2e-2 if WDT == torch.bfloat16 else 1e-5
+    assert err < tol, f"{shape}: absorb_v over spans of 2 tiles in one split: relative error {err:.2e} >= {tol}"
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="Llama-3.1-8B's widths take minutes in Triton's interpreter")
+@pytest.mark.parametrize("absorb", [False, True])
+def test_default_variant_at_llama_widths(absorb):
+    """XQuant-GQA at Llama-3.1-8B's widths with the kernel's default steps (a latent of 1,023 codes a token and an
+    fp16 first channel, 8 KV heads of 128, 8k tokens: splits of two tiles). The benchmark's data at these shapes
+    gave absorb_v relative errors of 1e-1 in 64-channel steps; this test's data does not reproduce that
+    (measurements/h200/remat/failcheck_k64.py), so it guards the defaults, and kernel_roofline flags wrong rows."""
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    B, T, Hkv, g, hd, r = 1, 8192 + 77, 8, 4, 128, 1024
+    k_st = source("xk", r - 1, 2, 128, 128, T, B, "channel", gen)
+    v_st = source("xv", r, 2, 128, 0, T, B, "token", gen)
+    f0 = torch.randn(B, T, 1, generator=gen, device=DEV).half()
+    wk = torch.randn(r, Hkv * hd, generator=gen, device=DEV) / r**0.5
+    wv = torch.randn(r, Hkv * hd, generator=gen, device=DEV) / r**0.5
+    q = torch.randn(B, Hkv * g, hd, generator=gen, device=DEV)
+    ref = reference(q, k_st.read(torch.float64), wk, 500000.0, v_st.read(torch.float64), wv, x0=f0.double(),
+                    absorb=absorb)
+    out = remat_attention(q.to(WDT), Source.of(k_st), wk.to(WDT), 500000.0, x0=Source(f0, 1, 0, 16, 128),
+                          xv=Source.of(v_st), wv=wv.to(WDT), absorb=absorb)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"absorb={absorb}: relative error {err:.2e} with the default steps"
 
 
 @pytest.mark.parametrize("bits,G,R,T", [(2, 16, 0, 40), (3, 16, 8, 29), (16, 16, 0, 30)])

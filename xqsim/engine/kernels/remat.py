@@ -76,8 +76,8 @@ def _fast(s: Source, block_n: int, bk: int) -> bool:
 
 def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float, *, x0: Source | None = None,
                     xv: Source | None = None, wv: torch.Tensor | None = None, absorb: bool = False,
-                    block_n: int = 128, block_k: int = 32, num_warps: int = 8, num_stages: int = 2,
-                    per_sm: int = 1, block_v: int | None = None) -> torch.Tensor:
+                    block_n: int = 128, block_k: int | None = None, num_warps: int = 8, num_stages: int = 3,
+                    per_sm: float = 1, block_v: int | None = None, span: int = 1024) -> torch.Tensor:
     """Attention of one decode token over K and V rebuilt from cached sources: q (B, H, hd), post-RoPE.
 
     xk: the key source (B, T, KW); wk: ((1 if x0 else 0) + KW, Hkv*hd), K = [x0 | xk] wk, rotated at positions
@@ -85,12 +85,18 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     dtype, or with absorb=True softmax(q K^T / sqrt(hd)) x_v per query head, (B, H, VW) fp32, for the caller's
     product by wv (wv is not read then).
 
-    The defaults come from the registers ptxas gives at Llama-3.1-8B's shapes (sm_90, 2-bit): 128-token tiles (a
-    tile's FLOPs per byte of weight read from L2 double over 64) in chunks of 32 channels fit 8 warps without
-    spilling (180-255 registers a thread: one program an SM)."""
+    The defaults are the fastest variants measured correct on an H200 at Llama-3.1-8B's shapes (2-bit;
+    measurements/h200/remat): 128-token tiles (a tile's FLOPs per byte of weight read from L2 double over 64), 8
+    warps (one program an SM), 3 pipeline stages and steps of 64 channels (block_k), 1.2-1.6x faster than 32
+    channels or 2 stages. Except absorb_v over a per-channel key source (XQuant-GQA's latent), which steps by 32:
+    in 64-channel steps Triton 3.6 summed it wrongly there (relative error 7e-2 to 1e-1). 4 warps at two programs
+    an SM ran absorb_v 1.4-1.6x faster but gave NaN or wrong sums at those shapes (not at the tests' shapes).
+    per_sm: programs an SM the split plan aims at (a fraction: fewer, longer splits)."""
     B, H, hd = q.shape
     if not supported(hd, q.device):
         raise ValueError(f"remat_attention: head dim {hd} on a GPU: at least {MIN_GPU_HEAD_DIM} (see MIN_GPU_HEAD_DIM)")
+    if block_k is None:
+        block_k = 32 if absorb and xk.bits < 16 and xk.scale.dim() == 3 else 64
     dkv = wk.shape[1]
     Hkv, g = dkv // hd, H // (dkv // hd)
     same = xv is None
@@ -108,10 +114,16 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     # tiles that reach into a residual window or past T, one split of its own
     coded = min([s.tq for s in (xk, xv) if s.bits < 16] or [T])
     main = coded // block_n * block_n
-    split_len, n_main, splits = split_plan(B * Hkv, main, T, block_n, per_sm * _sm_count(q.device))
+    split_len, n_main, splits = split_plan(B * Hkv, main, T, block_n, max(1, round(per_sm * _sm_count(q.device))))
     width = xv.width if absorb else hd  # what a split accumulates per query head
     wp = triton.next_power_of_2(width)
     o_part = torch.empty(B * Hkv, splits, g, wp if absorb else hd, dtype=torch.float32, device=q.device)
+    # absorb_v's scratch: a span's scores (fp32) and softmax weights (q's dtype), BLOCK_G rows a program
+    block_g = max(16, triton.next_power_of_2(g))
+    span = max(block_n, span // block_n * block_n) if absorb else block_n
+    n_scratch = B * Hkv * splits * block_g * span if absorb else 1
+    sc = torch.empty(n_scratch, dtype=torch.float32, device=q.device)
+    pc = torch.empty(n_scratch, dtype=q.dtype, device=q.device)
     ml = torch.empty(B * Hkv, splits, g, 2, dtype=torch.float32, device=q.device)
     d8 = torch.empty(1, dtype=torch.uint8, device=q.device)
     d16 = torch.empty(1, dtype=q.dtype, device=q.device)
@@ -124,12 +136,12 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     # rebuild of V from its own source, or absorb_v's P.x_v with its read-modify-write of the program's slot)
     bk = min(block_k, triton.next_power_of_2(xk.width))
     bkv = min(block_v or block_k, triton.next_power_of_2(xv.width))
-    args = (q, o_part, ml, inv, kc, ks, kz, kf, f0, wk, vc, vs, vz, vf, wv,
+    args = (q, o_part, ml, sc, pc, inv, kc, ks, kz, kf, f0, wk, vc, vs, vz, vf, wv,
             T, xk.tq, xv.tq, main, split_len, splits)
     rest = (LOG2E / hd**0.5, q.stride(0), q.stride(1),
             *kcs, *kss, *kfs, *f0s, wk.stride(0), *vcs, *vss, *vfs, wv.stride(0))
-    consts = dict(HKV=Hkv, G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HD=hd, BLOCK_N=block_n,
-                  BK=bk, BKV=bkv, FIRST=x0 is not None, SAME=same, ABSORB=absorb, WP=wp, **_consts(xk, "K"),
+    consts = dict(HKV=Hkv, G=g, BLOCK_G=block_g, HD=hd, BLOCK_N=block_n, BK=bk, BKV=bkv, SPAN=span,
+                  FIRST=x0 is not None, SAME=same, ABSORB=absorb, WP=wp, **_consts(xk, "K"),
                   **_consts(xv, "V"), TRIG=not interpreted(), num_warps=num_warps, num_stages=num_stages)
     if n_main:
         _remat_kernel[(B * Hkv, n_main)](*args, 0, *rest, KFAST=_fast(xk, block_n, bk),
@@ -208,7 +220,30 @@ def _unpack_bytes(c, BITS: tl.constexpr):
 
 
 @triton.jit
-def _deq(C, S, Z, F, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
+def _sz(S, Z, t0, c0, ss_1, ss_2, W: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, CH: tl.constexpr,
+        BLOCK_N: tl.constexpr, BK: tl.constexpr, FAST: tl.constexpr):
+    """The fp32 scale and zero a FAST tile of codes at (t0, c0) dequantizes with, shaped to broadcast over
+    (BLOCK_N, BK): per token (BLOCK_N, 1) or per channel (1, BK); (1, 1) zeros where _deq takes none (unquantized
+    or gathered tiles). Loading them a step ahead of their use (loop-carried) did not change the time on an H200
+    and gave wrong sums there for 4-bit codes (Triton 3.6), so each step loads its own."""
+    if FAST and BITS < 16:
+        if CH:
+            ch = c0 + tl.arange(0, BK)
+            sz = ch * ss_1 + (t0 // GRP) * ss_2
+            s = tl.load(S + sz, mask=ch < W, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(Z + sz, mask=ch < W, other=0.0).to(tl.float32)[None, :]
+        else:
+            sz = (t0 + tl.arange(0, BLOCK_N)) * ss_1 + c0 // GRP
+            s = tl.load(S + sz).to(tl.float32)[:, None]
+            z = tl.load(Z + sz).to(tl.float32)[:, None]
+    else:
+        s = tl.zeros([1, 1], tl.float32)
+        z = tl.zeros([1, 1], tl.float32)
+    return s, z
+
+
+@triton.jit
+def _deq(C, S, Z, F, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t, s, z,
          W: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, CH: tl.constexpr, BLOCK_N: tl.constexpr,
          BK: tl.constexpr, FAST: tl.constexpr):
     """Values (BLOCK_N, BK) fp32 of one sequence's source (C, S, Z, F: its codes, scale, zero and fp16 tail) at
@@ -217,9 +252,9 @@ def _deq(C, S, Z, F, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
     per-channel (CH: blocks of GRP tokens a channel). Offsets within a sequence are 32-bit.
 
     FAST (whole tiles wholly of codes, 2, 4 or 8 bits, one group per tile and channel chunk; or of an unquantized
-    source): whole bytes are loaded and unpacked in registers, one scale and zero a token (per-token) or a channel
-    (per-channel); else every value gathers its byte, scale and zero, and the tail is read where the tile reaches
-    into it (a launch of its own: its registers would slow the fast tiles down)."""
+    source): whole bytes are loaded and unpacked in registers, with the scale s and zero z that _sz loaded for
+    (t0, c0); else every value gathers its byte, scale and zero, and the tail is read where the tile reaches into it
+    (a launch of its own: its registers would slow the fast tiles down)."""
     tok = t0 + tl.arange(0, BLOCK_N)
     ch = c0 + tl.arange(0, BK)
     if FAST:
@@ -229,19 +264,13 @@ def _deq(C, S, Z, F, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
             PER: tl.constexpr = 8 // BITS
             if CH:  # bytes (channel, tokens of the block): unpacked along tokens, then transposed
                 by = (t0 % GRP) // PER + tl.arange(0, BLOCK_N // PER)
-                blk = t0 // GRP
-                c = tl.load(C + ch[:, None] * sc_1 + blk * sc_2 + by[None, :], mask=(ch < W)[:, None], other=0)
+                c = tl.load(C + ch[:, None] * sc_1 + (t0 // GRP) * sc_2 + by[None, :], mask=(ch < W)[:, None],
+                            other=0)
                 c = tl.trans(_unpack_bytes(c, BITS))  # (BLOCK_N, BK)
-                sz = ch * ss_1 + blk * ss_2  # (BK,)
-                s = tl.load(S + sz, mask=ch < W, other=0.0).to(tl.float32)[None, :]
-                z = tl.load(Z + sz, mask=ch < W, other=0.0).to(tl.float32)[None, :]
             else:  # bytes (token, channels of the row)
                 by = c0 // PER + tl.arange(0, BK // PER)
                 c = tl.load(C + tok[:, None] * sc_1 + by[None, :], mask=(by < tl.cdiv(W, PER))[None, :], other=0)
                 c = _unpack_bytes(c, BITS)  # (BLOCK_N, BK)
-                sz = tok * ss_1 + c0 // GRP  # (BLOCK_N,)
-                s = tl.load(S + sz).to(tl.float32)[:, None]
-                z = tl.load(Z + sz).to(tl.float32)[:, None]
             x = tl.where((ch < W)[None, :], c.to(tl.float32) * s + z, 0.0)
     else:
         ok = (tok < T)[:, None] & (ch < W)[None, :]
@@ -256,9 +285,9 @@ def _deq(C, S, Z, F, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
             else:
                 c = _code_at(C, tok[:, None] * sc_1, ch[None, :], BITS, inq)
                 sz = tok[:, None] * ss_1 + (ch // GRP)[None, :]
-            s = tl.load(S + sz, mask=inq, other=0.0).to(tl.float32)
-            z = tl.load(Z + sz, mask=inq, other=0.0).to(tl.float32)
-            x = tl.where(inq, c.to(tl.float32) * s + z, x)
+            sc = tl.load(S + sz, mask=inq, other=0.0).to(tl.float32)
+            ze = tl.load(Z + sz, mask=inq, other=0.0).to(tl.float32)
+            x = tl.where(inq, c.to(tl.float32) * sc + ze, x)
     return x
 
 
@@ -279,67 +308,114 @@ def _cos_sin(ang, FAST: tl.constexpr):
 
 
 @triton.jit
-def _tile(t0, end, start, q, inv, m_i, l_i, acc, out, rows, row_ok, kcol, vcol, O_part,
-          Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv, TQK, TQV,
-          skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, swv,
-          G: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BKV: tl.constexpr,
-          FIRST: tl.constexpr, SAME: tl.constexpr, ABSORB: tl.constexpr, WP: tl.constexpr,
-          KW: tl.constexpr, KB: tl.constexpr, KG: tl.constexpr, KCH: tl.constexpr,
-          VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr,
-          KFAST: tl.constexpr, VFAST: tl.constexpr, TRIG: tl.constexpr):
-    """Tokens [t0, t0 + BLOCK_N) into the running state (max m_i, sum l_i, output acc or the slot `out` of
-    O_part): rebuild K (and V), rotate K, attend. KFAST/VFAST: the tile is wholly codes of its sources (_deq)."""
+def _project(X, t0, c0, TQ, end, W, sw, col, s, z, sc_1, sc_2, ss_1, ss_2, sf_t, XW: tl.constexpr,
+             XB: tl.constexpr, XG: tl.constexpr, XCH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+             FIRST: tl.constexpr, FAST: tl.constexpr):
+    """One step of a source's product by a weight's head columns: (BLOCK_N, BK) dequantized values (dot dtype)
+    and the (BK, HD) rows of W they multiply (after FIRST rows of an unquantized channel). X: (codes, scale, zero,
+    fp16 tail) of the sequence."""
+    x = _deq(X[0], X[1], X[2], X[3], t0, c0, TQ, end, sc_1, sc_2, ss_1, ss_2, sf_t, s, z,
+             XW, XB, XG, XCH, BLOCK_N, BK, FAST).to(W.dtype.element_ty)
+    ck = c0 + tl.arange(0, BK)
+    return x, tl.load(W + (FIRST + ck)[:, None] * sw + col[None, :], mask=(ck < XW)[:, None], other=0.0)
+
+
+@triton.jit
+def _rebuild(t0, end, inv, K, V, F0, Wk, Wv, TQK, TQV, kcol, vcol,
+             skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, swv,
+             HD: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BKV: tl.constexpr,
+             FIRST: tl.constexpr, SAME: tl.constexpr, WANT_V: tl.constexpr,
+             KW: tl.constexpr, KB: tl.constexpr, KG: tl.constexpr, KCH: tl.constexpr,
+             VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr,
+             KFAST: tl.constexpr, VFAST: tl.constexpr, TRIG: tl.constexpr):
+    """K (rotated at the tokens' positions) and, WANT_V, V of tokens [t0, t0 + BLOCK_N), fp32 (BLOCK_N, HD) each,
+    from the sources K and V (tuples of codes, scale, zero, tail); V from K's own chunks when SAME."""
     HALF: tl.constexpr = HD // 2
-    dt = Wk.dtype.element_ty
     tok = t0 + tl.arange(0, BLOCK_N)
-    ck = tl.arange(0, BK)
     k = tl.zeros([BLOCK_N, HD], tl.float32)
     v = tl.zeros([BLOCK_N, HD], tl.float32)
-    for c0 in range(0, KW, BK):  # K (and, remat from the same source, V): one chunk of the source at a time
-        x = _deq(Kc, Ks, Kz, Kf, t0, c0, TQK, end, skc_1, skc_2, sks_1, sks_2, skf_t,
-                 KW, KB, KG, KCH, BLOCK_N, BK, KFAST).to(dt)  # (BLOCK_N, BK)
-        w_ok = (c0 + ck < KW)[:, None]
-        k += tl.dot(x, tl.load(Wk + (FIRST + c0 + ck)[:, None] * swk + kcol[None, :], mask=w_ok, other=0.0))
-        if SAME and not ABSORB:
-            v += tl.dot(x, tl.load(Wv + (c0 + ck)[:, None] * swv + vcol[None, :], mask=w_ok, other=0.0))
+    for c0 in range(0, KW, BK):  # K (and, from the same source, V): one chunk of the source at a time
+        s, z = _sz(K[1], K[2], t0, c0, sks_1, sks_2, KW, KB, KG, KCH, BLOCK_N, BK, KFAST)
+        x, w = _project(K, t0, c0, TQK, end, Wk, swk, kcol, s, z, skc_1, skc_2, sks_1, sks_2, skf_t,
+                        KW, KB, KG, KCH, BLOCK_N, BK, FIRST, KFAST)
+        k += tl.dot(x, w)
+        if SAME and WANT_V:
+            ck = c0 + tl.arange(0, BK)
+            v += tl.dot(x, tl.load(Wv + ck[:, None] * swv + vcol[None, :], mask=(ck < KW)[:, None], other=0.0))
     if FIRST:  # the unquantized first channel times the weight's first row
         x0 = tl.load(F0 + tok * sf0_t, mask=tok < end, other=0.0).to(tl.float32)
         k += x0[:, None] * tl.load(Wk + kcol).to(tl.float32)[None, :]
+    if WANT_V and not SAME:
+        for c0 in range(0, VW, BKV):
+            s, z = _sz(V[1], V[2], t0, c0, svs_1, svs_2, VW, VB, VG, VCH, BLOCK_N, BKV, VFAST)
+            x, w = _project(V, t0, c0, TQV, end, Wv, swv, vcol, s, z, svc_1, svc_2, svs_1, svs_2, svf_t,
+                            VW, VB, VG, VCH, BLOCK_N, BKV, False, VFAST)
+            v += tl.dot(x, w)
     # RoPE at the tokens' positions: the halves it pairs, split in registers, rotated, joined back
     k1, k2 = tl.split(tl.permute(tl.reshape(k, (BLOCK_N, 2, HALF)), (0, 2, 1)))  # (BLOCK_N, HALF) each
     cos, sin = _cos_sin(tok.to(tl.float32)[:, None] * inv[None, :], TRIG)  # (BLOCK_N, HALF)
     k = tl.reshape(tl.permute(tl.join(k1 * cos - k2 * sin, k1 * sin + k2 * cos), (0, 2, 1)), (BLOCK_N, HD))
-    s = tl.dot(q, tl.trans(k.to(dt)))  # (BLOCK_G, BLOCK_N)
-    s = tl.where((tok < end)[None, :], s, float("-inf"))
-    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-    cv = tl.arange(0, BKV)
-    if ABSORB:  # P.x_v into this program's slot: its own earlier tiles' sums, rescaled
-        for c0 in range(0, VW, BKV):
-            xv = _deq(Vc, Vs, Vz, Vf, t0, c0, TQV, end, svc_1, svc_2, svs_1, svs_2, svf_t,
-                      VW, VB, VG, VCH, BLOCK_N, BKV, VFAST).to(dt)  # (BLOCK_N, BKV)
-            o_ptr = O_part + (out * G + rows)[:, None] * WP + (c0 + cv)[None, :]
-            before = tl.load(o_ptr, mask=row_ok[:, None] & (t0 > start), other=0.0)
-            tl.store(o_ptr, before * alpha[:, None] + tl.dot(p.to(dt), xv), mask=row_ok[:, None])
-        tl.debug_barrier()  # the next tile reads what every thread stored
-    else:
-        if not SAME:
-            for c0 in range(0, VW, BKV):
-                xv = _deq(Vc, Vs, Vz, Vf, t0, c0, TQV, end, svc_1, svc_2, svs_1, svs_2, svf_t,
-                          VW, VB, VG, VCH, BLOCK_N, BKV, VFAST).to(dt)
-                v += tl.dot(xv, tl.load(Wv + (c0 + cv)[:, None] * swv + vcol[None, :],
-                                        mask=(c0 + cv < VW)[:, None], other=0.0))
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt))
-    return m_i, l_i, acc
+    return k, v
 
 
 @triton.jit
-def _remat_kernel(Q, O_part, ML, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv,
+def _absorb_span(s0, s1, start, q, inv, m_i, l_i, out, rows, row_ok, kcol, O_part, Sc, Pc, K, V, F0, Wk, TQK, TQV,
+                 skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, end,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BK: tl.constexpr, BKV: tl.constexpr, SPAN: tl.constexpr, FIRST: tl.constexpr, WP: tl.constexpr,
+                 KW: tl.constexpr, KB: tl.constexpr, KG: tl.constexpr, KCH: tl.constexpr,
+                 VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr,
+                 KFAST: tl.constexpr, VFAST: tl.constexpr, TRIG: tl.constexpr):
+    """absorb_v over tokens [s0, s1) (at most SPAN): the tiles' scores to the program's scratch (Sc, fp32), their
+    softmax weights P under the span's maximum (Pc, the dot dtype), then P.x_v chunk by chunk of x_v's channels,
+    each chunk summed over all the span's tiles in registers and added to the program's slot of the partial output
+    once (one read-modify-write a chunk and span, where a tile-by-tile sum needs one a chunk and tile). The scratch
+    is SPAN tokens of BLOCK_G rows a program, read back at once: it stays in the caches."""
+    dt = Wk.dtype.element_ty
+    n = tl.arange(0, BLOCK_N)
+    slot = (out * BLOCK_G + rows)[:, None] * SPAN  # this program's rows of the scratch
+    m_new = m_i
+    for t0 in range(s0, s1, BLOCK_N):
+        k, _ = _rebuild(t0, end, inv, K, V, F0, Wk, Wk, TQK, TQV, kcol, kcol,
+                        skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, 0,
+                        HD, BLOCK_N, BK, BKV, FIRST, False, False, KW, KB, KG, KCH, VW, VB, VG, VCH,
+                        KFAST, VFAST, TRIG)
+        s = tl.dot(q, tl.trans(k.to(dt)))  # (BLOCK_G, BLOCK_N)
+        s = tl.where((t0 + n < end)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_new, tl.max(s, axis=1))
+        tl.store(Sc + slot + (t0 - s0 + n)[None, :], s, mask=row_ok[:, None])
+    tl.debug_barrier()  # every thread reads scores other threads stored
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha
+    for t0 in range(s0, s1, BLOCK_N):
+        p = tl.exp2(tl.load(Sc + slot + (t0 - s0 + n)[None, :], mask=row_ok[:, None], other=float("-inf"))
+                    - m_new[:, None])
+        l_i += tl.sum(p, axis=1)
+        tl.store(Pc + slot + (t0 - s0 + n)[None, :], p.to(dt), mask=row_ok[:, None])
+    tl.debug_barrier()
+    cv = tl.arange(0, BKV)
+    for c0 in range(0, VW, BKV):
+        o_ptr = O_part + (out * G + rows)[:, None] * WP + (c0 + cv)[None, :]
+        o = tl.load(o_ptr, mask=row_ok[:, None] & (s0 > start), other=0.0) * alpha[:, None]
+        for t0 in range(s0, s1, BLOCK_N):
+            s, z = _sz(V[1], V[2], t0, c0, svs_1, svs_2, VW, VB, VG, VCH, BLOCK_N, BKV, VFAST)
+            xv = _deq(V[0], V[1], V[2], V[3], t0, c0, TQV, end, svc_1, svc_2, svs_1, svs_2, svf_t, s, z,
+                      VW, VB, VG, VCH, BLOCK_N, BKV, VFAST).to(dt)  # (BLOCK_N, BKV)
+            p = tl.load(Pc + slot + (t0 - s0 + n)[None, :], mask=row_ok[:, None], other=0.0)
+            o += tl.dot(p, xv)
+        tl.store(o_ptr, o, mask=row_ok[:, None])
+    tl.debug_barrier()  # the next span's reads of the slot and the scratch follow every thread's stores
+    return m_new, l_i
+
+
+@triton.jit
+def _remat_kernel(Q, O_part, ML, Sc, Pc, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv,
                   T, TQK, TQV, main, split_len, n_splits, split0, sm_scale, sq_b, sq_h,
                   skc_b, skc_1, skc_2, sks_b, sks_1, sks_2, skf_b, skf_t, sf0_b, sf0_t, swk,
                   svc_b, svc_1, svc_2, svs_b, svs_1, svs_2, svf_b, svf_t, swv,
                   HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BK: tl.constexpr, BKV: tl.constexpr, FIRST: tl.constexpr,
-                  SAME: tl.constexpr, ABSORB: tl.constexpr, WP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BK: tl.constexpr, BKV: tl.constexpr, SPAN: tl.constexpr,
+                  FIRST: tl.constexpr, SAME: tl.constexpr, ABSORB: tl.constexpr, WP: tl.constexpr,
                   KW: tl.constexpr, KB: tl.constexpr, KG: tl.constexpr, KCH: tl.constexpr,
                   VW: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, VCH: tl.constexpr,
                   KFAST: tl.constexpr, VFAST: tl.constexpr, TRIG: tl.constexpr):
@@ -358,29 +434,34 @@ def _remat_kernel(Q, O_part, ML, Inv, Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv
     q = (q.to(tl.float32) * sm_scale).to(dt)  # (BLOCK_G, HD), log2 domain
     inv = tl.load(Inv + tl.arange(0, HALF))  # (HALF,) fp32 inverse frequencies
     kcol = h * HD + j  # the head's columns of the key and value weights (contiguous: loaded in 16-byte pieces)
-    vcol = kcol
     out = (pid_bh * n_splits + pid_s).to(tl.int64)  # this program's slot of the partial outputs
-    Kc += b * skc_b  # this sequence's sources: 32-bit offsets from here on
-    Ks += b * sks_b
-    Kz += b * sks_b
-    Kf += b * skf_b
+    # this sequence's sources (codes, scale, zero, tail): 32-bit offsets from here on
+    K = (Kc + b * skc_b, Ks + b * sks_b, Kz + b * sks_b, Kf + b * skf_b)
+    V = (Vc + b * svc_b, Vs + b * svs_b, Vz + b * svs_b, Vf + b * svf_b)
     F0 += b * sf0_b
-    Vc += b * svc_b
-    Vs += b * svs_b
-    Vz += b * svs_b
-    Vf += b * svf_b
 
     start, end = _split_range(pid_s, split_len, main, T)  # [0, main): whole tiles, codes only
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HD], tl.float32)
-    for t0 in range(start, end, BLOCK_N):
-        m_i, l_i, acc = _tile(t0, end, start, q, inv, m_i, l_i, acc, out, rows, row_ok, kcol, vcol, O_part,
-                              Kc, Ks, Kz, Kf, F0, Wk, Vc, Vs, Vz, Vf, Wv, TQK, TQV,
-                              skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, swv,
-                              G, HD, BLOCK_N, BK, BKV, FIRST, SAME, ABSORB, WP, KW, KB, KG, KCH, VW, VB, VG, VCH,
-                              KFAST, VFAST, TRIG)
-    if not ABSORB:
+    if ABSORB:
+        for s0 in range(start, end, SPAN):
+            m_i, l_i = _absorb_span(s0, tl.minimum(s0 + SPAN, end), start, q, inv, m_i, l_i, out, rows, row_ok,
+                                    kcol, O_part, Sc, Pc, K, V, F0, Wk, TQK, TQV,
+                                    skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2,
+                                    svf_t, end, G, BLOCK_G, HD, BLOCK_N, BK, BKV, SPAN, FIRST, WP,
+                                    KW, KB, KG, KCH, VW, VB, VG, VCH, KFAST, VFAST, TRIG)
+    else:
+        acc = tl.zeros([BLOCK_G, HD], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        for t0 in range(start, end, BLOCK_N):
+            k, v = _rebuild(t0, end, inv, K, V, F0, Wk, Wv, TQK, TQV, kcol, kcol,
+                            skc_1, skc_2, sks_1, sks_2, skf_t, sf0_t, swk, svc_1, svc_2, svs_1, svs_2, svf_t, swv,
+                            HD, BLOCK_N, BK, BKV, FIRST, SAME, True, KW, KB, KG, KCH, VW, VB, VG, VCH,
+                            KFAST, VFAST, TRIG)
+            s = tl.dot(q, tl.trans(k.to(dt)))  # (BLOCK_G, BLOCK_N)
+            s = tl.where((t0 + n < end)[None, :], s, float("-inf"))
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt))
         tl.store(O_part + (out * G + rows)[:, None] * HD + j[None, :], acc, mask=row_ok[:, None])
     tl.store(ML + (out * G + rows) * 2, m_i, mask=row_ok)
     tl.store(ML + (out * G + rows) * 2 + 1, l_i, mask=row_ok)
@@ -395,8 +476,9 @@ def _accumulate_kernel(C, S, Z, F, Acc, Out, T, TQ, sc_b, sc_1, sc_2, ss_b, ss_1
     b = tl.program_id(0).to(tl.int64)
     t0 = T0 + tl.program_id(1) * BLOCK_T
     c0 = tl.program_id(2) * BLOCK_D
+    s, z = _sz(S + b * ss_b, Z + b * ss_b, t0, c0, ss_1, ss_2, VW, VB, VG, VCH, BLOCK_T, BLOCK_D, FAST)
     x = _deq(C + b * sc_b, S + b * ss_b, Z + b * ss_b, F + b * sf_b, t0, c0, TQ, T, sc_1, sc_2, ss_1, ss_2, sf_t,
-             VW, VB, VG, VCH, BLOCK_T, BLOCK_D, FAST)  # (BLOCK_T, BLOCK_D), zero outside
+             s, z, VW, VB, VG, VCH, BLOCK_T, BLOCK_D, FAST)  # (BLOCK_T, BLOCK_D), zero outside
     tok = t0 + tl.arange(0, BLOCK_T)
     ch = c0 + tl.arange(0, BLOCK_D)
     ok = (tok < T)[:, None] & (ch < VW)[None, :]
