@@ -11,7 +11,7 @@ step of 2 layers and of the full model. Prints a table per part and, last, `min_
 tensor peak or of the bandwidth, whichever binds; `min_pct_of_remat_roofline`), XQuant-CL's accumulation kernel
 (share of the bandwidth), then the full-model steps.
 
-    python benchmarks/kernel_roofline.py [--out DIR] [--quick] [--tune] [--remat]
+    python benchmarks/kernel_roofline.py [--out DIR] [--quick] [--tune] [--remat] [--remat-tune] [--paper] [--across]
 """
 
 from __future__ import annotations
@@ -255,6 +255,15 @@ def accumulate_cases(spec, points, hw, out_rows) -> None:
         torch.cuda.empty_cache()
 
 
+ACROSS_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
+ACROSS_CONFIGS = [(c.label, c) for c in (
+    specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2),
+    specs.SchemeConfig(scheme="xquant_yang", bits=2),
+    specs.SchemeConfig(scheme="xquant", bits=2, strategy="remat"),
+    specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v"),
+    specs.SchemeConfig(scheme="xquant_cl", bits=2), specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="remat"),
+    specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v"), specs.SchemeConfig(scheme="xquant_cl_gqa", bits=2))]
+PAPER_CONTEXTS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 REMAT_CONFIGS = [("xquant-2 absorb", specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v")),
                  ("xquant-2 remat", specs.SchemeConfig(scheme="xquant", bits=2, strategy="remat")),
                  ("xquant_gqa-2 absorb", specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v")),
@@ -305,21 +314,25 @@ STEP_CONFIGS = [("fp16", specs.SchemeConfig(scheme="fp16")), ("kivi-2", specs.Sc
                 ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4))]
 
 
-def step_cases(spec, points, out_rows, on_row, configs=STEP_CONFIGS, torch_too: bool = True) -> None:
-    """Whole decode steps (CUDA graph) of 2 layers and of the full model: Triton engine and (2 layers, torch_too)
-    the torch engine."""
+def step_cases(spec, points, out_rows, on_row, configs=STEP_CONFIGS, torch_too: bool = True,
+               full: bool = True) -> None:
+    """Whole decode steps (CUDA graph) of 2 layers and (full) of the whole model: Triton engine and (2 layers,
+    torch_too) the torch engine."""
     from xqsim.engine.measure import measure_one
 
-    full = spec.n_layers
     for label, cfg in configs:
         for B, T in points:
-            for layers in (2, full):
+            for layers in (2, spec.n_layers) if full else (2,):
                 m = spec.model_copy(update={"n_layers": layers})
                 for kernels in ("triton", "torch") if layers == 2 and torch_too else ("triton",):
                     try:
                         r = measure_one(m, cfg, B, T, "cuda", torch.bfloat16, repeats=10, warmup=2, kernels=kernels)
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
+                        continue
+                    except Exception as err:  # one configuration's failure is printed, the others still run
+                        print(f"step {label} B{B} T{T} {layers} layers {kernels}: failed: {str(err)[:200]}",
+                              flush=True)
                         continue
                     row = {"part": "step", "scheme": label, "kernel": kernels, "batch": B, "context": T,
                            "layers": layers, "step_time_graph_s": r.get("step_time_graph_s"),
@@ -367,6 +380,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="attention only")
     ap.add_argument("--remat", action="store_true", help="the fused rematerialization kernels and their steps only")
     ap.add_argument("--remat-tune", action="store_true", help="time remat kernel variants (tile, chunk, warps)")
+    ap.add_argument("--across", action="store_true", help="2-layer steps of every scheme (2-bit) at batch 8 across "
+                    "context (benchmarks/steps_across_context.py plots them)")
+    ap.add_argument("--paper", action="store_true", help="2-layer steps of Llama-2-7B at batch 1 across context, "
+                    "fp16 and XQuant-2 fused (benchmarks/paper_claim.py reads them)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_roofline: needs a CUDA device")
@@ -388,6 +405,18 @@ def main() -> None:
                ("kivi-3", specs.SchemeConfig(scheme="kivi", bits=3)),
                ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4)),
                ("kivi-8", specs.SchemeConfig(scheme="kivi", bits=8))]
+    if a.across:
+        step_cases(spec, [(8, T) for T in ACROSS_CONTEXTS], rows, lambda: save(a.out, info | {"model": spec.name}, rows),
+                   configs=ACROSS_CONFIGS, torch_too=False, full=False)
+        save(a.out, info | {"model": spec.name}, rows)
+        return
+    if a.paper:
+        l2 = loading.load_model("llama-2-7b")
+        configs = [("fp16", specs.SchemeConfig(scheme="fp16"))] + REMAT_CONFIGS[:2]
+        step_cases(l2, [(1, T) for T in PAPER_CONTEXTS], rows, lambda: save(a.out, info | {"model": l2.name}, rows),
+                   configs=configs, torch_too=False, full=False)
+        save(a.out, info | {"model": l2.name}, rows)
+        return
     if a.remat_tune:
         # the defaults first; 4 warps at 2 programs an SM let one program's dequantization overlap the other's
         # products (8 warps in one program meet at a barrier every step)
