@@ -85,6 +85,7 @@ def main() -> None:
               f"{turn} tokens, model rises >10% from {rise}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.set_xticks(ts, [f"{t // 1024}k" if t >= 1024 else str(t) for t in ts])
     ax.set_xlabel("context (tokens), batch 1")
     ax.set_ylabel("2-layer decode step (ms)")
     ax.set_title(f"{model.name} shapes on {data['device']['device']}: measured (Triton engine, CUDA graph) vs "
