@@ -160,15 +160,8 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
         flat = np.repeat(rows, k)  # row of each (row, point)
         mid = pts.ravel()
         B, T = np.where(along_batch[flat], mid, fixed[flat]), np.where(along_batch[flat], fixed[flat], mid)
-        vals = {"w": np.empty(len(flat)), "l": np.empty(len(flat))}
-        for role, groups in roles.items():
-            for (mname, label), idx in groups.items():
-                sel = np.nonzero(np.isin(flat, idx))[0]
-                if len(sel):
-                    m, rc, groups_ = resolved[mname, label]
-                    r = flat[sel]
-                    vals[role][sel] = _point_values({kk: v[r] for kk, v in rates.items()}, cap[r], m, rc, groups_,
-                                                    B[sel], T[sel], batch_limit, metric[r])
+        vals = {role: _role_values(groups, flat, B, T, resolved, rates, cap, metric, batch_limit)
+                for role, groups in roles.items()}
         wins = np.where(higher[flat], vals["w"] > vals["l"], vals["w"] < vals["l"]).reshape(len(rows), k)
         # the first point where the winner is the better closes the bracket; the point before it opens it
         first = np.where(wins.any(1), wins.argmax(1), k)
@@ -183,6 +176,20 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
         if a["throughput_cap_tokens_per_s"][0, 0, 0] == 0 and lo[i] < wall <= hi[i]:
             hi[i] = wall
     return cr.assign(crossover=hi.astype(float))
+
+
+def _role_values(groups: dict, flat, B, T, resolved: dict, rates: dict, cap, metric, batch_limit: int) -> np.ndarray:
+    """The metric of one side (winner or loser) of every (crossover, search point): groups maps each (model,
+    label) to the crossover rows it plays that side in; flat is each point's crossover row."""
+    out = np.empty(len(flat))
+    for key, idx in groups.items():
+        sel = np.nonzero(np.isin(flat, idx))[0]
+        if len(sel):
+            m, rc, layers = resolved[key]
+            r = flat[sel]
+            out[sel] = _point_values({k: v[r] for k, v in rates.items()}, cap[r], m, rc, layers, B[sel], T[sel],
+                                     batch_limit, metric[r])
+    return out
 
 
 CATEGORIES = ("hardware", "model", "scheme", "label", "strategy")
