@@ -262,7 +262,8 @@ ACROSS_CONFIGS = [(c.label, c) for c in (
     specs.SchemeConfig(scheme="xquant", bits=2, strategy="remat"),
     specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v"),
     specs.SchemeConfig(scheme="xquant_cl", bits=2), specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="remat"),
-    specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v"), specs.SchemeConfig(scheme="xquant_cl_gqa", bits=2))]
+    specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v"),
+    specs.SchemeConfig(scheme="xquant_cl_gqa", bits=2))]
 PAPER_CONTEXTS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 REMAT_CONFIGS = [("xquant-2 absorb", specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v")),
                  ("xquant-2 remat", specs.SchemeConfig(scheme="xquant", bits=2, strategy="remat")),
@@ -406,8 +407,9 @@ def main() -> None:
                ("kivi-4", specs.SchemeConfig(scheme="kivi", bits=4)),
                ("kivi-8", specs.SchemeConfig(scheme="kivi", bits=8))]
     if a.across:
-        step_cases(spec, [(8, T) for T in ACROSS_CONTEXTS], rows, lambda: save(a.out, info | {"model": spec.name}, rows),
-                   configs=ACROSS_CONFIGS, torch_too=False, full=False)
+        step_cases(spec, [(8, T) for T in ACROSS_CONTEXTS], rows,
+                   lambda: save(a.out, info | {"model": spec.name}, rows), configs=ACROSS_CONFIGS, torch_too=False,
+                   full=False)
         save(a.out, info | {"model": spec.name}, rows)
         return
     if a.paper:

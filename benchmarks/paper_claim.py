@@ -59,7 +59,7 @@ def main() -> None:
     model = loading.load_model(data["device"]["model"]).model_copy(update={"n_layers": rows[0]["layers"]})
     out, fig = {"device": data["device"], "rise": RISE, "schemes": {}}, plt.figure(figsize=(7.5, 4.6))
     ax = fig.add_subplot()
-    for (label, cfg), color in zip(CONFIGS.items(), ("#555555", "#1f77b4", "#ff7f0e")):
+    for (label, cfg), color in zip(CONFIGS.items(), ("#555555", "#1f77b4", "#ff7f0e"), strict=True):
         mine = sorted((r["context"], r["step_time_graph_s"]) for r in rows if r["scheme"] == label)
         if not mine:
             continue
@@ -68,8 +68,8 @@ def main() -> None:
         up = next((i for i, s in enumerate(meas) if s > RISE * floor), None)
         pred = [model_step(hw, model, cfg, t)["step_s"] for t in ts]
         m_floor = model_step(hw, model, cfg, ts[0])["step_s"]
-        turn = first_context(lambda t: (m := model_step(hw, model, cfg, t))["compute_s"] > m["mem_s"])
-        rise = first_context(lambda t: model_step(hw, model, cfg, t)["step_s"] > RISE * m_floor, lo=ts[0])
+        turn = first_context(lambda t, c=cfg: (m := model_step(hw, model, c, t))["compute_s"] > m["mem_s"])
+        rise = first_context(lambda t, c=cfg, f=m_floor: model_step(hw, model, c, t)["step_s"] > RISE * f, lo=ts[0])
         out["schemes"][label] = {
             "contexts": ts, "measured_step_s": meas, "model_step_s": pred,
             "measured_rise_between": [ts[up - 1], ts[up]] if up else None,

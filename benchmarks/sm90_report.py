@@ -54,7 +54,7 @@ def capture(call) -> list[tuple[JITFunction, tuple, dict]]:
 def compile_sm90(fn: JITFunction, args: tuple, kwargs: dict):
     """fn compiled for sm_90 with these arguments' types and the JIT's divisibility specialization."""
     names = fn.arg_names
-    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in OPTIONS}
+    values = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k not in OPTIONS}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
         v = values[name]

@@ -105,20 +105,34 @@ def load(path: Path, name: str | None = None, hint: str = "") -> GGUFModel:
     arch = _field(reader, "general.architecture", path, hint)
     if arch != "llama":
         raise UserError(f"{path}: architecture '{arch}' is not supported (llama only)")
+    tokens = _field(reader, "tokenizer.ggml.tokens", path, hint)
+    tensors = {t.name: t for t in reader.tensors}
+    spec = _spec(reader, path, name, len(tokens), "output.weight" not in tensors, hint)
+    w = _weights(gguf, tensors, spec, path, hint)
+    return GGUFModel(path, spec, w, list(tokens), list(_field(reader, "tokenizer.ggml.merges", path, hint)),
+                     [int(x) for x in _field(reader, "tokenizer.ggml.token_type", path, hint)],
+                     str(reader.fields["tokenizer.ggml.pre"].contents()) if "tokenizer.ggml.pre" in reader.fields
+                     else "default")
 
+
+def _spec(reader, path: Path, name: str | None, vocab: int, tied: bool, hint: str) -> ModelSpec:
+    """The model's shapes from the file's llama.* metadata."""
     def meta(key: str):
         return _field(reader, f"llama.{key}", path, hint)
 
-    tokens = _field(reader, "tokenizer.ggml.tokens", path, hint)
-    d, H, Hkv = int(meta("embedding_length")), int(meta("attention.head_count")), int(meta("attention.head_count_kv"))
-    tensors = {t.name: t for t in reader.tensors}
-    spec = ModelSpec(
+    return ModelSpec(
         name=name or path.stem, display_name=str(_field(reader, "general.name", path, hint)),
-        source=f"GGUF metadata of {path.name}", n_layers=int(meta("block_count")), d_model=d, n_heads=H,
-        n_kv_heads=Hkv, head_dim=int(meta("rope.dimension_count")), ffn_dim=int(meta("feed_forward_length")),
-        vocab_size=len(tokens), tie_embeddings="output.weight" not in tensors,
-        rope_theta=float(meta("rope.freq_base")), norm_eps=float(meta("attention.layer_norm_rms_epsilon")))
+        source=f"GGUF metadata of {path.name}", n_layers=int(meta("block_count")),
+        d_model=int(meta("embedding_length")), n_heads=int(meta("attention.head_count")),
+        n_kv_heads=int(meta("attention.head_count_kv")),
+        head_dim=int(meta("rope.dimension_count")), ffn_dim=int(meta("feed_forward_length")), vocab_size=vocab,
+        tie_embeddings=tied, rope_theta=float(meta("rope.freq_base")),
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon")))
 
+
+def _weights(gguf, tensors: dict, spec: ModelSpec, path: Path, hint: str) -> dict[str, torch.Tensor]:
+    """The engine's weights (float32, (in, out) matrices; q and k rows back in the order RoPE pairs), checked
+    against the spec's shapes."""
     def get(gname: str) -> np.ndarray:
         t = tensors.get(gname)
         if t is None:
@@ -139,18 +153,15 @@ def load(path: Path, name: str | None = None, hint: str = "") -> GGUFModel:
              "w_up": "ffn_up", "w_down": "ffn_down"}
     for i in range(spec.n_layers):
         for ours, theirs in names.items():
-            w[f"{i}.{ours}"] = mat(f"blk.{i}.{theirs}.weight", {"wq": H, "wk": Hkv}.get(ours))
+            w[f"{i}.{ours}"] = mat(f"blk.{i}.{theirs}.weight", {"wq": spec.n_heads, "wk": spec.n_kv_heads}.get(ours))
         w[f"{i}.attn_norm"] = torch.from_numpy(get(f"blk.{i}.attn_norm.weight"))
         w[f"{i}.mlp_norm"] = torch.from_numpy(get(f"blk.{i}.ffn_norm.weight"))
-    shapes = {"embed": (spec.vocab_size, d), "0.wq": (d, spec.dq), "0.wk": (d, spec.dkv),
-              "0.w_down": (spec.ffn_dim, d)}
+    d = spec.d_model
+    shapes = {"embed": (spec.vocab_size, d), "0.wq": (d, spec.dq), "0.wk": (d, spec.dkv), "0.w_down": (spec.ffn_dim, d)}
     for k, shape in shapes.items():
         if tuple(w[k].shape) != shape:
             raise UserError(f"{path}: tensor {k} has shape {tuple(w[k].shape)}, the metadata says {shape}{hint}")
-    return GGUFModel(path, spec, w, list(tokens), list(_field(reader, "tokenizer.ggml.merges", path, hint)),
-                     [int(x) for x in _field(reader, "tokenizer.ggml.token_type", path, hint)],
-                     str(reader.fields["tokenizer.ggml.pre"].contents()) if "tokenizer.ggml.pre" in reader.fields
-                     else "default")
+    return w
 
 
 def check_spec(got: ModelSpec, want: ModelSpec, path: Path) -> None:
