@@ -55,6 +55,8 @@ class Fitted(BaseModel):
                                                                  "codes (laid out channel-major, values token-major)")
     target: Literal["graph", "eager"] = Field("graph", description="what the fit predicts: the GPU time of a "
                                                                    "CUDA-graph step, or an eager step")
+    engine: Literal["torch", "triton"] = Field("torch", description="the engine the fit describes: torch (unfused "
+                                               "configurations) or triton, the kernel engine (fused ones)")
 
 
 FlopKey = Literal["bf16", "fp16", "fp8", "int8", "tf32", "fp32"]

@@ -1,0 +1,113 @@
+"""Which rates a prediction uses: one rule for every GPU, command and view, and the words that say which.
+
+A profile's fitted block describes one engine on that GPU (`Fitted.engine`): the torch engine, which runs every
+dequantization and rematerialization as kernels of their own (the model's unfused configurations), or the kernel
+engine (`triton`), which runs them inside its attention kernels (the fused configurations). A configuration is
+predicted for the engine that runs it. Modes:
+
+- `spec`: the datasheet roofline, everywhere;
+- `fitted` (the default): the GPU's own fit for that engine; where it has none, spec rates, and the basis says why
+  (a stated fallback, never a silent one);
+- `transferred`: as `fitted`, and where the GPU has no fit of its own for that engine, another GPU's fit for it:
+  its efficiencies applied to this GPU's spec figures, its overheads as they are, named in the basis.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from .specs import HardwareProfile, SchemeConfig
+
+MODES = ("spec", "fitted", "transferred")
+
+
+def engine(cfg: SchemeConfig) -> str:
+    """The engine that runs a configuration: `triton` (the kernel engine) when it is fused, else `torch`."""
+    return "triton" if cfg.fused else "torch"
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What one (GPU, configuration) is predicted with."""
+
+    kind: str  # spec | fitted | transferred: what is applied
+    fit: str = ""  # the profile whose fitted block is applied
+    engine: str = ""  # the engine that fit describes
+    fallback: str = ""  # where a fit was asked for and spec rates stand in: why
+
+    @property
+    def label(self) -> str:
+        """The `rates` column's value: 'spec', 'fitted (h100_sxm, torch engine)', 'spec (no triton-engine fit)'."""
+        if self.kind == "spec":
+            return f"spec ({self.fallback})" if self.fallback else "spec"
+        return f"{self.kind} ({self.fit}, {self.engine} engine)"
+
+
+def check(mode: str, where: str = "--rates") -> str:
+    """mode, or a ValueError naming where it came from and what is allowed."""
+    if mode not in MODES:
+        raise ValueError(f"{where}: '{mode}' is not allowed; allowed: {', '.join(MODES)}")
+    return mode
+
+
+def choose(hw: HardwareProfile, cfg: SchemeConfig, mode: str = "fitted",
+           donors: tuple[HardwareProfile, ...] = ()) -> tuple[HardwareProfile, Basis]:
+    """The profile to take rates from (hw, with the fitted block that applies or none) and its basis. donors: the
+    profiles whose fits `transferred` may lend (the first, by name, with a fit for the engine; default: the
+    shipped ones)."""
+    check(mode)
+    spec = hw.model_copy(update={"fitted": None}) if hw.fitted else hw
+    if mode == "spec":
+        return spec, Basis("spec")
+    eng = engine(cfg)
+    if hw.fitted and hw.fitted.engine == eng:
+        return hw, Basis("fitted", hw.name, eng)
+    if mode == "transferred":
+        lender = next((d for d in sorted(donors or shipped_fits(), key=lambda d: d.name)
+                       if d.fitted and d.fitted.engine == eng and d.name != hw.name), None)
+        if lender is not None:
+            return hw.model_copy(update={"fitted": lender.fitted}), Basis("transferred", lender.name, eng)
+    return spec, Basis("spec", fallback=f"no {eng}-engine fit")
+
+
+@functools.cache
+def shipped_fits() -> tuple[HardwareProfile, ...]:
+    """The shipped profiles that carry a fitted block: what `transferred` may lend."""
+    from .loading import list_hardware
+
+    return tuple(hw for hw in list_hardware() if hw.fitted)
+
+
+def rates(hw: HardwareProfile, cfg: SchemeConfig, mode: str = "fitted",
+          donors: tuple[HardwareProfile, ...] = ()) -> tuple[dict[str, float], Basis]:
+    """The achieved rates the roofline uses for (hw, cfg) under `mode`, and their basis."""
+    prof, basis = choose(hw, cfg, mode, donors)
+    return prof.rates(fitted=basis.kind != "spec"), basis
+
+
+def summary(hws: list[HardwareProfile], configs: list[SchemeConfig], mode: str,
+            donors: tuple[HardwareProfile, ...] = ()) -> str:
+    """One line for a console header or a plot title: each distinct basis and where it applies (GPUs, and which
+    configurations where not all: 'fused', 'unfused' or their labels)."""
+    seen: dict[str, dict[str, list[SchemeConfig]]] = {}
+    for hw in hws:
+        for cfg in configs:
+            seen.setdefault(choose(hw, cfg, mode, donors)[1].label, {}).setdefault(hw.name, []).append(cfg)
+    parts = []
+    for lab, per_hw in seen.items():
+        groups: dict[str, list[str]] = {}
+        for h, cs in per_hw.items():
+            groups.setdefault(_which(cs, configs), []).append(h)
+        parts.append(f"{lab} on " + "; ".join(", ".join(h) + (f" ({w})" if w else "") for w, h in groups.items()))
+    return f"rates {mode}: " + " | ".join(parts)
+
+
+def _which(cs: list[SchemeConfig], configs: list[SchemeConfig]) -> str:
+    """'' when cs are all the configurations, 'fused' or 'unfused' when they are exactly those, else the labels."""
+    if len(cs) == len(configs):
+        return ""
+    for word, flag in (("fused", True), ("unfused", False)):
+        if {c.label for c in cs} == {c.label for c in configs if c.fused == flag}:
+            return f"{word} configurations"
+    return ", ".join(c.label for c in cs)
