@@ -54,7 +54,7 @@ def test_real_sweep_capacity_limited_throughput_crossovers():
     configs = [specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2, fused=True),
                specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]
     ctx = [int(x) for x in np.geomspace(1024, 2**20, 41)]
-    df = sweep.run([hw], [model], configs, [1, 16, 64, 256], ctx, fitted=False)  # the spec roofline
+    df = sweep.run([hw], [model], configs, [1, 16, 64, 256], ctx, rate_mode="spec")  # the spec roofline
     cr = crossovers(df)
     tp = cr[cr["metric"] == "throughput_cap_tokens_per_s"].set_index(["scheme_a", "scheme_b"])
     assert ("fp16", "kivi-2b-fused") not in tp.index
@@ -82,15 +82,15 @@ def test_crossover_at_a_memory_wall_is_the_wall():
     hw, model = loading.load_hardware("h100_sxm"), loading.load_model("llama-3.1-8b")
     xq = specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)
     configs = [specs.SchemeConfig(scheme="fp16"), xq]
-    df = sweep.run([hw], [model], configs, sc.batch, sc.contexts(), fitted=sc.fitted)  # at spec, as the sweep
+    df = sweep.run([hw], [model], configs, sc.batch, sc.contexts(), rate_mode=sc.rates)  # at spec, as the sweep
     raw = crossovers(df, ("throughput_cap_tokens_per_s",))
-    exact = solve_crossovers(raw, [hw], [model], configs, max(sc.batch), fitted=sc.fitted)
+    exact = solve_crossovers(raw, [hw], [model], configs, max(sc.batch), rate_mode=sc.rates)
     row = exact.set_index(["scheme_a", "scheme_b"]).loc[("fp16", xq.label)]
     wall = int(df[(df["label"] == "fp16") & (df["batch"] == 1)]["max_context"].iloc[0]) + 1
     assert wall == 467288 and row["winner"] == xq.label
     assert row["crossover"] == wall, (row["crossover"], raw["crossover"].tolist())
     assert abs(raw["crossover"].iloc[0] / wall - 1) > 0.02  # interpolation alone was 2.9% off
-    at = sweep.evaluate([hw], model, configs[0], [1], [wall - 1, wall], fitted=sc.fitted, batch_limit=max(sc.batch))
+    at = sweep.evaluate([hw], model, configs[0], [1], [wall - 1, wall], rate_mode=sc.rates, batch_limit=max(sc.batch))
     assert at["throughput_cap_tokens_per_s"][0, 0, 0] > 0 == at["throughput_cap_tokens_per_s"][0, 0, 1]
 
 
@@ -104,13 +104,13 @@ def test_solved_crossover_is_the_first_point_the_winner_leads():
     configs = [specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v", fused=True),
                specs.SchemeConfig(scheme="xquant_gqa", bits=2)]
     ctx = [int(x) for x in np.geomspace(1024, 8192, 5)]
-    df = sweep.run([hw], [model], configs, [16], ctx, fitted=False)
-    cr = solve_crossovers(crossovers(df, ("step_time_s",)), [hw], [model], configs, 16, fitted=False)
+    df = sweep.run([hw], [model], configs, [16], ctx, rate_mode="spec")
+    cr = solve_crossovers(crossovers(df, ("step_time_s",)), [hw], [model], configs, 16, rate_mode="spec")
     assert len(cr) >= 1, cr
     for r in cr.itertuples():
         x = int(r.crossover)
         assert r.lo < x <= r.hi
-        t = {c.label: sweep.evaluate([hw], model, c, [16], [x - 1, x], fitted=False)["step_time_s"][0, 0]
+        t = {c.label: sweep.evaluate([hw], model, c, [16], [x - 1, x], rate_mode="spec")["step_time_s"][0, 0]
              for c in configs}
         loser = r.scheme_a if r.winner == r.scheme_b else r.scheme_b
         assert t[r.winner][1] < t[loser][1] and t[r.winner][0] >= t[loser][0], (x, t)
@@ -131,7 +131,7 @@ def test_ridge_point_decides_where_remat_pays():
                specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="absorb_v", fused=True)]
     ctx = [int(x) for x in np.geomspace(1024, 2**19, 37)]
     for gpu, expect in (("h100_sxm", (1024, 10_000)), ("a100_80gb", None)):
-        df = sweep.run([loading.load_hardware(gpu)], [model], configs, [1, 256], ctx, fitted=False)
+        df = sweep.run([loading.load_hardware(gpu)], [model], configs, [1, 256], ctx, rate_mode="spec")
         cr = crossovers(df)
         tp = cr[cr["metric"] == "throughput_cap_tokens_per_s"]
         if expect:

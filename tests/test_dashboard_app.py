@@ -185,7 +185,9 @@ def test_upload_a_fitted_gpu_and_a_bad_one():
     roofs = charts(at)[0][1]["table"].query("kind == 'roof'")
     fixture = sorted(roofs[roofs["hardware"] == "h100_fixture"]["roof"].unique())
     assert fixture == ["fitted: dequant", "fitted: matmul", "spec: bf16 tensor", "spec: fp32 vector"], fixture
-    assert "Rates: fitted on h100_sxm, h100_fixture; spec roofline elsewhere." in at.caption[0].value
+    badge = at.caption[0].value  # each panel says which rates it predicts with (xqsim.rates)
+    assert "**rates fitted**" in badge and "fitted (h100_fixture, torch engine) on h100_fixture (unfused" in badge
+    assert "spec (no triton-engine fit) on h100_sxm, b200, h100_fixture (fused configurations)" in badge, badge
 
 
 def test_bad_url_values_are_reported_and_defaults_used():

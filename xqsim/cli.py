@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import loading, specs
+from . import loading, rates, specs
 from . import scenario as scenario_
-from .specs import UserError
+from .specs import SchemeConfig, UserError
 
 try:  # typer < 0.20 raises click's exceptions; newer typer vendors click as its own
     from click.exceptions import ClickException as _ClickException
@@ -33,6 +33,19 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 MAX_COUNT = {"batch": 2**20, "context": 2**31}  # sequences; tokens (2.1 billion): far past any GPU's memory
+
+
+RATES_HELP = ("the rates each GPU predicts with: spec (datasheet roofline), fitted (the GPU's own fit for the "
+              "engine a configuration runs on: torch unfused, the kernel engine fused; else spec, said so) or "
+              "transferred (else another GPU's fit for that engine)")
+
+
+def _rate_mode(mode: str) -> str:
+    """--rates checked: one line naming the field and what is allowed."""
+    try:
+        return rates.check(mode)
+    except ValueError as err:
+        raise UserError(f"command line: field 'rates': {str(err).split(': ', 1)[1]}") from None
 
 
 def _count(value: str, field: str) -> int:
@@ -68,7 +81,7 @@ def estimate(
     rank_v: Annotated[int | None, typer.Option(help="value latent rank (GQA variants)")] = None,
     v_bits: Annotated[int | None, typer.Option(help="xquant_yang value bits")] = None,
     share_from: Annotated[int | None, typer.Option(help="xquant_yang: first layer of code sharing")] = None,
-    spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore the profile's fitted block")] = False,
+    rate_mode: Annotated[str, typer.Option("--rates", help=RATES_HELP)] = "fitted",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """One configuration: ops, memory (paper and full accounting), step time, capacity."""
@@ -84,7 +97,7 @@ def estimate(
         cfg.resolved(m)
     except UserError as err:
         raise UserError(f"command line: {scenario_.named_field(str(err))}{err}") from None
-    r = run_estimate(hw, m, cfg, _count(batch, "batch"), _count(context, "context"), fitted=not spec_only)
+    r = run_estimate(hw, m, cfg, _count(batch, "batch"), _count(context, "context"), _rate_mode(rate_mode))
     if as_json:
         print(loading.to_json(r))
         return
@@ -92,8 +105,8 @@ def estimate(
 
 
 def _print_estimate(r: dict) -> None:
-    t = Table(title=f"{r['label']} · {r['model']} · {r['hardware']} ({r['profile']} rates) · "
-                    f"batch {r['batch']} · context {r['context']}", title_justify="left")
+    t = Table(title=f"{r['label']} · {r['model']} · {r['hardware']} · batch {r['batch']} · context {r['context']}"
+                    f"\nrates: {r['rates']}", title_justify="left")
     for c in ("op", "class", "×layers", "GFLOP", "MB read", "MB written", "FLOP/B", "µs each", "bound"):
         t.add_column(c, justify="left" if c in ("op", "class", "bound") else "right")
     for o in r["ops"]:
@@ -138,8 +151,7 @@ def recommend(
              "limit)")] = "5%",
     scenario: Annotated[Path, typer.Option(help="the scheme variants to consider: a scenario's `schemes`")] =
     loading.SCENARIOS_DIR / "long_ctx.yaml",
-    fitted: Annotated[bool, typer.Option(help="use profiles' fitted rates (they describe xqsim's torch engine) "
-                                              "instead of the spec roofline")] = False,
+    rate_mode: Annotated[str, typer.Option("--rates", help=RATES_HELP)] = "fitted",
     as_json: Annotated[bool, typer.Option("--json", help="print the ranked table as JSON")] = False,
 ) -> None:
     """Which KV-cache scheme to serve with: the most tokens/s within memory on each GPU, under a quality limit."""
@@ -155,19 +167,20 @@ def recommend(
     sc = loading.load_scenario(scenario)
     configs = sc.scheme_configs(scenario)
     b, t = _count(batch, "batch"), _count(context, "context")
-    df = run_recommend(hws, m, configs, b, t, limit, fitted=fitted)
+    mode = _rate_mode(rate_mode)
+    df = run_recommend(hws, m, configs, b, t, limit, rate_mode=mode)
     if as_json:
         cols = ["hardware", "verdict", "label", "tokens_per_s", "x_fp16", "batch", "context", "cache_bytes",
                 "delta_ppl_rel", "accuracy_result", "eligible", "rates"]
         out = df[cols].replace({np.nan: None})
-        print(loading.to_json({"model": m.name, "batch": b, "context": t, "max_delta_ppl": limit,
+        print(loading.to_json({"model": m.name, "batch": b, "context": t, "max_delta_ppl": limit, "rate_mode": mode,
                                "quality_measured_on": df.attrs.get("accuracy_model"),
                                "rows": out.to_dict("records")}))
         return
-    basis = "fitted rates" if fitted else "spec roofline"
     console.print(f"[bold]{m.name}[/bold], up to {b} sequences of {t:,} tokens, {fmt_threshold(limit)} "
-                  f"({basis}; quality: relative perplexity increase on {df.attrs.get('accuracy_model') or '-'}, "
+                  f"(quality: relative perplexity increase on {df.attrs.get('accuracy_model') or '-'}, "
                   f"measurements/accuracy/)")
+    console.print(rates.summary(hws, [SchemeConfig(scheme="fp16"), *configs], mode), style="dim")
     for line in verdict_lines(df, limit):
         console.print("  " + line)
     tab = Table(title="Ranked per GPU (capacity-limited throughput: the most sequences, up to the batch, that fit)",
@@ -198,7 +211,8 @@ def sweep(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML, or the name of a shipped one (long_ctx, ...)")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="output folder (default results/<name>)")] = None,
     force: Annotated[bool, typer.Option(help="overwrite files a previous sweep wrote there")] = False,
-    spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore fitted efficiencies")] = False,
+    rate_mode: Annotated[str | None, typer.Option("--rates", help=RATES_HELP + "; default: the scenario's "
+                                                  "`rates`")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="run a sweep above the size that asks first")] = False,
     csv: Annotated[bool | None, typer.Option("--csv/--no-csv", help="write results.csv beside results.parquet "
                                              "(default: up to 2,000,000 configurations)")] = None,
@@ -222,6 +236,8 @@ def sweep(
     if n > st.LARGE_SWEEP and not yes:
         raise UserError(f"{scenario}: {n:,} configurations (about {mem / 1e9:,.1f} GB of memory, {files / 1e9:,.1f} "
                         f"GB of files) is above {st.LARGE_SWEEP:,}; narrow its lists or pass --yes")
+    mode = _rate_mode(rate_mode) if rate_mode is not None else sc.rates
+    console.print(rates.summary(hws, configs, mode), style="dim")
     out = out or Path("results") / sc.name
     inputs = (scenario, *(base / x for x in [*sc.hardware, *sc.models] if str(x).endswith((".yaml", ".yml"))))
     sw.check_writable(out, force, inputs)
@@ -238,8 +254,8 @@ def sweep(
             if rows is not None:
                 progress.update(task, completed=rows)
 
-        res = st.sweep_scenario(scenario, sc, hws, models, configs, out, csv=csv, fitted=sc.fitted and not spec_only,
-                                workers=workers, on_step=step)
+        res = st.sweep_scenario(scenario, sc, hws, models, configs, out, csv=csv, rate_mode=mode, workers=workers,
+                                on_step=step)
         progress.update(task, description=f"evaluated {res.rows:,} configurations", total=res.rows)
     best = sw.summary(res.kept, res.plot_batch, res.plot_context)
     _print_summary(best, res.plot_batch, res.plot_context)

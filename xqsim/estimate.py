@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import schemes
+from . import rates, schemes
 from .roofline import BOUNDS, op_table
 from .schemes.layout import equivalent_bits, fp16_kv_bytes_per_token, paper_bytes_per_token
 from .specs import HardwareProfile, ModelSpec, SchemeConfig
@@ -12,12 +12,14 @@ from .sweep import evaluate
 
 
 def estimate(hw: HardwareProfile, model: ModelSpec, cfg: SchemeConfig, batch: int, context: int,
-             fitted: bool = True) -> dict:
-    """Everything about one (hardware, model, scheme, batch, context): JSON-ready."""
+             rate_mode: str = "fitted") -> dict:
+    """Everything about one (hardware, model, scheme, batch, context): JSON-ready. Rates by xqsim.rates' rule
+    under rate_mode; `rates` says which were used."""
     label, cfg = cfg.label, cfg.resolved(model)
-    a = {k: v.ravel()[0].item() for k, v in evaluate([hw], model, cfg, [batch], [context], fitted).items()}
+    a = {k: v.ravel()[0].item() for k, v in evaluate([hw], model, cfg, [batch], [context], rate_mode).items()}
     groups = schemes.layout(model, cfg)
-    ops = op_table(schemes.step_ops(model, cfg, np.int64(batch), np.int64(context), groups), hw.rates(fitted))
+    own, basis = rates.rates(hw, cfg, rate_mode)
+    ops = op_table(schemes.step_ops(model, cfg, np.int64(batch), np.int64(context), groups), own)
     paper_per_token = paper_bytes_per_token(groups, cfg)
     fp16_per_token = fp16_kv_bytes_per_token(model)
     paper_cache = batch * context * paper_per_token
@@ -25,7 +27,7 @@ def estimate(hw: HardwareProfile, model: ModelSpec, cfg: SchemeConfig, batch: in
         "hardware": hw.name, "model": model.name, "scheme": cfg.scheme, "label": label,
         "bits": cfg.bits, "batch": batch, "context": context, "strategy": cfg.strategy, "fused": cfg.fused,
         "config": cfg.model_dump(mode="json"),
-        "profile": "fitted" if fitted and hw.fitted else "spec",
+        "rates": basis.label, "rate_mode": rate_mode,
         "weights_bytes": a["weights_bytes"],
         "cache_bytes": a["cache_bytes"],
         "cache_codes_bytes": a["cache_codes_bytes"],

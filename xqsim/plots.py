@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import rates as xrates  # noqa: E402
 from . import schemes  # noqa: E402
 from .loading import write_atomic  # noqa: E402
 from .roofline import op_table  # noqa: E402
@@ -141,10 +143,18 @@ def _per_context(df: pd.DataFrame, path: Path, y: str, ylabel: str, title: str) 
     return _finish(fig, styles, path)
 
 
+def rates_note(df: pd.DataFrame) -> str:
+    """The rate bases a table's rows were predicted with (its `rates` column), for a figure's title."""
+    if "rates" not in df:
+        return ""
+    return "\n" + "\n".join(textwrap.wrap("rates: " + "; ".join(dict.fromkeys(df["rates"].astype(str))), 160))
+
+
 def step_time_vs_context(df: pd.DataFrame, batch: int, path: Path) -> list[Path]:
     sub = df[df["batch"] == batch].assign(step_time_ms=lambda d: d["step_time_s"] * 1e3)
     return _per_context(sub, path, "step_time_ms", "decode step time [ms]",
-                        f"Decode step time vs context, batch {batch} (x = memory wall: last context that fits)")
+                        f"Decode step time vs context, batch {batch} (x = memory wall: last context that fits)"
+                        + rates_note(sub))
 
 
 def _curve_names(d: pd.DataFrame) -> pd.DataFrame:
@@ -212,7 +222,7 @@ def throughput_cap_vs_context(df: pd.DataFrame, path: Path, limit: int | None = 
     hws = list(dict.fromkeys(sub["hardware"].astype(str)))
     fig, axes = _grid(models, hws, f"Capacity-limited throughput vs context (the largest batch that fits, up to "
                                    f"{limit or int(df['batch'].max())}; each scheme and bit width in its fastest "
-                                   "execution)")
+                                   "execution)" + rates_note(sub))
     for ax in axes.all()[1:]:
         ax.sharey(axes[0, 0])
     styles = _curve_styles(best)
@@ -240,15 +250,17 @@ def throughput_cap_vs_context(df: pd.DataFrame, path: Path, limit: int | None = 
 
 
 def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[SchemeConfig], batch: int,
-             context: int, path: Path, fitted: bool = True) -> list[Path]:
-    """Each scheme's ops at (batch, context) placed by arithmetic intensity and roofline FLOP rate."""
+             context: int, path: Path, rate_mode: str = "fitted") -> list[Path]:
+    """Each scheme's ops at (batch, context) placed by arithmetic intensity and roofline FLOP rate, each at the rates
+    its (GPU, configuration) takes under rate_mode; the roofs are the spec's."""
+    note = "\n".join(textwrap.wrap(xrates.summary(hws, configs, rate_mode), 160))
     fig, axes = _grid([m.name for m in models], [h.name for h in hws],
-                      f"Roofline: ops of one decode step, batch {batch}, context {context}")
+                      f"Roofline: ops of one decode step, batch {batch}, context {context}\n{note}")
     styles = _styles((c.label, c.scheme, c.bits, c.strategy, c.fused) for c in configs)
     for i, m in enumerate(models):
         for j, hw in enumerate(hws):
             ax = axes[i, j]
-            rates = hw.rates(fitted)
+            rates = hw.rates(fitted=False)
             bw, peak = rates["mem_bytes_per_s"], rates["matmul_flops_per_s"]
             pts = {cls: ([], [], []) for cls in MARKERS}  # op class -> x, y, colour: one scatter each
             for cfg in configs:
@@ -256,7 +268,8 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
                     rc = cfg.resolved(m)
                 except UserError:  # a config this model cannot take is simply not drawn
                     continue
-                for op in op_table(schemes.step_ops(m, rc, np.int64(batch), np.int64(context)), rates):
+                own = xrates.rates(hw, rc, rate_mode)[0]
+                for op in op_table(schemes.step_ops(m, rc, np.int64(batch), np.int64(context)), own):
                     if op["flops"] > 0:
                         x_, y_, c_ = pts[op["op_class"]]
                         x_.append(op["intensity_flop_per_byte"])

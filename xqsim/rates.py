@@ -67,8 +67,14 @@ def choose(hw: HardwareProfile, cfg: SchemeConfig, mode: str = "fitted",
         lender = next((d for d in sorted(donors or shipped_fits(), key=lambda d: d.name)
                        if d.fitted and d.fitted.engine == eng and d.name != hw.name), None)
         if lender is not None:
-            return hw.model_copy(update={"fitted": lender.fitted}), Basis("transferred", lender.name, eng)
+            return lend(hw, lender), Basis("transferred", lender.name, eng)
     return spec, Basis("spec", fallback=f"no {eng}-engine fit")
+
+
+def lend(hw: HardwareProfile, src: HardwareProfile) -> HardwareProfile:
+    """hw's spec figures with src's fitted block (its efficiencies, overheads and factors), labelled as lent."""
+    return hw.model_copy(update={"fitted": src.fitted.model_copy(
+        update={"source": f"transferred from {src.name}: {src.fitted.source}"})})
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import rates
 from .loading import DATA, load_model
 from .specs import HardwareProfile, ModelSpec, SchemeConfig, UserError
 from .sweep import capped_point
@@ -75,7 +76,7 @@ def _read_quality(path: Path, mtime_ns: int) -> tuple[dict[tuple, dict], ModelSp
 
 
 def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig], batch: int, context: int,
-              max_delta_ppl: float | None = None, fitted: bool = False,
+              max_delta_ppl: float | None = None, rate_mode: str = "fitted",
               accuracy: Path = ACCURACY_CSV) -> pd.DataFrame:
     """Every candidate on every GPU, ranked per GPU: capacity-limited tokens/s at `context` with at most `batch`
     sequences, x fp16, the batch that fits, the cache it holds, the relative perplexity increase, and whether it
@@ -87,7 +88,7 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
     rows = []
     for cfg in cands:
         try:
-            a = capped_point(hws, model, cfg, batch, context, fitted)
+            a = capped_point(hws, model, cfg, batch, context, rate_mode)
         except UserError:
             continue
         if cfg.scheme == "fp16":  # the baseline: the cache itself, no loss by construction
@@ -102,7 +103,7 @@ def recommend(hws: list[HardwareProfile], model: ModelSpec, configs: list[Scheme
                          "cache_bytes": float(a["cache_bytes_per_seq"][i]) * b,
                          "delta_ppl_rel": q["delta_ppl_rel"] if q else math.nan,
                          "accuracy_result": q["accuracy_label"] if q else "",
-                         "rates": "fitted" if fitted and hw.fitted else "spec"})
+                         "rates": rates.choose(hw, cfg, rate_mode)[1].label})
     df = pd.DataFrame(rows)
     base = df[df["label"] == fp16.label].set_index("hardware")["tokens_per_s"]
     df["x_fp16"] = df["tokens_per_s"] / df["hardware"].map(base).where(lambda s: s > 0)

@@ -7,7 +7,7 @@ import copy
 import itertools
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
@@ -107,7 +107,17 @@ class Scenario(BaseModel):
     context: list[Positive] | ContextRange
     plot_batch: Positive | None = Field(None, description="batch shown in per-batch plots (default: nearest 16)")
     plot_context: Positive | None = Field(None, description="context of the roofline plot (default: nearest 32k)")
-    fitted: bool = Field(True, description="use the fitted efficiencies of a profile when it has them")
+    rates: Literal["spec", "fitted", "transferred"] = Field(
+        "fitted", description="the rates each GPU predicts with (xqsim.rates): spec, fitted (its own fit for the "
+                              "engine a configuration runs on, else spec) or transferred (else another GPU's fit)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_fitted(cls, data: Any) -> Any:
+        """Files of earlier versions say `fitted: true|false`: the same as `rates: fitted|spec`."""
+        if isinstance(data, dict) and "fitted" in data and "rates" not in data and isinstance(data["fitted"], bool):
+            data = {k: v for k, v in data.items() if k != "fitted"} | {"rates": "fitted" if data["fitted"] else "spec"}
+        return data
 
     _hw = field_validator("hardware", "models", "batch", mode="before")(classmethod(lambda c, v: _listify(v)))
 

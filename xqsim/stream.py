@@ -19,7 +19,7 @@ from .crossover import grid_crossovers, memory_walls
 from .loading import partial, write_atomic
 from .scenario import Scenario
 from .specs import HardwareProfile, ModelSpec, SchemeConfig, Strategy, UserError
-from .sweep import CATEGORIES, _flatten, _frame, evaluated
+from .sweep import CATEGORIES, _flatten, _frame, evaluated, rate_labels
 
 CHUNK_ROWS = 100_000  # rows a sweep evaluates, writes and lets go of at once
 # Measured on streamed sweeps of 2*10^7 and 10^8 configurations (benchmarks/sweep_memory.py): the interpreter, its
@@ -89,7 +89,7 @@ def _evaluate_unit(unit: tuple) -> tuple:
     step = np.full((n_hw, n_cfg, len(batch), len(context)), np.nan)  # as the sweep's curves hold them
     cap = np.full((n_hw, n_cfg, len(context)), np.nan)
     for i, cfg in enumerate(j["configs"][cfgs]):
-        got = evaluated(j["hws"], model, cfg, batch, context, j["fitted"], j["limit"])
+        got = evaluated(j["hws"], model, cfg, batch, context, j["rate_mode"], j["limit"])
         if isinstance(got, str):
             skips.append(got)
             continue
@@ -216,7 +216,7 @@ class _TableWriter:
 
 
 def stream(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[SchemeConfig], batch, context,
-           parquet: Path, csv: Path | None = None, keep_batches=(), keep_contexts=None, fitted: bool = True,
+           parquet: Path, csv: Path | None = None, keep_batches=(), keep_contexts=None, rate_mode: str = "fitted",
            workers: int = 1, on_step: Callable[[str, int], None] | None = None) -> Streamed:
     """run()'s table, evaluated and written piece by piece (at most about CHUNK_ROWS rows in memory at once): to
     `parquet` and, if given, `csv`, each first under a temporary name that becomes the file only once the whole
@@ -229,8 +229,8 @@ def stream(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[Sc
     units = _units(nH, len(models), nL, nB, nC)
     cats = {"hardware": [hw.name for hw in hws], "model": [m.name for m in models],
             "scheme": list(dict.fromkeys(c.scheme for c in configs)), "label": [c.label for c in configs],
-            "strategy": ["", *Strategy.__args__]}
-    job = {"hws": hws, "models": models, "configs": configs, "batch": batch, "context": context, "fitted": fitted,
+            "strategy": ["", *Strategy.__args__], "rates": rate_labels(hws, configs, rate_mode)}
+    job = {"hws": hws, "models": models, "configs": configs, "batch": batch, "context": context, "rate_mode": rate_mode,
            "limit": int(batch.max()), "categories": cats, "keep_batches": list(keep_batches),
            "keep_contexts": None if keep_contexts is None else list(keep_contexts)}
     step = {m.name: np.full((nH, nL, nB, nC), np.nan) for m in models}
@@ -273,8 +273,8 @@ def stream(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[Sc
 
 
 def sweep_scenario(path: Path, sc: Scenario, hws: list[HardwareProfile], models: list[ModelSpec],
-                   configs: list[SchemeConfig], out: Path, csv: bool = True, fitted: bool = True, workers: int = 1,
-                   on_step: Callable[..., None] | None = None) -> Streamed:
+                   configs: list[SchemeConfig], out: Path, csv: bool = True, rate_mode: str = "fitted",
+                   workers: int = 1, on_step: Callable[..., None] | None = None) -> Streamed:
     """Everything `xqsim sweep` writes into `out` (checked writable before): the table (stream), the crossovers
     placed on the model, the memory walls, the scenario and its resolved inputs, the four plots. Returns the
     Streamed result with its crossovers placed. on_step(message, rows): progress ('skipped ...' for a scheme a
@@ -288,11 +288,12 @@ def sweep_scenario(path: Path, sc: Scenario, hws: list[HardwareProfile], models:
     plot_context = sc.plot_context or min(contexts, key=lambda c: abs(c - 32768))
     res = stream(hws, models, configs, batches, contexts, out / "results.parquet",
                  out / "results.csv" if csv else None, keep_batches=(plot_batch, batches[0]),
-                 keep_contexts=thinned(contexts, near=(plot_context,)), fitted=fitted, workers=workers, on_step=say)
+                 keep_contexts=thinned(contexts, near=(plot_context,)), rate_mode=rate_mode, workers=workers,
+                 on_step=say)
     if not csv:  # a CSV of an earlier sweep there (--force) no longer matches the table
         (out / "results.csv").unlink(missing_ok=True)
     say("placing crossovers on the model")
-    cross = solve_crossovers(res.crossovers, hws, models, configs, int(max(batches)), fitted=fitted)
+    cross = solve_crossovers(res.crossovers, hws, models, configs, int(max(batches)), rate_mode=rate_mode)
     write_atomic(out / "crossovers.csv", lambda p: cross.to_csv(p, index=False))
     write_atomic(out / "memory_walls.csv", lambda p: res.walls.to_csv(p, index=False))
     write_inputs(out, path, sc, hws, models, configs)
@@ -301,7 +302,7 @@ def sweep_scenario(path: Path, sc: Scenario, hws: list[HardwareProfile], models:
                      ("memory_vs_context", lambda p: plots.memory_vs_context(df, plot_batch, p)),
                      ("throughput_cap_vs_context", lambda p: plots.throughput_cap_vs_context(df, p, batches[-1])),
                      ("roofline", lambda p: plots.roofline(hws, models, configs, plot_batch, plot_context, p,
-                                                           fitted=fitted))):
+                                                           rate_mode=rate_mode))):
         say(f"plotting {name}")
         fn(out / name)
     return Streamed(res.rows, cross, res.walls, res.kept, plot_batch, plot_context)

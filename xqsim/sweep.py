@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import schemes
+from . import rates, schemes
 from .capacity import MAX_CONTEXT, max_batch, max_context, memory, seq_memory
 from .loading import to_json, write_atomic
 from .roofline import BOUNDS, step_time
@@ -26,21 +26,23 @@ from .specs import OP_CLASSES, HardwareProfile, ModelSpec, SchemeConfig, UserErr
 KEY_COLUMNS = ["hardware", "model", "scheme", "label", "bits", "strategy", "fused", "batch", "context"]
 
 
-def hardware_rates(hws: list[HardwareProfile], fitted: bool = True) -> dict[str, np.ndarray]:
-    """Achieved rates of each profile, stacked along a leading hardware axis (shape (nH, 1, 1))."""
-    rows = [hw.rates(fitted) for hw in hws]
+def hardware_rates(hws: list[HardwareProfile], cfg: SchemeConfig, rate_mode: str = "fitted") -> dict[str, np.ndarray]:
+    """The rates each profile gives cfg under rate_mode (xqsim.rates), stacked along a leading hardware axis (shape
+    (nH, 1, 1))."""
+    rows = [rates.rates(hw, cfg, rate_mode)[0] for hw in hws]
     return {k: np.array([r[k] for r in rows], dtype=float)[:, None, None] for k in rows[0]}
 
 
 def evaluate(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch, context,
-             fitted: bool = True, batch_limit: int | None = None) -> dict[str, np.ndarray]:
-    """Every metric of one (model, scheme) on the grid hardware x batch x context, as arrays."""
+             rate_mode: str = "fitted", batch_limit: int | None = None) -> dict[str, np.ndarray]:
+    """Every metric of one (model, scheme) on the grid hardware x batch x context, as arrays; rates by the rule of
+    xqsim.rates under rate_mode."""
     cfg = cfg.resolved(model)
     B = np.asarray(batch, dtype=np.int64)[None, :, None]
     T = np.asarray(context, dtype=np.int64)[None, None, :]
     shape = (len(hws), B.shape[1], T.shape[2])
     cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[:, None, None]
-    out = _metrics(hardware_rates(hws, fitted), cap, model, cfg, B, T, batch_limit or int(B.max()))
+    out = _metrics(hardware_rates(hws, cfg, rate_mode), cap, model, cfg, B, T, batch_limit or int(B.max()))
     return {k: np.broadcast_to(v, shape) for k, v in out.items()}
 
 
@@ -79,16 +81,16 @@ def _throughput_in(rates: dict, cap: np.ndarray, model: ModelSpec, cfg: SchemeCo
 
 
 def capped_point(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch: int, context: int,
-                 fitted: bool = True) -> dict[str, np.ndarray]:
+                 rate_mode: str = "fitted") -> dict[str, np.ndarray]:
     """At one batch and context, per GPU: the most sequences up to `batch` that fit (batch_cap), their tokens/s
     (throughput_cap_tokens_per_s) and one sequence's cache (cache_bytes_per_seq): evaluate()'s values for a
     verdict, without the rest of its metrics."""
     cfg = cfg.resolved(model)
     groups = schemes.layout(model, cfg)
-    rates = {k: v[:, 0, 0] for k, v in hardware_rates(hws, fitted).items()}
+    r = {k: v[:, 0, 0] for k, v in hardware_rates(hws, cfg, rate_mode).items()}
     cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)
     T = np.full(len(hws), context, dtype=np.int64)
-    b_cap, tput = _throughput_in(rates, cap, model, cfg, groups, T, batch)
+    b_cap, tput = _throughput_in(r, cap, model, cfg, groups, T, batch)
     per_seq = memory(model, cfg, 1, T, groups)["cache_bytes"]
     return {"batch_cap": b_cap, "throughput_cap_tokens_per_s": tput, "cache_bytes_per_seq": per_seq}
 
@@ -114,7 +116,7 @@ CROSS_WAYS = 16  # solve_crossovers: points a bracket is split at per step
 
 
 def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[ModelSpec],
-                     configs: list[SchemeConfig], batch_limit: int, fitted: bool = True,
+                     configs: list[SchemeConfig], batch_limit: int, rate_mode: str = "fitted",
                      rel_tol: float = 0.0) -> pd.DataFrame:
     """Each crossover of crossovers(df) placed exactly: the first integer context (or batch) in its bracket of grid
     points (lo, hi] at which the winner is the better, by a CROSS_WAYS-way search (geometric points, all of a step
@@ -137,13 +139,13 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
     loser = np.where(winner == cr["scheme_a"].astype(str).to_numpy(), cr["scheme_b"].astype(str).to_numpy(),
                      cr["scheme_a"].astype(str).to_numpy())
     models_ = cr["model"].astype(str).to_numpy()
-    # per point: the rates and capacity of its GPU; per (model, scheme): the resolved config and layout, once
-    rates = {k: v[:, 0, 0][hw_i] for k, v in hardware_rates(hws, fitted).items()}
+    # per point: the capacity of its GPU; per (model, scheme): the resolved config, layout and each GPU's rates, once
     cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)[hw_i]
     resolved = {}
     for mname, label in set(zip(models_, winner, strict=True)) | set(zip(models_, loser, strict=True)):
         rc = cfg_of[label].resolved(model_of[mname])
-        resolved[mname, label] = (model_of[mname], rc, schemes.layout(model_of[mname], rc))
+        resolved[mname, label] = (model_of[mname], rc, schemes.layout(model_of[mname], rc),
+                                  {k: v[:, 0, 0] for k, v in hardware_rates(hws, rc, rate_mode).items()})
     # rows of each (model, scheme) in each role, found once
     roles = {role: pd.DataFrame({"m": models_, "l": labels}).groupby(["m", "l"], sort=False).indices
              for role, labels in (("w", winner), ("l", loser))}
@@ -160,7 +162,7 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
         flat = np.repeat(rows, k)  # row of each (row, point)
         mid = pts.ravel()
         B, T = np.where(along_batch[flat], mid, fixed[flat]), np.where(along_batch[flat], fixed[flat], mid)
-        vals = {role: _role_values(groups, flat, B, T, resolved, rates, cap, metric, batch_limit)
+        vals = {role: _role_values(groups, flat, B, T, resolved, hw_i, cap, metric, batch_limit)
                 for role, groups in roles.items()}
         wins = np.where(higher[flat], vals["w"] > vals["l"], vals["w"] < vals["l"]).reshape(len(rows), k)
         # the first point where the winner is the better closes the bracket; the point before it opens it
@@ -171,24 +173,24 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
     # a capacity-limited flip that a stopped search left short of the exact point, because the loser ran out of
     # memory: the loser's memory wall (its longest context at batch 1, plus one) is the crossover, exactly
     for i in np.nonzero((metric == "throughput_cap_tokens_per_s") & (hi - lo > 1))[0]:
-        a = evaluate([hws[hw_i[i]]], model_of[models_[i]], cfg_of[loser[i]], [1], [hi[i]], fitted, batch_limit)
+        a = evaluate([hws[hw_i[i]]], model_of[models_[i]], cfg_of[loser[i]], [1], [hi[i]], rate_mode, batch_limit)
         wall = int(a["max_context"][0, 0, 0]) + 1
         if a["throughput_cap_tokens_per_s"][0, 0, 0] == 0 and lo[i] < wall <= hi[i]:
             hi[i] = wall
     return cr.assign(crossover=hi.astype(float))
 
 
-def _role_values(groups: dict, flat, B, T, resolved: dict, rates: dict, cap, metric, batch_limit: int) -> np.ndarray:
+def _role_values(groups: dict, flat, B, T, resolved: dict, hw_i, cap, metric, batch_limit: int) -> np.ndarray:
     """The metric of one side (winner or loser) of every (crossover, search point): groups maps each (model,
-    label) to the crossover rows it plays that side in; flat is each point's crossover row."""
+    label) to the crossover rows it plays that side in; flat is each point's crossover row, hw_i each row's GPU."""
     out = np.empty(len(flat))
     for key, idx in groups.items():
         sel = np.nonzero(np.isin(flat, idx))[0]
         if len(sel):
-            m, rc, layers = resolved[key]
+            m, rc, layers, per_hw = resolved[key]
             r = flat[sel]
-            out[sel] = _point_values({k: v[r] for k, v in rates.items()}, cap[r], m, rc, layers, B[sel], T[sel],
-                                     batch_limit, metric[r])
+            out[sel] = _point_values({k: v[hw_i[r]] for k, v in per_hw.items()}, cap[r], m, rc, layers, B[sel],
+                                     T[sel], batch_limit, metric[r])
     return out
 
 
@@ -211,6 +213,12 @@ def _frame(blocks: list[tuple[dict, dict[str, np.ndarray]]], hws: list[HardwareP
     sizes = [len(cols["batch"]) for _, cols in blocks]
     out = {}
     for k in blocks[0][0]:  # constant within a block: model, scheme, label, bits, strategy, fused
+        if k == "rates":  # one label per GPU: each row's, by its GPU
+            cats = (categories or {}).get(k) or list(dict.fromkeys(x for names, _ in blocks for x in names[k]))
+            per_hw = [np.array([cats.index(x) for x in names[k]], dtype=np.int16) for names, _ in blocks]
+            codes = np.concatenate([lab[cols["hardware"]] for lab, (_, cols) in zip(per_hw, blocks, strict=True)])
+            out[k] = pd.Categorical.from_codes(codes, cats)
+            continue
         values = [names[k] for names, _ in blocks]
         if k in CATEGORIES:
             cats = (categories or {}).get(k) or list(dict.fromkeys(values))
@@ -225,41 +233,49 @@ def _frame(blocks: list[tuple[dict, dict[str, np.ndarray]]], hws: list[HardwareP
         elif k == "bound_code":
             k, v = "bound", pd.Categorical.from_codes(v.astype(np.int8), list(BOUNDS))
         out[k] = v
-    order = KEY_COLUMNS + [c for c in out if c not in KEY_COLUMNS]
+    order = KEY_COLUMNS + [c for c in ("rates",) if c in out] + [c for c in out if c not in KEY_COLUMNS + ["rates"]]
     return pd.DataFrame({c: out[c] for c in order}, copy=False)  # no consolidation copy
 
 
-def _names(model: ModelSpec, cfg: SchemeConfig, resolved: SchemeConfig) -> dict:
+def _names(model: ModelSpec, cfg: SchemeConfig, resolved: SchemeConfig, hws: list[HardwareProfile],
+           rate_mode: str) -> dict:
+    """A block's constant columns; `rates` holds each GPU's basis label (the column takes each row's)."""
     return {"model": model.name, "scheme": cfg.scheme, "label": cfg.label, "bits": cfg.bits,
-            "strategy": resolved.strategy or "", "fused": cfg.fused}  # "": the scheme has none
+            "strategy": resolved.strategy or "", "fused": cfg.fused,  # "": the scheme has none
+            "rates": [rates.choose(hw, resolved, rate_mode)[1].label for hw in hws]}
 
 
-def evaluate_frame(hws, model, cfg, batch, context, fitted=True, batch_limit=None) -> pd.DataFrame:
+def rate_labels(hws: list[HardwareProfile], configs: list[SchemeConfig], rate_mode: str) -> list[str]:
+    """Every basis label the (GPU, configuration) pairs can take: the `rates` column's categories."""
+    return list(dict.fromkeys(rates.choose(hw, c, rate_mode)[1].label for hw in hws for c in configs))
+
+
+def evaluate_frame(hws, model, cfg, batch, context, rate_mode="fitted", batch_limit=None) -> pd.DataFrame:
     """evaluate() as a tidy table."""
     rcfg = cfg.resolved(model)
-    arrays = evaluate(hws, model, rcfg, batch, context, fitted, batch_limit)
-    return _frame([(_names(model, cfg, rcfg), _flatten(arrays, batch, context))], hws)
+    arrays = evaluate(hws, model, rcfg, batch, context, rate_mode, batch_limit)
+    return _frame([(_names(model, cfg, rcfg, hws, rate_mode), _flatten(arrays, batch, context))], hws)
 
 
-def evaluated(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch, context, fitted: bool,
+def evaluated(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch, context, rate_mode: str,
               limit: int) -> tuple[dict, dict[str, np.ndarray]] | str:
     """One (model, scheme) on the grid: (its names, evaluate()'s arrays), or, for a config the model cannot take
     (e.g. a rank above its dkv), why it is skipped."""
     try:
         rcfg = cfg.resolved(model)
-        return _names(model, cfg, rcfg), evaluate(hws, model, rcfg, batch, context, fitted, limit)
+        return _names(model, cfg, rcfg, hws, rate_mode), evaluate(hws, model, rcfg, batch, context, rate_mode, limit)
     except UserError as err:
         return f"skipped {cfg.label} on {model.name}: {err}"
 
 
 def run(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[SchemeConfig], batch, context,
-        fitted: bool = True, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
+        rate_mode: str = "fitted", on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
     """The full grid as one table; configs a model cannot take are skipped and reported through on_step."""
     blocks = []
     limit = int(max(batch))
     for model in models:
         for cfg in configs:
-            got = evaluated(hws, model, cfg, batch, context, fitted, limit)
+            got = evaluated(hws, model, cfg, batch, context, rate_mode, limit)
             if isinstance(got, str):
                 if on_step:
                     on_step(got)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import streamlit as st
 
-from .. import loading, specs
+from .. import loading, rates, specs
 from ..scenario import parse_count
 from ..schemes import SCHEMES
 from ..specs import HardwareProfile, ModelSpec, SchemeConfig, UserError
@@ -21,8 +21,9 @@ CONTEXTS = [2**k for k in range(8, 23)]  # 256 .. 4M tokens: the context slider'
 MAX_BATCH = 1 << 16
 DEFAULTS = {"view": "capacity", "hw": ["h100_sxm", "b200"], "model": "llama-3.1-8b",
             "schemes": ["fp16", "kivi-2b-fused", "xquant_gqa-2b-absorb_v-fused"], "batch": 16,
-            "ctx": (1024, 2**20), "at": 32768, "budget": 0.0, "spec": False, "dppl": 5.0}
-URL_KEYS = ("view", "hw", "model", "schemes", "batch", "ctx", "at", "budget", "spec", "dppl")
+            "ctx": (1024, 2**20), "at": 32768, "budget": 0.0, "rates": "fitted", "dppl": 5.0}
+# spec: the key of older links (spec=1 is rates=spec)
+URL_KEYS = ("view", "hw", "model", "schemes", "batch", "ctx", "at", "budget", "rates", "spec", "dppl")
 VIEW_KEYS = ("metric", "cmp", "mset", "calhw")  # the views' own controls, in the URL while their view is shown
 
 
@@ -45,6 +46,7 @@ class Controls:
     at: int  # context of the memory breakdown and the roofline [tokens]
     budget_gb: float
     max_delta_ppl: float = 0.05  # the verdict's quality limit: relative perplexity increase
+    rate_mode: str = "fitted"  # xqsim.rates: spec, fitted or transferred
     errors: list[str] = field(default_factory=list)
 
 
@@ -127,11 +129,14 @@ def _from_url(qp: dict[str, str]) -> tuple[dict, list[str]]:
                 if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo < hi):
                     raise UserError(f"'{raw}' is not a range like 1k-1M")
                 state[key] = tuple(min(CONTEXTS, key=lambda c, v=v: abs(c - v)) for v in (lo, hi))
-            elif key == "spec":
+            elif key == "rates":
+                if raw not in rates.MODES:
+                    raise UserError(f"'{raw}' is not allowed; allowed: {', '.join(rates.MODES)}")
+                state[key] = raw
+            elif key == "spec":  # links of earlier versions: spec=1 is rates=spec, spec=0 rates=fitted
                 if raw not in ("0", "1"):
-                    raise UserError(f"'{raw}' is not allowed; allowed: 0 (fitted rates where a profile has them), "
-                                    f"1 (spec roofline)")
-                state[key] = raw == "1"
+                    raise UserError(f"'{raw}' is not allowed; allowed: 0 (rates=fitted), 1 (rates=spec)")
+                state.setdefault("rates", "spec" if raw == "1" else "fitted")
             elif key == "budget":
                 state[key] = float(raw)
                 if not 0 <= state[key] < float("inf"):
@@ -150,7 +155,7 @@ def _to_url(state, ctx: tuple[int, int]) -> dict[str, str]:
     lo, hi = ctx
     return {"view": state["view"], "hw": ",".join(state["hw"]), "model": state["model"],
             "schemes": ",".join(_labels(state)), "batch": str(state["batch"]), "ctx": f"{tokens(lo)}-{tokens(hi)}",
-            "at": tokens(state["at"]), "budget": f"{state['budget']:g}", "spec": "1" if state["spec"] else "0",
+            "at": tokens(state["at"]), "budget": f"{state['budget']:g}", "rates": state["rates"],
             "dppl": f"{state['dppl']:g}",
             **{k: state[k] for k in VIEW_KEYS if k in state}}
 
@@ -285,9 +290,10 @@ def sidebar() -> Controls:
     box.number_input("Verdict: largest perplexity increase [%]", min_value=0.0, max_value=1000.0, step=1.0,
                      key="dppl", help="relative to an fp16 cache, from the committed accuracy results "
                                       "(measurements/accuracy/, SmolLM2-135M)")
-    box.checkbox("Spec roofline only (ignore fitted blocks)", key="spec",
-                 help="a fitted block (h100_sxm ships one) describes xqsim's torch engine on that GPU; "
-                      "the spec roofline compares GPUs on equal terms")
+    box.radio("Rates", rates.MODES, key="rates", horizontal=True,
+              help="spec: the datasheet roofline; fitted: a GPU's own fit for the engine a scheme runs on (h100_sxm "
+                   "ships one of the torch engine, which runs unfused configurations), else spec, said on each "
+                   "panel; transferred: else another GPU's fit for that engine")
     model = model_by_name[ss["model"]]
     configs = []
     for lab in _labels(ss):
@@ -300,9 +306,7 @@ def sidebar() -> Controls:
     budget = float(ss["budget"]) * 1e9
     hws = with_budget([hw_by_name[h] for h in ss["hw"]], budget)
     all_hws = with_budget(list(hw_by_name.values()), budget)
-    if ss["spec"]:
-        hws, all_hws = ([h.model_copy(update={"fitted": None}) for h in x] for x in (hws, all_hws))
     return Controls(view=ss["view"], hws=tuple(hws), all_hws=tuple(all_hws),
                     model=model, configs=tuple(configs), batch=int(ss["batch"]), contexts=tuple(ctx),
                     at=int(ss["at"]), budget_gb=float(ss["budget"]), max_delta_ppl=float(ss["dppl"]) / 100,
-                    errors=errors)
+                    rate_mode=ss["rates"], errors=errors)

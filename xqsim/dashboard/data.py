@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import calibrate, measurements, schemes, sweep
+from .. import calibrate, measurements, rates, schemes, sweep
 from ..crossover import crossovers
 from ..roofline import op_table
 from ..specs import Figure, HardwareProfile, ModelSpec, SchemeConfig, UserError
@@ -36,11 +36,12 @@ def with_budget(hws: list[HardwareProfile], budget_bytes: float) -> list[Hardwar
 
 
 def sweep_frame(hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig], batch: int,
-                contexts: list[int]) -> tuple[pd.DataFrame, list[str]]:
+                contexts: list[int], rate_mode: str = "fitted") -> tuple[pd.DataFrame, list[str]]:
     """The sweep table at one batch (also the largest batch of the capacity-limited throughput), plus the
     configurations the model cannot take, one message each."""
     skipped: list[str] = []
-    df = sweep.run(hws, [model], configs, [batch], contexts, on_step=lambda m: skipped.append(m) if m else None)
+    df = sweep.run(hws, [model], configs, [batch], contexts, rate_mode,
+                   on_step=lambda m: skipped.append(m) if m else None)
     df["step_time_ms"] = df["step_time_s"] * 1e3
     for c in ("hardware", "label"):
         df[c] = df[c].astype(str)
@@ -48,10 +49,10 @@ def sweep_frame(hws: list[HardwareProfile], model: ModelSpec, configs: list[Sche
 
 
 def exact_crossovers(df: pd.DataFrame, hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig],
-                     batch: int, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+                     batch: int, metrics: tuple[str, ...] | None = None, rate_mode: str = "fitted") -> pd.DataFrame:
     """crossovers(df), each placed on the model to 0.1% (sweep.solve_crossovers; the table is at one batch, its
     capacity-limited throughput at most that batch): fewer search steps than the exact integer."""
-    return sweep.solve_crossovers(crossovers(df, metrics), hws, [model], configs, batch, rel_tol=1e-3)
+    return sweep.solve_crossovers(crossovers(df, metrics), hws, [model], configs, batch, rate_mode, rel_tol=1e-3)
 
 
 def _curves(df: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
@@ -118,38 +119,39 @@ def capacities(hws: list[HardwareProfile]) -> pd.DataFrame:
 
 
 def roofline_ops(hws: list[HardwareProfile], model: ModelSpec, configs: list[SchemeConfig], batch: int,
-                 context: int) -> pd.DataFrame:
+                 context: int, rate_mode: str = "fitted") -> pd.DataFrame:
     """Every op with FLOPs of every scheme at (batch, context) on every GPU: arithmetic intensity, achieved
-    rate (FLOPs / its roofline time with overhead) and its bound; the profile's fitted rates where it has them."""
+    rate (FLOPs / its roofline time with overhead) and its bound, at the rates (column `rates`) the rule of
+    xqsim.rates gives each (GPU, scheme) under rate_mode."""
     rows = []
     for hw in hws:
-        rates = hw.rates()
         for cfg in configs:
             try:
                 rc = cfg.resolved(model)
             except UserError:  # reported by the sweep
                 continue
-            for op in op_table(schemes.step_ops(model, rc, np.int64(batch), np.int64(context)), rates):
+            own, basis = rates.rates(hw, rc, rate_mode)
+            for op in op_table(schemes.step_ops(model, rc, np.int64(batch), np.int64(context)), own):
                 if op["flops"] > 0 and op["bytes_read"] + op["bytes_written"] > 0:
                     rows.append({"hardware": hw.name, "label": cfg.label, "op": op["name"], "op_class": op["op_class"],
                                  "layers": op["layers"], "bound": op["bound"],
                                  "intensity_flop_per_byte": op["intensity_flop_per_byte"],
                                  "achieved_tflops": op["achieved_flops_per_s"] / 1e12, "time_us": op["time_s"] * 1e6,
                                  "gflop": op["flops"] / 1e9,
-                                 "mb_moved": (op["bytes_read"] + op["bytes_written"]) / 1e6})
+                                 "mb_moved": (op["bytes_read"] + op["bytes_written"]) / 1e6, "rates": basis.label})
     return pd.DataFrame(rows)
 
 
-def roofs(hws: list[HardwareProfile], x_lo: float = 0.1, x_hi: float = 1e5) -> pd.DataFrame:
+def roofs(hws: list[HardwareProfile], x_lo: float = 0.1, x_hi: float = 1e5, rate_mode: str = "fitted") -> pd.DataFrame:
     """Roof lines of each GPU [TFLOP/s] over arithmetic intensity: spec bf16 tensor and fp32 vector roofs, and
-    the fitted matmul and dequant roofs where the profile has a fitted block."""
+    the fitted matmul and dequant roofs where the profile has a fitted block (not under rate_mode spec)."""
     x = np.geomspace(x_lo, x_hi, 121)
     parts = []
     for hw in hws:
         spec, lines = hw.rates(fitted=False), []
         lines += [("spec: bf16 tensor", spec["matmul_flops_per_s"], spec["matmul_bytes_per_s"]),
                   ("spec: fp32 vector", spec["dequant_flops_per_s"], spec["dequant_bytes_per_s"])]
-        if hw.fitted:
+        if hw.fitted and rate_mode != "spec":
             fit = hw.rates(fitted=True)
             lines += [(f"fitted: {c}", fit[f"{c}_flops_per_s"], fit[f"{c}_bytes_per_s"]) for c in ("matmul", "dequant")]
         for name, peak, bw in lines:
@@ -159,19 +161,19 @@ def roofs(hws: list[HardwareProfile], x_lo: float = 0.1, x_hi: float = 1e5) -> p
 
 
 def gpu_compare(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch: int, contexts: list[int],
-                context: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+                context: int, rate_mode: str = "fitted") -> tuple[pd.DataFrame, pd.DataFrame]:
     """One scheme against fp16 on every GPU: (curves: capacity-limited throughput of both and their ratio vs
     context; table: ridge point, the scheme's extra FLOPs per byte of step traffic it saves at (batch,
     `context`), and where its capacity-limited throughput passes fp16's)."""
     fp16 = SchemeConfig(scheme="fp16")
-    df, _ = sweep_frame(hws, model, [fp16, cfg], batch, contexts)
+    df, _ = sweep_frame(hws, model, [fp16, cfg], batch, contexts, rate_mode)
     tp = df.pivot_table(index=["hardware", "context"], columns="label", values="throughput_cap_tokens_per_s",
                         observed=True).reset_index()
     tp = tp.rename(columns={cfg.label: "scheme_tokens_per_s", "fp16": "fp16_tokens_per_s"})
     tp["ratio"] = tp["scheme_tokens_per_s"] / tp["fp16_tokens_per_s"].where(tp["fp16_tokens_per_s"] > 0)
     at = df[df["context"] == nearest_context(df, context)].set_index(["hardware", "label"])
     cross = context_crossovers(df, exact_crossovers(df, hws, model, [fp16, cfg], batch,
-                                                    ("throughput_cap_tokens_per_s",)),
+                                                    ("throughput_cap_tokens_per_s",), rate_mode),
                                "throughput_cap_tokens_per_s").set_index("hardware")
     rows = []
     for hw in hws:
@@ -241,11 +243,11 @@ def calibration(paths: list[Path], hw: HardwareProfile) -> tuple[pd.DataFrame, d
 def error_table(pred: pd.DataFrame) -> pd.DataFrame:
     """calibrate.error_report per set of rates, as rows: all, each regime, each scheme."""
     rows = []
-    for rates, g in pred.groupby("rates", sort=False):
+    for basis, g in pred.groupby("rates", sort=False):
         rep = calibrate.error_report(g)
         blocks = [("all", "all", rep)] + [("regime", k, v) for k, v in rep["per_regime"].items()] \
             + [("scheme", k, v) for k, v in rep["per_scheme"].items()]
-        rows += [{"rates": rates, "by": by, "group": k, "n": v["n"], "median_abs_pct": v["median_abs_pct"],
+        rows += [{"rates": basis, "by": by, "group": k, "n": v["n"], "median_abs_pct": v["median_abs_pct"],
                   "p90_abs_pct": v["p90_abs_pct"], "max_abs_pct": v["max_abs_pct"]} for by, k, v in blocks]
     return pd.DataFrame(rows)
 

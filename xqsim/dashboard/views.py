@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from .. import rates
 from ..loading import ROOT
 from ..recommend import fmt_threshold, recommend, verdict_lines
 from ..schemes import SCHEMES
@@ -18,30 +19,30 @@ from .controls import Controls, keep_valid
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def sweep_views(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeConfig, ...], batch: int,
-                ctx_range: tuple[int, int]) -> dict:
+                ctx_range: tuple[int, int], rate_mode: str = "fitted") -> dict:
     """The sweep at one batch and its memory walls."""
-    df, skipped = data.sweep_frame(list(hws), model, list(configs), batch, data.context_grid(*ctx_range))
+    df, skipped = data.sweep_frame(list(hws), model, list(configs), batch, data.context_grid(*ctx_range), rate_mode)
     return {"df": df, "skipped": skipped, "walls": data.memory_walls(df)}
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def view_crossovers(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeConfig, ...], batch: int,
-                    ctx_range: tuple[int, int], metric: str) -> pd.DataFrame:
+                    ctx_range: tuple[int, int], metric: str, rate_mode: str = "fitted") -> pd.DataFrame:
     """The crossovers of one metric (the one the view draws), solved on the model: only those are computed."""
-    df = sweep_views(hws, model, configs, batch, ctx_range)["df"]
-    cr = data.exact_crossovers(df, list(hws), model, list(configs), batch, (metric,))
+    df = sweep_views(hws, model, configs, batch, ctx_range, rate_mode)["df"]
+    cr = data.exact_crossovers(df, list(hws), model, list(configs), batch, (metric,), rate_mode)
     return data.context_crossovers(df, cr, metric)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _verdict(hws: tuple[HardwareProfile, ...], model, configs: tuple[SchemeConfig, ...], batch: int, at: int,
-             max_delta_ppl: float, accuracy: str) -> tuple[pd.DataFrame, str]:
+             max_delta_ppl: float, accuracy: str, rate_mode: str = "fitted") -> tuple[pd.DataFrame, str]:
     """recommend() at the sidebar's batch and context; '' or why the quality results could not be read."""
     try:
-        return recommend(list(hws), model, list(configs), batch, at, max_delta_ppl, fitted=True,
+        return recommend(list(hws), model, list(configs), batch, at, max_delta_ppl, rate_mode,
                          accuracy=Path(accuracy)), ""
     except UserError as err:
-        return recommend(list(hws), model, list(configs), batch, at, max_delta_ppl, fitted=True,
+        return recommend(list(hws), model, list(configs), batch, at, max_delta_ppl, rate_mode,
                          accuracy=Path("")), str(err)
 
 
@@ -50,25 +51,26 @@ def render_verdict(c: Controls, folder: Path) -> None:
     limit, its speed against fp16, its cost, and the runner-up."""
     csvs = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     csv = folder / "accuracy.csv" if (folder / "accuracy.csv").is_file() else (csvs[0] if csvs else folder / "-")
-    df, why = _verdict(c.hws, c.model, c.configs, c.batch, c.at, c.max_delta_ppl, str(csv))
+    df, why = _verdict(c.hws, c.model, c.configs, c.batch, c.at, c.max_delta_ppl, str(csv), c.rate_mode)
     if why:
         st.warning(f"Verdict without quality results: {why}")
     on = df.attrs.get("accuracy_model") or "no accuracy results"
     lines = "\n".join(f"- {line}" for line in verdict_lines(df, c.max_delta_ppl))
     st.success(f"**Verdict** for {c.model.name}, up to {c.batch} sequences of {c.at:,} tokens, "
                f"{fmt_threshold(c.max_delta_ppl)} (quality: {on}):\n{lines}")
+    badge(c, (SchemeConfig(scheme="fp16"), *c.configs))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _roofline(hws, model, configs, batch: int, at: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    ops = data.roofline_ops(list(hws), model, list(configs), batch, at)
+def _roofline(hws, model, configs, batch: int, at: int, rate_mode: str = "fitted") -> tuple[pd.DataFrame, pd.DataFrame]:
+    ops = data.roofline_ops(list(hws), model, list(configs), batch, at, rate_mode)
     hi = max(1e5, 2 * ops["intensity_flop_per_byte"].max()) if len(ops) else 1e5
-    return ops, charts.roofline_table(ops, data.roofs(list(hws), x_hi=hi))
+    return ops, charts.roofline_table(ops, data.roofs(list(hws), x_hi=hi, rate_mode=rate_mode))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _compare(hws, model, cfg, batch: int, ctx_range: tuple[int, int], at: int):
-    return data.gpu_compare(list(hws), model, cfg, batch, data.context_grid(*ctx_range), at)
+def _compare(hws, model, cfg, batch: int, ctx_range: tuple[int, int], at: int, rate_mode: str = "fitted"):
+    return data.gpu_compare(list(hws), model, cfg, batch, data.context_grid(*ctx_range), at, rate_mode)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -95,10 +97,10 @@ def _where(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _profile_note(hws) -> str:
-    fitted = [h.name for h in hws if h.fitted]
-    return (f"Rates: fitted on {', '.join(fitted)}; spec roofline elsewhere." if fitted else
-            "Rates: spec roofline (datasheet peaks, no fitted block in these profiles).")
+def badge(c: Controls, configs=None, hws=None) -> None:
+    """The panel's rate basis (xqsim.rates: which rates each GPU and scheme is predicted with, and why)."""
+    line = rates.summary(list(hws or c.hws), list(configs or c.configs), c.rate_mode)
+    st.caption(f":material/speed: **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}")
 
 
 def _crossings(cross: pd.DataFrame, what: str) -> None:
@@ -120,10 +122,11 @@ def _skipped(v: dict) -> None:
 
 
 def render_crossovers(c: Controls) -> None:
-    v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts)
-    step = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "step_time_s")
+    v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts, c.rate_mode)
+    step = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "step_time_s", c.rate_mode)
     _skipped(v)
     st.subheader(f"Step time vs context: {c.model.name}, batch {c.batch}")
+    badge(c)
     shown = {"step": "step time [ms]", "tokens": "tokens/s"}
     keep_valid("metric", list(shown))
     metric = shown[st.radio("Show", list(shown), format_func=shown.get, key="metric", horizontal=True)]
@@ -134,7 +137,7 @@ def render_crossovers(c: Controls) -> None:
          frame=df[["hardware", "label", "context", "batch", "fits", "step_time_ms", "tokens_per_s", "bound"]],
          table=charts.curves_table(df[df["fits"]], y, v["walls"], step))
     st.caption("x: memory wall, the longest context that fits at this batch; ◆: where one scheme's step time "
-               "passes another's (both fit). " + _profile_note(c.hws))
+               "passes another's (both fit).")
     _crossings(step, "step time")
     for r in v["walls"][~v["walls"]["fits_at_start"]].itertuples():
         st.info(f"{r.label} on {r.hardware} does not fit {c.batch} sequences of {c.contexts[0]:,} tokens "
@@ -146,11 +149,12 @@ def render_crossovers(c: Controls) -> None:
 
 
 def render_capacity(c: Controls) -> None:
-    v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts)
-    tput = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "throughput_cap_tokens_per_s")
+    v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts, c.rate_mode)
+    tput = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "throughput_cap_tokens_per_s", c.rate_mode)
     _skipped(v)
     df = v["df"]
     st.subheader(f"Capacity: {c.model.name}, up to {c.batch} sequences")
+    badge(c)
     tp = df[df["throughput_cap_tokens_per_s"] > 0]
     show("throughput_cap", charts.context_curves("tokens/s at the largest batch that fits", len(c.hws),
                                                  (charts.MARKERS[1],)),
@@ -168,13 +172,13 @@ def render_capacity(c: Controls) -> None:
 
 
 def render_roofline(c: Controls) -> None:
-    ops, table = _roofline(c.hws, c.model, c.configs, c.batch, c.at)
+    ops, table = _roofline(c.hws, c.model, c.configs, c.batch, c.at, c.rate_mode)
     st.subheader(f"Roofline: every op of one decode step, {c.model.name}, batch {c.batch}, context {c.at:,}")
+    badge(c)
     show("roofline", charts.roofline(len(c.hws)), f"Ops by arithmetic intensity and achieved rate, batch {c.batch}, "
                                                   f"context {c.at:,} (shape: bound)", frame=ops, table=table)
     st.caption("Achieved rate = FLOPs / the op's roofline time including its per-kernel overhead, so overhead-bound "
-               "ops sit below the roof. Ops without FLOPs (cache appends, embedding) are not drawn. "
-               + _profile_note(c.hws))
+               "ops sit below the roof. Ops without FLOPs (cache appends, embedding) are not drawn.")
     st.dataframe(ops, hide_index=True)
 
 
@@ -188,8 +192,9 @@ def render_compare(c: Controls) -> None:
     keep_valid("cmp", [o.label for o in options])
     label = st.selectbox("Scheme to compare with fp16", [o.label for o in options], key="cmp")
     cfg = next(o for o in options if o.label == label)
-    tp, table = _compare(c.all_hws, c.model, cfg, c.batch, c.contexts, c.at)
+    tp, table = _compare(c.all_hws, c.model, cfg, c.batch, c.contexts, c.at, c.rate_mode)
     st.subheader(f"{label} vs fp16 on every GPU: {c.model.name}, up to {c.batch} sequences")
+    badge(c, (SchemeConfig(scheme="fp16"), cfg), c.all_hws)
     show("compare_gpus", charts.compare_ratio(),
          f"{label} / fp16 capacity-limited throughput (above 1: the scheme serves more)", table=tp)
     show("compare_ridge", charts.compare_ridge(), f"Ridge point of each GPU vs the extra FLOPs {label} spends per "
