@@ -202,12 +202,27 @@ def test_bad_url_values_are_reported_and_defaults_used():
 
 
 def test_bad_view_control_in_the_url():
-    at = ok(app(view="compare", cmp="kivi-9b", budget="nan"))
+    at = ok(app(view="compare", cmp="kivi-9b", budget="nan", rates="fast"))
     errors = [e.value for e in at.error]
+    assert "URL: field 'rates': 'fast' is not allowed; allowed: spec, fitted, transferred; using the default" in errors
+    assert at.sidebar.radio(key="rates").value == "fitted"
     assert "URL: field 'budget': 'nan' is not a size in GB; 0 means each GPU's usable memory; using the default" \
         in errors
     assert f"URL: field 'cmp': 'kivi-9b' is not allowed; allowed: {XQ}, kivi-2b-fused" in errors
     assert at.selectbox(key="cmp").value == XQ
+
+
+def test_rates_control_sets_every_panel_and_the_url():
+    """Rates=transferred: the H200 predicts its unfused configurations with h100_sxm's torch-engine fit, its fused
+    ones at spec rates, and the panel's badge and the URL say so."""
+    at = ok(app(view="capacity", hw="h200", schemes="fp16,kivi-2b-fused", rates="transferred"))
+    badge = at.caption[0].value
+    assert "**rates transferred**" in badge and "transferred (h100_sxm, torch engine) on h200 (unfused" in badge, badge
+    assert "spec (no triton-engine fit) on h200 (fused configurations)" in badge, badge
+    assert at.query_params["rates"] in ("transferred", ["transferred"])
+    at.sidebar.radio(key="rates").set_value("spec")
+    ok(at.run())
+    assert at.caption[0].value.endswith("**rates spec**: spec on h200"), at.caption[0].value
 
 
 def test_url_restores_a_shared_view():
