@@ -90,7 +90,7 @@ def test_absorb_spans_in_one_split(shape):
     """absorb_v's spans: one split (per_sm small) holding several spans of whole tiles and a tail, with scores
     that grow along the context, so each span's maximum rescales what the spans before it summed."""
     n, tile = (4, 64) if GPU else (1, 16)
-    B, Hkv, g, hd, T, G = 2, 2, 2, (128 if GPU else 16), 7 * n * tile + 5, 4 * n * tile
+    B, Hkv, g, hd, T, G = 1, 2, 2, (128 if GPU else 16), 5 * n * tile + 5, 4 * n * tile
     gen = torch.Generator(device=DEV).manual_seed(7)
     ramp = torch.linspace(0.2, 3.0, T, device=DEV)[None, :, None]  # later tokens, larger keys: larger scores
     if shape == "x":
