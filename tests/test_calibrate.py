@@ -74,7 +74,7 @@ def run_cli(monkeypatch, *args):
 
 
 def test_calibrate_writes_a_new_profile_and_never_overwrites(monkeypatch, tmp_path, capsys):
-    out = tmp_path / "h100_fit.yaml"
+    out = tmp_path / "new" / "h100_fit.yaml"  # into a folder not there yet (a FileNotFoundError after the fit)
     run_cli(monkeypatch, "calibrate", *FILES, "--hardware", "h100_sxm", "-o", out)
     hw = loading.load_hardware(out)
     spec = loading.load_hardware("h100_sxm")
@@ -142,12 +142,21 @@ def test_bad_measurement_files(monkeypatch, capsys, tmp_path, content, fragment)
     (0, {"step_time_s": float("nan")}, "field 'rows.0.step_time_s': nan is not a time"),
     (3, {"step_time_graph_s": -1.0}, "field 'rows.3.step_time_graph_s': -1.0 is not a time"),
     (5, {"step_time_s": 0}, "field 'rows.5.step_time_s': 0 is not a time"),
-    (7, {"batch": 1.5}, "field 'rows.7.batch': expected a whole number >= 1 (got 1.5)"),
+    (7, {"batch": 1.5}, "field 'rows.7.batch': expected a whole number from 1 to 2,147,483,647 (got 1.5)"),
     (9, {"config": {"scheme": "kivi", "bits": 5}}, "field 'rows.9.config': Value error, bits=5 is not supported"),
     (11, {"config": None}, "field 'rows.11': 'model' must be a name and 'config' an object"),
     (13, {"ops": {"attention": {"time_s": float("inf")}}}, "field 'rows.13.ops.attention.time_s': inf is not a time"),
     (2, "drop config", "field 'rows.2': missing config"),
     (4, "not an object", "field 'rows.4': expected an object"),
+    # issue 18's audit: counts past int64 (OverflowError tracebacks), more layers than the model has (a MemoryError
+    # at 2^31), rows the fit silently passed over or misread
+    (1, {"context": 10**30}, "field 'rows.1.context': expected a whole number from 1 to 2,147,483,647"),
+    (1, {"layers": 99}, "field 'rows.1.layers': 99 is more than llama-2-7b's 32 layers"),
+    (6, {"status": "done"}, "field 'rows.6.status': 'done' is not allowed; allowed: ok, oom, invalid"),
+    (8, {"ops": {"frobnicate": {"time_s": 1e-5}}}, "field 'rows.8.ops.frobnicate': not an op of fp16's decode step"),
+    (8, {"ops": {"attention": {"op_class": "attention"}}}, "field 'rows.8.ops.attention.time_s': None is not a time"),
+    (10, {"fused": "yes"}, "field 'rows.10.fused': 'yes', but its config says False"),
+    (12, {"label": 5}, "field 'rows.12.label': expected a name (got 5)"),
 ])
 def test_every_measured_row_is_checked(tmp_path, where, edit, fragment):
     """Each row the fit reads is checked where it lies, not only the first: NaN, zero or negative times (the fit
@@ -165,6 +174,20 @@ def test_every_measured_row_is_checked(tmp_path, where, edit, fragment):
         row.update(edit)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
+    with pytest.raises(specs.UserError) as e:
+        measurements.read_measurements([bad])
+    assert str(e.value).startswith(f"{bad}: {fragment}"), str(e.value)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('{"device": {}, "rows": [{"batch": ' + "9" * 5000 + "}]}", "not a JSON measurement file (Exceeds the limit"),
+    (FILES[0].read_text().replace('"device_name": "NVIDIA H100 80GB HBM3"', '"device_name": 5'),
+     "field 'device.device_name': expected a name (got 5)"),
+])
+def test_measurement_files_that_are_not_one(tmp_path, text, fragment):
+    """An integer of 5,000 digits (a ValueError traceback) and a device that is not a name (accepted)."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
     with pytest.raises(specs.UserError) as e:
         measurements.read_measurements([bad])
     assert str(e.value).startswith(f"{bad}: {fragment}"), str(e.value)

@@ -393,6 +393,13 @@ def test_step_totals_do_not_wrap(monkeypatch, capsys):
     assert r["flops"] == pytest.approx(2.3096e19, rel=1e-4) and all(op["flops"] >= 0 for op in r["ops"])
 
 
+def test_cache_totals_do_not_wrap(monkeypatch, capsys):
+    """Llama-3.1-70B's fp16 cache at batch 2^20 and 2^31 tokens: 7.4e20 B, past int64 (it printed 0)."""
+    r = estimate_json(monkeypatch, capsys, "--hardware", "h100_sxm", "--model", "llama-3.1-70b", "--scheme", "fp16",
+                      "--batch", "1M", "--context", str(2**31))
+    assert r["cache_bytes"] == 2**20 * 2**31 * 80 * 2 * 1024 * 2 and r["total_bytes"] > r["cache_bytes"]
+
+
 def test_a_huge_sweep_asks_first(monkeypatch, capsys, tmp_path):
     """Above 2,000,000 configurations a sweep states its size and stops before any work unless --yes (a sweep of
     10^7 took 5.6 GB and wrote a 4.9 GB CSV unasked; streamed, it takes about 0.4 GB and writes no CSV unless
@@ -469,7 +476,7 @@ def test_sweep_paths_and_files_that_cannot_be_used(monkeypatch, capsys, tmp_path
 @pytest.mark.parametrize("args,message", [
     (["accuracy", "--schemes", "kivi", "--context", "1"], "field 'context': a window needs at least 2 tokens"),
     (["accuracy", "--schemes", "kivi", "--bits", ""], "field 'bits': expected comma-separated integers (got '')"),
-    (["accuracy", "--schemes", "kivi", "--jobs", "-5"], "field 'jobs': -5 is not allowed; at least 1"),
+    (["accuracy", "--schemes", "kivi", "--jobs", "-5"], "field 'jobs': -5 is not allowed; from 1 to 256"),
     (["accuracy", "--schemes", "kivi", "--tokens", "100", "--context", "512"],
      "field 'context': 512 is more than tokens=100"),
     (["dashboard", "--port", "-1"], "field 'port': -1 is not a TCP port (1 to 65535)"),
@@ -486,3 +493,153 @@ def test_accuracy_and_dashboard_options_before_any_work(monkeypatch, capsys, tmp
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip() == f"xqsim: error: command line: {message}", err
     assert not (tmp_path / "a").exists()
+
+
+# ----------------------------------------------------------------------------- issue 18's acceptance audit
+
+HW_YAML = yaml.safe_load((ROOT / "hardware" / "h100_sxm.yaml").read_text())
+MEASURED = ROOT / "measurements" / "h100" / "h100_llama2_7b.json"
+MEASURED_ONE = {**json.loads(MEASURED.read_text()), "rows": json.loads(MEASURED.read_text())["rows"][:1]}
+
+
+def _hw(path: str, value) -> str:
+    """h100_sxm.yaml with one dotted field set."""
+    d = json.loads(json.dumps(HW_YAML))
+    *parents, last = path.split(".")
+    node = d
+    for k in parents:
+        node = node[k]
+    node[last] = value
+    return yaml.safe_dump(d)
+
+
+def _scenario(**fields) -> str:
+    return yaml.safe_dump({"name": "s", "hardware": ["h100_sxm"], "models": ["tiny"], "schemes": [{"scheme": "fp16"}],
+                           "batch": [1], "context": [16]} | fields)
+
+
+def _grid(**fields) -> str:
+    return yaml.safe_dump({"name": "g", "models": ["tiny"], "layers": 1, "schemes": [{"scheme": "fp16"}],
+                           "batch": [1], "context": [16], "repeats": 1, "warmup": 0, "dtype": "fp32"} | fields)
+
+
+E = ["estimate", "--hardware", "h100_sxm", "--model", "tiny", "--scheme"]
+S = ["sweep", "{d}/s.yaml", "-o", "{d}/out"]
+HWE = ["estimate", "--hardware", "{d}/hw.yaml", "--model", "tiny", "--scheme", "kivi"]
+MOE = ["estimate", "--hardware", "h100_sxm", "--model", "{d}/m.yaml", "--scheme", "kivi"]
+TINY_MODEL = (ROOT / "models" / "tiny.yaml").read_text()
+
+
+@pytest.mark.parametrize("args,files,message", [
+    # counts past their maximum (an OverflowError traceback) or 0 where 0 means nothing (silently accepted)
+    (E + ["kivi", "--residual", "10" * 15], {}, "command line: field 'residual': Input should be less than 2147483648"),
+    (E + ["kivi", "--share-from", "0"], {}, "command line: field 'share_from': share_from applies only to"),
+    (E + ["fp16", "--group", "16"], {}, "command line: field 'group': group applies only to compressed caches: fp16"),
+    (E + ["fp16", "--first-bits", "4"], {}, "command line: field 'first_bits': first_bits applies only to"),
+    # hardware and model files: a key given twice, booleans and implausible or infinite figures
+    (HWE, {"hw.yaml": "name: mine\nvendor: x\nname: typo\n"},
+     "{d}/hw.yaml: line 3 is not valid YAML (key 'name' is given twice)"),
+    (HWE, {"hw.yaml": _hw("usable_fraction.value", True)},
+     "{d}/hw.yaml: field 'usable_fraction.value': Input should be a valid number (got True)"),
+    (HWE, {"hw.yaml": _hw("l2_bytes.value", 1e-300)},
+     "{d}/hw.yaml: field 'l2_bytes': l2_bytes=1e-300 is outside the plausible [1024,"),
+    (HWE, {"hw.yaml": _hw("fitted.kernel_overhead_s", float("inf"))},
+     "{d}/hw.yaml: field 'fitted.kernel_overhead_s': Input should be a finite number"),
+    (HWE, {"hw.yaml": _hw("fitted.channel_factor", 1e-300)},
+     "{d}/hw.yaml: field 'fitted.channel_factor': Input should be greater than or equal to 0.1"),
+    (MOE, {"m.yaml": TINY_MODEL.replace("n_layers: 2", "n_layers: 65537")},
+     "{d}/m.yaml: field 'n_layers': Input should be less than or equal to 65536"),
+    (MOE, {"m.yaml": TINY_MODEL.replace("n_layers: 2", "n_layers: 65536").replace("ffn_dim: 128", "ffn_dim: 2147483647")
+           .replace("d_model: 64", "d_model: 2147483647")},  # an OverflowError traceback, or 65,536 layers' worth
+     "{d}/m.yaml: field '(top level)': 9.07e+23 weights is past the plausible 9.01e+15"),
+    (MOE, {"m.yaml": TINY_MODEL.replace("weight_bytes: 2", "weight_bytes: true")},
+     "{d}/m.yaml: field 'weight_bytes': expected 1, 2 or 4 (a whole number of bytes) (got True)"),
+    # scenarios: counts never truncated ('0.4k' ran at 409) nor infinite, ranges bounded, lists not empty, options
+    # of other schemes refused, one GPU or model under two names, an empty -o
+    (S, {"s.yaml": _scenario(context=["0.4k"])}, "{d}/s.yaml: field 'context.0': Input should be a valid integer"),
+    (S, {"s.yaml": _scenario(context=["inf"])}, "{d}/s.yaml: field 'context.0': Input should be a valid integer"),
+    (S, {"s.yaml": _scenario(context={"start": 16, "stop": 64, "num": 2**20 + 1})},
+     "{d}/s.yaml: field 'context.num': Input should be less than or equal to 1048576"),
+    (S, {"s.yaml": _scenario(schemes=[{"scheme": "kivi", "bits": []}])},
+     "{d}/s.yaml: field 'schemes.0.bits': List should have at least 1 item"),
+    (S, {"s.yaml": _scenario(schemes=[{"scheme": "kivi", "strategy": "absorb_v"}])},
+     "{d}/s.yaml: field 'schemes.0.strategy': strategy absorb_v applies only to rematerializing schemes"),
+    (S, {"s.yaml": _scenario(schemes=[{"scheme": "xquant_yang", "eta_k": False}])},
+     "{d}/s.yaml: field 'schemes.0.eta_k': Input should be a valid number"),
+    (S, {"s.yaml": _scenario(hardware=["h100_sxm", str(ROOT / "hardware" / "h100_sxm.yaml")])},
+     "{d}/s.yaml: field 'hardware': 'h100_sxm' is listed twice (entries 0 and 1)"),
+    (["sweep", "{d}/s.yaml", "-o", ""], {"s.yaml": _scenario()}, "Invalid value for '-o' / '--out': an empty path"),
+    (["recommend", "--model", "tiny", "--hardware", "h100_sxm,h100_sxm"], {},
+     "command line: field 'hardware': 'h100_sxm' is listed twice"),
+    # measure: refused before any work (tracebacks, or a row measured first)
+    (["measure", "--model", "tiny", "--scheme", "fp16", "--device", "cuda:x"], {},
+     "command line: field 'device': 'cuda:x' is not allowed"),
+    (["measure", "--model", "tiny", "--scheme", "fp16", "--dtype", ""], {}, "command line: field 'dtype': '' is not"),
+    (["measure", "--model", "tiny", "--scheme", "fp16", "-o", "{d}/f/m"], {"f": "mine"},
+     "{d}/f: is a file, not a folder; choose another -o OUT"),
+    (["measure", "--grid", "{d}/g.json", "-o", "{d}/g", "--force"], {"g.json": json.dumps(yaml.safe_load(_grid()))},
+     "{d}/g.json: is an input of this measurement; the measurement would write over it"),
+    (["measure", "--grid", "{d}/g.yaml"], {"g.yaml": _grid(batch=[0])}, "{d}/g.yaml: field 'batch.0': Input should be"),
+    (["measure", "--grid", "{d}/g.yaml"], {"g.yaml": _grid(context=[True])}, "{d}/g.yaml: field 'context.0': Input"),
+    (["measure", "--grid", "{d}/g.yaml"], {"g.yaml": _grid(max_tokens=1, batch=[4])},
+     "{d}/g.yaml: field 'max_tokens': every batch x context is above 1 tokens; nothing to measure"),
+    (["measure", "--grid", "{d}/g.yaml"], {"g.yaml": _grid(models=["llama-3.1-8b"], context=[2**30], max_tokens=2**62)},
+     "{d}/g.yaml: fp16 on llama-3.1-8b (1 layers) at batch 1, context 1073741824 needs about"),
+    # calibrate and validate: output paths checked first, never an input, no fit that determines nothing
+    (["calibrate", str(MEASURED), "--hardware", "h100_sxm", "-o", "{d}/f/o.yaml"], {"f": "mine"},
+     "{d}/f: is a file, not a folder; choose another -o FILE"),
+    (["calibrate", "{d}/m.json", "--hardware", "h100_sxm", "-o", "{d}/m.json", "--force"],
+     {"m.json": MEASURED.read_text()}, "{d}/m.json: is an input of this calibration"),
+    (["calibrate", "{d}/m.json", "--hardware", "h100_sxm", "-o", "{d}/o.yaml"], {"m.json": json.dumps(MEASURED_ONE)},
+     "{d}/m.json: the 1 configurations determine none of the fit's parameters"),
+    (["validate", str(MEASURED), "--hardware", "h100_sxm", "-o", "{d}/f"], {"f": "mine"},
+     "{d}/f: is a file, not a folder; choose another -o DIR"),
+    (["validate", "{d}/validation.csv", "--hardware", "h100_sxm", "-o", "{d}", "--force"],
+     {"validation.csv": MEASURED.read_text()}, "{d}/validation.csv: is an input of this validation"),
+    # accuracy: before the model loads
+    (["accuracy", "--schemes", "kivi", "-o", "{d}/f"], {"f": "mine"}, "{d}/f: is a file, not a folder"),
+    (["accuracy", "--schemes", "kivi", "--strategy", "remat", "-o", "{d}/a"], {},
+     "command line: field 'strategy': applies only to rematerializing schemes"),
+    (["accuracy", "--schemes", "kivi", "--jobs", "100000", "-o", "{d}/a"], {},
+     "command line: field 'jobs': 100000 is not allowed; from 1 to 256"),
+    (["accuracy", "--grid", "{d}/g.yaml", "-o", "{d}/a"],
+     {"g.yaml": "name: g\ntokens: 64\ncontext: 128\nschemes: [{scheme: kivi}]\n"},
+     "{d}/g.yaml: field 'context': context (128) is more than tokens=64"),
+], ids=lambda x: None)
+def test_audit_refusals(monkeypatch, capsys, tmp_path, args, files, message):
+    """The cases the acceptance audit of issue 18 found tracebacks or silent acceptance in: exit 2, one line naming
+    the file or option and the field, before any work, and every file the user had left as it was."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    line = fails(monkeypatch, capsys, *(a.replace("{d}", str(tmp_path)) for a in args))
+    assert line.startswith(f"xqsim: error: {message.replace('{d}', str(tmp_path))}"), line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("args", [[], ["hw"]])
+def test_no_arguments_print_the_help(monkeypatch, capsys, args):
+    """`xqsim` or `xqsim hw` alone: the help and exit 0 (it was the help, then 'xqsim: error: ' and exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        run(monkeypatch, *args)
+    out = capsys.readouterr()
+    assert e.value.code == 0 and "Usage:" in out.out and out.err == "", out
+
+
+def test_a_panel_where_nothing_fits_is_drawn(tmp_path):
+    """A sweep whose only batch fits nowhere (Llama-3.1-70B at batch 2^20) plots 'nothing fits' panels (a matplotlib
+    traceback: 'Data cannot be log-scaled', after the table was written)."""
+    from xqsim import plots, sweep
+    df = sweep.run([loading.load_hardware("h100_sxm")], [loading.load_model("llama-3.1-70b")],
+                   [specs.SchemeConfig(scheme="fp16")], [2**20], [16, 64], rate_mode="spec")
+    assert not df["fits"].any()
+    for fn in (lambda p: plots.step_time_vs_context(df, 2**20, p), lambda p: plots.throughput_cap_vs_context(df, p)):
+        assert all(p.stat().st_size > 0 for p in fn(tmp_path / "plot"))
+
+
+def test_an_output_folder_that_is_not_writable(tmp_path, monkeypatch):
+    """A folder the user may not write to (or a read-only mount) is refused before any work, by name."""
+    import os
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path)
+    with pytest.raises(specs.UserError, match=f"^{tmp_path}: not writable; choose another -o DIR$"):
+        loading.check_folder(tmp_path / "out", [tmp_path / "out" / "a.csv"], force=False)

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from . import loading, schemes
-from .measurements import TARGETS, config_of
+from .measurements import LEGACY_OPS, TARGETS, config_of
 from .roofline import BOUNDS, kernel_time, kernels, op_busy, op_table, step_time
-from .specs import OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
+from .specs import FIT_RANGES, OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
 
 
 def row_ops(r: dict) -> tuple:
@@ -30,9 +30,6 @@ def _row_ops(name: str, layers: int, config: str, batch: int, context: int) -> t
     return tuple(schemes.step_ops(model, cfg, np.int64(batch), np.int64(context)))
 
 
-# measured op names of files from before the analytic model named K/V schemes' two RoPE ops apart: the measured op
-# is their sum
-LEGACY_OPS = {"rope": ("rope_q", "rope_k")}
 
 
 def with_legacy_names(by_name: dict, measured: dict, combine=sum) -> dict:
@@ -169,8 +166,9 @@ class _Model:
     def start_and_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per parameter, in log: the fit's starting point and bounds (an overhead 5 us in [10 ns, 10 ms]; an
         efficiency 1 in [0.001, 1.5]; the bit-plane factor 1 in [1, 100]; the channel factor 1 in [0.1, 10])."""
-        kind = {"overhead": (5e-6, 1e-8, 1e-2), "memory": (1.0, 1e-3, 1.5), "compute": (1.0, 1e-3, 1.5),
-                "bitplane": (1.0, 1.0, 100.0), "channel": (1.0, 0.1, 10.0)}
+        r = FIT_RANGES  # what a profile's fitted block may hold
+        kind = {"overhead": (5e-6, *r["overhead"]), "memory": (1.0, *r["efficiency"]),
+                "compute": (1.0, *r["efficiency"]), "bitplane": (1.0, *r["bitplane"]), "channel": (1.0, *r["channel"])}
         x0, lo, hi = np.log(np.array([kind[n.split(":")[0]] for n in self.names])).T
         return x0, lo, hi
 
@@ -292,6 +290,7 @@ def write_profile(hw: HardwareProfile, fitted: Fitted, out: Path) -> None:
     data = hw.model_copy(update={"name": out.stem, "fitted": fitted}).model_dump(mode="json", exclude_none=True)
     text = (f"# {hw.display_name} with efficiencies fitted by xqsim calibrate; spec figures unchanged\n"
             + yaml.safe_dump(data, sort_keys=False, width=120))
+    out.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the fit (loading.check_files)
     loading.write_atomic(out, lambda p: p.write_text(text))
 
 

@@ -79,15 +79,14 @@ def seq_memory(model: ModelSpec, cfg: SchemeConfig, groups: tuple[LayerGroup, ..
 def memory(model: ModelSpec, cfg: SchemeConfig, B, T, groups=None) -> dict[str, np.ndarray]:
     """Exact memory breakdown for batch B at context T [B]: weights, cache parts, transient, total."""
     groups = groups or schemes.layout(model, cfg)
-    T = np.asarray(T, dtype=np.int64)
-    parts = schemes.cache_parts(groups, cfg, T)
+    parts = schemes.cache_parts(groups, cfg, T)  # float64: times B, bytes pass int64 (batch 2^20 x 2^31 tokens)
     out = {"weights_bytes": schemes.weights_bytes(model, cfg)}
     out["cache_codes_bytes"] = B * parts["codes"]
     out["cache_metadata_bytes"] = B * parts["metadata"]
     out["cache_residual_bytes"] = B * parts["residual"]
     out["cache_bytes"] = out["cache_codes_bytes"] + out["cache_metadata_bytes"] + out["cache_residual_bytes"]
     out["transient_bytes"] = B * schemes.transient_bytes(model, cfg, T, groups)
-    out["total_bytes"] = out["weights_bytes"] + out["cache_bytes"] + out["transient_bytes"]
+    out["total_bytes"] = float(out["weights_bytes"]) + out["cache_bytes"] + out["transient_bytes"]
     return out
 
 

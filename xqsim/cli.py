@@ -48,6 +48,13 @@ def _rate_mode(mode: str) -> str:
         raise UserError(f"command line: field 'rates': {str(err).split(': ', 1)[1]}") from None
 
 
+def out_path(value) -> Path:
+    """An -o path as given; an empty one (an unset shell variable) is an error, not the current folder."""
+    if not str(value).strip():
+        raise typer.BadParameter("an empty path; give a file or folder name")
+    return Path(value)
+
+
 def _count(value: str, field: str) -> int:
     """A whole positive count like 16, 32k or 1M, at most MAX_COUNT[field]; else a one-line error."""
     most = MAX_COUNT.get(field, 2**31)
@@ -56,6 +63,15 @@ def _count(value: str, field: str) -> int:
         raise UserError(f"command line: field '{field}': expected a positive integer like 16, 32k or 1M, at "
                         f"most {most:,} (got {value!r})")
     return int(x)
+
+
+def _distinct(specs_: list, where: str) -> None:
+    """Profiles or models of distinct names: results are keyed by name, so one given twice (by name and as a file)
+    is an error, not two GPUs or models of one name."""
+    names = [x.name for x in specs_]
+    twice = next((i for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise UserError(f"{where}: '{names[twice]}' is listed twice (entries {names.index(names[twice])} and {twice})")
 
 
 def _gb(x: float) -> str:
@@ -162,6 +178,7 @@ def recommend(
            if h.strip()]
     if not hws:
         raise UserError("command line: field 'hardware': give at least one profile")
+    _distinct(hws, "command line: field 'hardware'")
     m = loading.load_model(model, where="command line: field 'model'")
     limit = None if max_delta_ppl.strip().lower() == "none" else _fraction(max_delta_ppl, "max-delta-ppl")
     sc = loading.load_scenario(scenario)
@@ -209,7 +226,8 @@ def _fraction(value: str, field: str) -> float:
 @app.command()
 def sweep(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML, or the name of a shipped one (long_ctx, ...)")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="output folder (default results/<name>)")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", parser=out_path,
+                                             help="output folder (default results/<name>)")] = None,
     force: Annotated[bool, typer.Option(help="overwrite files a previous sweep wrote there")] = False,
     rate_mode: Annotated[str | None, typer.Option("--rates", help=RATES_HELP + "; default: the scenario's "
                                                   "`rates`")] = None,
@@ -227,6 +245,8 @@ def sweep(
     base = scenario.parent
     hws = [loading.load_hardware(h, base, f"{scenario}: field 'hardware.{i}'") for i, h in enumerate(sc.hardware)]
     models = [loading.load_model(m, base, f"{scenario}: field 'models.{i}'") for i, m in enumerate(sc.models)]
+    _distinct(hws, f"{scenario}: field 'hardware'")
+    _distinct(models, f"{scenario}: field 'models'")
     configs = sc.scheme_configs(scenario)
     n = len(hws) * len(models) * len(configs) * len(set(sc.batch)) * len(sc.contexts())
     csv = n <= st.LARGE_SWEEP if csv is None else csv
@@ -357,6 +377,8 @@ def main() -> None:
         print("xqsim: interrupted", file=sys.stderr)
         sys.exit(130)
     except CLI_ERRORS as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `xqsim` or `xqsim hw` alone: its help was printed
+            sys.exit(0)
         print(f"xqsim: error: {one_line(err.format_message())}", file=sys.stderr)
         sys.exit(2)
 

@@ -12,9 +12,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import loading, specs
-from .cli import _count, app, console
+from .cli import _count, app, console, out_path
 from .scenario import scheme_configs
-from .schemes import SCHEMES
+from .schemes import SCHEMES, rematerializing
 from .specs import UserError
 
 
@@ -36,7 +36,8 @@ def measure(
                                                     "cpu)")] = None,
     repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 20,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="write rows to OUT.json and OUT.csv")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", parser=out_path,
+                                             help="write rows to OUT.json and OUT.csv")] = None,
     force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the (single) result as JSON")] = False,
 ) -> None:
@@ -49,24 +50,35 @@ def measure(
     for name, v, least in (("repeats", repeats, 1), ("warmup", warmup, 0), ("layers", layers, 1)):
         if v is not None and v < least:
             raise UserError(f"command line: field '{name}': {v} is not allowed; at least {least}")
-    dev, dt = m.check_device(device, dtype or (g.dtype if g else "fp32"))
+    dev, dt = m.check_device(device, dtype if dtype is not None else g.dtype if g else "fp32")
     kernels = m.check_kernels(kernels, dev)
     if g is not None:
         specs_, configs, batches, contexts, repeats, warmup, max_tokens = _grid_plan(g, grid)
     else:
         if model is None or scheme is None:
             raise UserError("command line: give --grid FILE, or --model and --scheme for one configuration")
-        specs_ = [_kept_layers(loading.load_model(model), layers)]
+        specs_ = [_kept_layers(loading.load_model(model, where="command line: field 'model'"), layers)]
         configs = [loading.scheme_config(scheme=scheme, bits=bits, strategy=strategy)]
         batches, contexts, max_tokens = [_count(batch, "batch")], [_count(context, "context")], 2**62
         loading.resolve_for(configs[0], specs_[0])
         m.check_fits(specs_[0], configs[0], batches[0], contexts[0], dev, dt)
-    info = m.device_info(dev) | {"engine": kernels}
-    paths = [out.with_suffix(".json"), out.with_suffix(".csv")] if out else []
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        raise UserError(f"{existing[0]}: already exists; choose another --out or pass --force")
     total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
+    if not total:
+        raise UserError(f"{grid}: field 'max_tokens': every batch x context is above {max_tokens:,} tokens; nothing "
+                        f"to measure")
+    if g is not None:  # every point before the first: one that cannot fit is refused now, not after hours
+        for spec, cfg in ((s, c) for s in specs_ for c in configs if _resolves(c, s)):
+            for b, t in ((b, t) for b in batches for t in contexts if b * t <= max_tokens):
+                m.check_fits(spec, cfg, b, t, dev, dt, where=str(grid))
+    if out is not None and out.name in ("", ".", ".."):
+        raise UserError(f"command line: field 'out': '{out}' is a folder; give a name (OUT.json and OUT.csv are "
+                        f"written)")
+    paths = [out.with_suffix(".json"), out.with_suffix(".csv")] if out else []
+    if paths:  # before any work: a path that cannot be written, an input of this run, or a file there unasked
+        inputs = [p for p in (grid, Path(model or "")) if p is not None and p.suffix in (".yaml", ".yml", ".json")]
+        inputs += [grid.parent / x for x in (g.models if g else []) if x.endswith((".yaml", ".yml"))]
+        loading.check_files(paths, force, inputs, what="measurement", option="-o OUT")
+    info = m.device_info(dev) | {"engine": kernels}
     rows: list[dict] = []
     kept = [0]  # rows in both files
     on_row = _row_sink(rows, kept, out, info, total, as_json)
@@ -104,6 +116,15 @@ def _row_sink(rows: list[dict], kept: list[int], out: Path | None, info: dict, t
     return on_row
 
 
+def _resolves(cfg, spec) -> bool:
+    """Whether cfg fits the model's shapes (one that does not is measured as an 'invalid' row, saying why)."""
+    try:
+        cfg.resolved(spec)
+        return True
+    except UserError:
+        return False
+
+
 def _kept_layers(spec, layers: int | None):
     """The model with its first `layers` layers (all where None or more)."""
     return spec.model_copy(update={"n_layers": min(layers, spec.n_layers)}) if layers else spec
@@ -121,8 +142,8 @@ def _grid_plan(g, grid: Path) -> tuple:
 def calibrate(
     measurements: Annotated[list[Path], typer.Argument(help="`xqsim measure` JSON files of one device")],
     hardware: Annotated[str, typer.Option(help="the profile whose spec figures the fit scales")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="profile YAML to write (default "
-                                                                  "hardware/<name>_fitted.yaml)")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", parser=out_path, help="profile YAML to write "
+                                             "(default hardware/<name>_fitted.yaml)")] = None,
     force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
     target: Annotated[str | None, typer.Option(help="fit the CUDA-graph step (graph, the default where "
                                                     "measured) or the eager step (eager)")] = None,
@@ -133,15 +154,19 @@ def calibrate(
     from . import calibrate as cal
     from .measurements import read_measurements
 
-    hw = loading.load_hardware(hardware)
+    hw = loading.load_hardware(hardware, where="command line: field 'hardware'")
     out = out or loading.HARDWARE_DIR / f"{hw.name}_fitted.yaml"
-    if out.exists() and not force:  # before any work
-        raise UserError(f"{out}: already exists; choose another -o or pass --force (your file is left as it is)")
+    # before any work: a path that cannot be written, one of the measurement files or the profile, a file there
+    loading.check_files([out], force, [*measurements, Path(hardware)], what="calibration", option="-o FILE")
     infos, rows = read_measurements(measurements)
     n_fit = sum(1 for r in rows if not r.get("fused"))
     source = (f"xqsim calibrate on {n_fit} unfused configurations from {', '.join(p.name for p in measurements)} "
               f"({infos[0]['device_name']}, torch {infos[0]['torch']}), {datetime.date.today().isoformat()}")
     fitted, report = cal.fit(rows, hw, source, _target(target))
+    if not (fitted.mem_efficiency or fitted.compute_efficiency or fitted.overhead_s or fitted.bitplane_factor
+            or fitted.channel_factor):  # a profile that claims a fit it does not hold
+        raise UserError(f"{measurements[0]}: the {report['n']} configurations determine none of the fit's parameters "
+                        f"(each must weigh in at least 3 of them); measure more, nothing written")
     cal.write_profile(hw, fitted, out)
     t = Table(title=f"Fitted on {report['n']:,} measured {report['target']} steps: median error "
                     f"{report['median_abs_pct']:.1f}%, p90 {report['p90_abs_pct']:.1f}% (in sample)",
@@ -169,7 +194,8 @@ def validate(
     transfer_from: Annotated[str | None, typer.Option(help="use this profile's fitted efficiencies on "
                                                           "--hardware's spec figures")] = None,
     held_out: Annotated[str | None, typer.Option(help="refit without each block: context or scheme")] = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="folder for the table and plots")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", parser=out_path,
+                                             help="folder for the table and plots")] = None,
     force: Annotated[bool, typer.Option(help="overwrite the table and plots in OUT")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     target: Annotated[str | None, typer.Option(help="judge against the CUDA-graph step (graph) or the eager "
@@ -180,16 +206,14 @@ def validate(
     from . import calibrate as cal
     from .measurements import read_measurements
 
-    if out is not None:  # before any work: never over a file that is there unless --force
+    if out is not None:  # before any work: never over an input, nor a file that is there unless --force
         written = [out / "validation.csv", out / "validation.png", out / "validation.svg"]
-        there = [p for p in written if p.exists()]
-        if there and not force:
-            raise UserError(f"{there[0]}: already exists; choose another -o DIR or pass --force to overwrite")
-    hw = loading.load_hardware(hardware)
+        loading.check_folder(out, written, force, measurements, what="validation")
+    hw = loading.load_hardware(hardware, where="command line: field 'hardware'")
     if spec_only or held_out:  # a held-out fit starts from the spec figures
         hw = hw.model_copy(update={"fitted": None})
     if transfer_from:
-        hw = cal.transferred(hw, loading.load_hardware(transfer_from))
+        hw = cal.transferred(hw, loading.load_hardware(transfer_from, where="command line: field 'transfer_from'"))
     if held_out not in (None, "context", "scheme"):
         raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: context, scheme")
     _, rows = read_measurements(measurements)
@@ -229,9 +253,10 @@ def accuracy(
     tokens: Annotated[str, typer.Option(help="tokens of the evaluation slice")] = "3072",
     context: Annotated[str, typer.Option(help="tokens per window (cache emptied between windows)")] = "512",
     text: Annotated[Path | None, typer.Option(help="UTF-8 text file (default: the Britannica article)")] = None,
-    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("measurements/accuracy"),
+    out: Annotated[Path, typer.Option("-o", "--out", parser=out_path, help="output folder")] = \
+        Path("measurements/accuracy"),
     force: Annotated[bool, typer.Option(help="overwrite the files of a previous run there")] = False,
-    jobs: Annotated[int, typer.Option(help="configurations run at once, one torch thread each")] = 1,
+    jobs: Annotated[int, typer.Option(help="configurations run at once, one torch thread each (at most 256)")] = 1,
 ) -> None:
     """Perplexity, logit error and top-1 agreement of each scheme on a real model, decoding token by token."""
     try:
@@ -248,12 +273,16 @@ def accuracy(
         n, c = _count(tokens, "tokens"), _count(context, "context")
         if c < 2:  # a window predicts its tokens 2..c from the ones before
             raise UserError("command line: field 'context': a window needs at least 2 tokens")
-        configs = [_accuracy_config(s.strip(), b, strategy)
-                   for s in schemes.split(",") for b in dict.fromkeys(_ints(bits, "bits"))]
+        names = [s.strip() for s in schemes.split(",")]
+        if strategy is not None and not any(n in SCHEMES and SCHEMES[n].rematerializes for n in names):
+            raise UserError(f"command line: field 'strategy': applies only to rematerializing schemes "
+                            f"{rematerializing()}; --schemes lists none")
+        configs = [_accuracy_config(s, b, strategy) for s in names for b in dict.fromkeys(_ints(bits, "bits"))]
         configs = list(dict.fromkeys(configs))
-    if jobs < 1:
-        raise UserError(f"command line: field 'jobs': {jobs} is not allowed; at least 1")
-    acc.check_writable(out, force)
+    if not 1 <= jobs <= 256:
+        raise UserError(f"command line: field 'jobs': {jobs} is not allowed; from 1 to 256")
+    jobs = min(jobs, len(configs))  # a process per configuration at most
+    acc.check_writable(out, force, [x for x in (grid, text, Path(model)) if x is not None])
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
         tasks: dict[int, int] = {}

@@ -143,10 +143,29 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}: 0x{raw[err.start]:02x})") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one without a word, so a
+    pasted second `memory_bytes:` would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):  # an unhashable key: SafeLoader's own error says so
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml_text(text: str, name: Path | str) -> Any:
     """Parse YAML text (a file's or an upload's), or raise UserError naming it."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -245,6 +264,38 @@ def resolve_for(cfg: SchemeConfig, model: ModelSpec) -> SchemeConfig:
         return cfg.resolved(model)
     except UserError as err:
         raise UserError(f"{cfg.label} on {model.name}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def check_folder(out: Path, files: list[Path], force: bool, inputs=(), what: str = "command",
+                 option: str = "-o DIR") -> None:
+    """Before any work, that a command may write `files` into the folder `out`: the nearest part of `out` that
+    exists is a writable folder, none of the files is one of the command's `inputs` (ever, --force or not), and
+    none is there already unless `force`; else a UserError naming the path."""
+    there = next(p for p in [out, *out.parents] if p.exists())  # the nearest part of the path that exists
+    if not there.is_dir():
+        raise UserError(f"{there}: is a file, not a folder; choose another {option}"
+                        + (f" ({out} would be under it)" if there != out else ""))
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UserError(f"{there}: not writable; choose another {option}")
+    mine = {Path(p).resolve() for p in inputs}
+    own = [p for p in files if p.resolve() in mine]
+    if own:
+        raise UserError(f"{own[0]}: is an input of this {what}; the {what} would write over it: choose another "
+                        f"{option}")
+    folders = [p for p in files if p.is_dir()]
+    if folders:
+        raise UserError(f"{folders[0]}: is a folder; choose another {option}")
+    existing = [p for p in files if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]}: already exists; choose another {option} or pass --force to overwrite")
+
+
+def check_files(files: list[Path], force: bool, inputs=(), what: str = "command", option: str = "-o") -> None:
+    """check_folder for files a command writes beside one another (OUT.json and OUT.csv, a profile YAML)."""
+    check_folder(files[0].parent, files, force, inputs, what, option)
 
 
 # ----------------------------------------------------------------------------- JSON out

@@ -13,7 +13,7 @@ import pandas as pd
 
 from . import loading
 from .loading import partial, read_text, to_json
-from .specs import SchemeConfig, UserError
+from .specs import MAX_COUNT, SchemeConfig, UserError
 
 # the measured step time a fit or a prediction is judged against: the replayed CUDA graph's, or the eager step's
 TARGETS = {"graph": "step_time_graph_s", "eager": "step_time_s"}
@@ -33,6 +33,19 @@ def config_of(name: str, layers: int, config: str):
 
 
 REQUIRED = ("model", "layers", "config", "batch", "context", "status", "step_time_s", "ops")
+STATUSES = ("ok", "oom", "invalid")  # what `xqsim measure` writes: measured, out of memory, refused by the engine
+# measured op names of files from before the analytic model named K/V schemes' two RoPE ops apart: the measured op
+# is their sum
+LEGACY_OPS = {"rope": ("rope_q", "rope_k")}
+
+
+@functools.cache
+def op_names(name: str, layers: int, config: str) -> frozenset[str]:
+    """The names a measured row's ops may have: the analytic step's, and the LEGACY_OPS names standing for them."""
+    from . import schemes
+
+    model, cfg = config_of(name, layers, config)
+    return frozenset({op.name for op in schemes.step_ops(model, cfg, 1, 1)} | set(LEGACY_OPS))
 
 
 def read_measurements(paths: list[Path], device: str | None = None) -> tuple[list[dict], list[dict]]:
@@ -48,6 +61,8 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
             data = json.loads(read_text(p))
         except json.JSONDecodeError as err:
             raise UserError(f"{p}: not a JSON measurement file ({err.msg} at line {err.lineno})") from None
+        except ValueError as err:  # an integer of more than 4,300 digits
+            raise UserError(f"{p}: not a JSON measurement file ({err})") from None
         if not is_measurement(data):
             raise UserError(f"{p}: not an `xqsim measure` file: expected keys 'device' and 'rows'")
         if not isinstance(data["rows"], list):
@@ -60,8 +75,15 @@ def read_measurements(paths: list[Path], device: str | None = None) -> tuple[lis
         ok = [(i, r) for i, r in enumerate(data["rows"]) if r.get("status") == "ok"]
         if not ok:
             raise UserError(f"{p}: no measured rows (status 'ok')")
+        for i, r in enumerate(data["rows"]):  # a row of no known status is not silently passed over
+            if r.get("status") not in STATUSES:
+                raise UserError(f"{p}: field 'rows.{i}.status': {r.get('status')!r} is not allowed; allowed: "
+                                f"{', '.join(STATUSES)}")
         for i, r in ok:
             _check_row(p, i, r)
+        for k in ("device_name", "engine"):
+            if not isinstance(data["device"].get(k, ""), str):
+                raise UserError(f"{p}: field 'device.{k}': expected a name (got {data['device'][k]!r})")
         name = data["device"].get("device_name", "?")
         if device and name != device:
             raise UserError(f"{p}: field 'device.device_name': '{name}', but the other files are from '{device}'; "
@@ -90,25 +112,40 @@ def _check_row(p: Path, i: int, r: dict) -> None:
     if missing:
         raise UserError(f"{where}': missing {', '.join(missing)}")
     for k in ("layers", "batch", "context"):
-        if not isinstance(r[k], int) or isinstance(r[k], bool) or r[k] < 1:
-            raise UserError(f"{where}.{k}': expected a whole number >= 1 (got {r[k]!r})")
+        if not isinstance(r[k], int) or isinstance(r[k], bool) or not 1 <= r[k] < MAX_COUNT:
+            raise UserError(f"{where}.{k}': expected a whole number from 1 to {MAX_COUNT - 1:,} (got {r[k]!r})")
     if not isinstance(r["model"], str) or not isinstance(r["config"], dict):
         raise UserError(f"{where}': 'model' must be a name and 'config' an object")
     try:
-        row_model_config(r)
+        full = loading.load_model(r["model"])
+    except UserError as err:
+        raise UserError(f"{where}.model': {err}") from None
+    if r["layers"] > full.n_layers:  # `measure --layers` keeps at most the model's own
+        raise UserError(f"{where}.layers': {r['layers']} is more than {full.name}'s {full.n_layers} layers")
+    try:
+        _, cfg = row_model_config(r)
     except UserError as err:
         raise UserError(f"{where}.config': {err}") from None
     except ValueError as err:  # pydantic's, from a stored configuration it refuses
         msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
         raise UserError(f"{where}.config': {msg}") from None
+    for k in ("scheme", "bits", "fused"):  # the row's own copies, which the fit and the reports group by
+        if k in r and (r[k] != getattr(cfg, k) or isinstance(r[k], bool) != isinstance(getattr(cfg, k), bool)):
+            raise UserError(f"{where}.{k}': {r[k]!r}, but its config says {getattr(cfg, k)!r}")
+    if not isinstance(r.get("label", ""), str):
+        raise UserError(f"{where}.label': expected a name (got {r['label']!r})")
     for k in TARGETS.values():
         if k in r and not (_finite(r[k]) and r[k] > 0):
             raise UserError(f"{where}.{k}': {r[k]!r} is not a time; expected a finite number of seconds > 0")
     if not isinstance(r["ops"], dict):
         raise UserError(f"{where}.ops': expected an object of ops")
+    known = op_names(r["model"], r["layers"], json.dumps(r["config"], sort_keys=True))
     for name, m in r["ops"].items():
+        if name not in known:
+            raise UserError(f"{where}.ops.{name}': not an op of {SchemeConfig.stored(r['config']).label}'s decode "
+                            f"step; known: {', '.join(sorted(known))}")
         for k in ("time_s", "kernel_time_s"):
-            v = m.get(k, 0.0) if isinstance(m, dict) else None
+            v = (m.get(k, 0.0) if k == "kernel_time_s" else m.get(k)) if isinstance(m, dict) else None
             if not (_finite(v) and v >= 0):
                 raise UserError(f"{where}.ops.{name}.{k}': {v!r} is not a time; expected a finite number of "
                                 f"seconds >= 0")

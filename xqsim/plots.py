@@ -53,10 +53,17 @@ class _Panels:
         return [self[i, j] for i in range(self.n[0]) for j in range(self.n[1])]
 
     def finish(self, i: int, j: int, title: str, xlabel: str, ylabel: str) -> None:
-        """Log axes, major grid, the panel's title; axis labels on the outer panels only."""
+        """Log axes, major grid, the panel's title; axis labels on the outer panels only. A panel with nothing drawn
+        (nothing fits this GPU's memory at the sweep's batch) says so, on linear axes: log axes of no data cannot be
+        drawn."""
         ax = self[i, j]
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        if any(np.any((x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y))
+               for x, y in (np.asarray(line.get_data(), dtype=float) for line in ax.get_lines())):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "nothing fits", transform=ax.transAxes, ha="center", va="center", fontsize=9)
+            ax.tick_params(labelleft=False, labelbottom=False, length=0)
         ax.minorticks_off()
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="major", alpha=0.3)

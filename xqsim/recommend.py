@@ -68,7 +68,7 @@ def _read_quality(path: Path, mtime_ns: int) -> tuple[dict[tuple, dict], ModelSp
         if fields.get("keep_first_channel") is not None:
             fields["keep_first_channel"] = bool(fields["keep_first_channel"])
         try:
-            key = quality_key(SchemeConfig(**fields), acc_model)
+            key = quality_key(SchemeConfig.stored(fields), acc_model)  # as written: resolved defaults
         except (ValueError, UserError):  # a row this version cannot express: left out
             continue
         out[key] = {"delta_ppl_rel": float(r.delta_ppl) / ppl_ref, "accuracy_label": str(getattr(r, "label", ""))}

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
@@ -31,10 +32,11 @@ def count_value(v: str) -> float:
 
 
 def parse_count(v: Any) -> Any:
-    """'32k' -> 32768, '1M' -> 1048576; other values pass through."""
+    """'32k' -> 32768, '1M' -> 1048576; other values, and strings that spell no whole number ('0.4k', 'inf'), pass
+    through for the field's own check to refuse (never truncated: '0.4k' is not 409)."""
     if isinstance(v, str):
         x = count_value(v)
-        return v if x != x else int(x)  # x != x: nan
+        return int(x) if math.isfinite(x) and x == int(x) else v
     return v
 
 
@@ -51,10 +53,9 @@ class _Entry(BaseModel):
     def expand(self) -> list[SchemeConfig]:
         """One SchemeConfig per combination of the list-valued options."""
         base = self.model_dump(exclude=set(LISTED))
-        strategies = self.strategy if SCHEMES[self.scheme].rematerializes else [None]
-        bits = self.bits or [SCHEMES[self.scheme].default_bits]
+        bits = self.bits or [SCHEMES[self.scheme].default_bits]  # a strategy for a K/V scheme: SchemeConfig's error
         return [SchemeConfig(**base, bits=b, strategy=st, fused=f)
-                for b, st, f in itertools.product(bits, dict.fromkeys(strategies), self.fused)]
+                for b, st, f in itertools.product(bits, dict.fromkeys(self.strategy), self.fused)]
 
 
 def _entry_fields() -> dict:
@@ -64,7 +65,8 @@ def _entry_fields() -> dict:
     for name, f in SchemeConfig.model_fields.items():
         if name in LISTED:
             ann = list[f.annotation]
-            out[name] = (ann | None if LISTED[name] is None else ann, Field(LISTED[name], description=f.description))
+            out[name] = (ann | None if LISTED[name] is None else ann,  # a list given is never empty
+                         Field(LISTED[name], min_length=1, description=f.description))
         else:
             out[name] = (f.annotation, copy.copy(f))
     return out
@@ -74,11 +76,14 @@ ScenarioScheme = create_model("ScenarioScheme", __base__=_Entry, __module__=__na
 ScenarioScheme.__doc__ = "A scheme entry of a scenario: SchemeConfig's options, bits, strategy and fused as lists."
 
 
+MAX_RANGE = 2**20  # points of a context range: 1,048,576 contexts is past any plot or crossover search
+
+
 class ContextRange(BaseModel):
     model_config = Frozen
     start: Positive
     stop: Positive
-    num: Positive = 64
+    num: Annotated[int, Field(gt=0, le=MAX_RANGE, strict=True)] = 64
     log: bool = True
 
     _counts = field_validator("start", "stop", mode="before")(classmethod(lambda c, v: parse_count(v)))
@@ -91,7 +96,7 @@ class ContextRange(BaseModel):
 
     def values(self) -> list[int]:
         f = np.geomspace if self.log else np.linspace
-        return sorted({int(round(x)) for x in f(self.start, self.stop, self.num)})
+        return np.unique(np.round(f(self.start, self.stop, self.num)).astype(np.int64)).tolist()
 
 
 class Scenario(BaseModel):

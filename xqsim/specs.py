@@ -19,6 +19,12 @@ UNQUANTIZED = 16
 MAX_COUNT = 2**31  # every count a spec holds (layers, widths, heads, vocabulary, group, rank, batch, context)
 # whole numbers, not booleans or floats, in [1, MAX_COUNT)
 Positive = Annotated[int, Field(gt=0, lt=MAX_COUNT, strict=True)]
+# the same in [0, MAX_COUNT): residual windows, leading layers, the first shared layer
+Count = Annotated[int, Field(ge=0, lt=MAX_COUNT, strict=True)]
+# code bits: a whole number (a scheme states which it supports)
+Bits = Annotated[int, Field(strict=True)]
+MAX_LAYERS = 2**16  # a model's layers: far past any model (Llama 3.1 405B has 126); the layout lists every layer
+MAX_WEIGHTS = 2**53  # a model's weights: 4,500 times today's largest, and byte counts stay within int64
 Frozen = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -33,8 +39,18 @@ class Figure(BaseModel):
     """A spec figure with where it comes from."""
 
     model_config = Frozen
-    value: float = Field(gt=0, allow_inf_nan=False, description="the figure, SI base units")
+    value: float = Field(gt=0, allow_inf_nan=False, strict=True, description="the figure, SI base units")
     source: str = Field(min_length=3, description="datasheet, paper or measurement it comes from")
+
+
+# what a fit may find (xqsim calibrate's bounds) and a fitted block may hold: (low, high) per kind
+FIT_RANGES = {"overhead": (1e-8, 1e-2), "efficiency": (1e-3, 1.5), "bitplane": (1.0, 100.0), "channel": (0.1, 10.0)}
+
+
+def _fitted(kind: str, zero: bool = False) -> Any:
+    """A finite number in FIT_RANGES[kind] (an overhead may also be 0: none)."""
+    lo, hi = FIT_RANGES[kind]
+    return Annotated[float, Field(ge=0 if zero else lo, le=hi, allow_inf_nan=False, strict=True)]
 
 
 class Fitted(BaseModel):
@@ -42,17 +58,17 @@ class Fitted(BaseModel):
 
     model_config = Frozen
     source: str = Field(description="measurements and date the fit comes from")
-    mem_efficiency: dict[OpClass, Annotated[float, Field(gt=0, le=1.5)]] = Field(
+    mem_efficiency: dict[OpClass, _fitted("efficiency")] = Field(
         default_factory=dict, description="achieved / spec bandwidth per op class")
-    compute_efficiency: dict[OpClass, Annotated[float, Field(gt=0, le=1.5)]] = Field(
+    compute_efficiency: dict[OpClass, _fitted("efficiency")] = Field(
         default_factory=dict, description="achieved / spec FLOP rate per op class")
-    kernel_overhead_s: float | None = Field(None, ge=0, description="fitted per-kernel overhead [s]")
-    overhead_s: dict[OpClass, Annotated[float, Field(ge=0)]] = Field(
+    kernel_overhead_s: _fitted("overhead", zero=True) | None = Field(None, description="fitted per-kernel overhead [s]")
+    overhead_s: dict[OpClass, _fitted("overhead", zero=True)] = Field(
         default_factory=dict, description="fitted overhead of a kernel per op class (else kernel_overhead_s) [s]")
-    bitplane_factor: float | None = Field(None, ge=1, description="time multiplier of (de)quantization when the "
-                                                                  "code width does not divide 8 (bit planes)")
-    channel_factor: float | None = Field(None, gt=0, description="time multiplier of (de)quantizing per-channel "
-                                                                 "codes (laid out channel-major, values token-major)")
+    bitplane_factor: _fitted("bitplane") | None = Field(None, description="time multiplier of (de)quantization "
+                                                        "when the code width does not divide 8 (bit planes)")
+    channel_factor: _fitted("channel") | None = Field(None, description="time multiplier of (de)quantizing per-"
+                                                      "channel codes (laid out channel-major, values token-major)")
     target: Literal["graph", "eager"] = Field("graph", description="what the fit predicts: the GPU time of a "
                                                                    "CUDA-graph step, or an eager step")
     engine: Literal["torch", "triton"] = Field("torch", description="the engine the fit describes: torch (unfused "
@@ -65,7 +81,7 @@ FIGURE_RANGES = {
     "memory_bytes": (2**20, 2**50, "B"),  # 1 MiB .. 1 PiB
     "mem_bytes_per_s": (1e8, 1e15, "B/s"),  # 0.1 GB/s .. 1 PB/s
     "flops_per_s": (1e8, 1e18, "FLOP/s"),  # 0.1 GFLOP/s .. 1 EFLOP/s
-    "l2_bytes": (0, 2**40, "B"),
+    "l2_bytes": (2**10, 2**40, "B"),  # 1 KiB .. 1 TiB
     "interconnect_bytes_per_s": (1e6, 1e15, "B/s"),
     "kernel_overhead_s": (1e-8, 1e-1, "s"),  # 10 ns .. 100 ms
 }
@@ -158,7 +174,7 @@ class ModelSpec(BaseModel):
     name: str
     display_name: str
     source: str = Field(min_length=3)
-    n_layers: Positive
+    n_layers: Annotated[int, Field(gt=0, le=MAX_LAYERS, strict=True)]
     d_model: Positive
     n_heads: Positive
     n_kv_heads: Positive
@@ -170,12 +186,25 @@ class ModelSpec(BaseModel):
     norm_eps: float = Field(1e-5, gt=0, lt=1)
     weight_bytes: Literal[1, 2, 4] = Field(2, description="bytes per weight element")
 
+    @field_validator("weight_bytes", mode="before")
+    @classmethod
+    def _whole_bytes(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int):  # 2.0 or true would be read as 2 or 1
+            raise ValueError("expected 1, 2 or 4 (a whole number of bytes)")
+        return v
+
     @model_validator(mode="after")
     def _heads(self) -> ModelSpec:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) is not a multiple of n_heads; set head_dim")
+        from .schemes.decoder import dense_weight_elems
+
+        weights = dense_weight_elems(self) + 2 * self.n_layers * self.d_model * self.dkv  # with Wk and Wv
+        if weights > MAX_WEIGHTS:
+            raise ValueError(f"{weights:.3g} weights is past the plausible {MAX_WEIGHTS:.3g} (the largest models "
+                             f"have about 2e12); check its sizes")
         return self
 
     @property
@@ -216,28 +245,32 @@ def _first_bits_below(scheme: str, bits: int, first_bits: int | None) -> bool:
             and first_bits < bits)
 
 
+# options an uncompressed cache (fp16) has no use for: set to anything but their defaults, they are an error
+UNCOMPRESSED_UNUSED = ("group", "residual", "first_layers", "first_bits")
+
+
 class SchemeConfig(BaseModel):
     """One KV-cache scheme with its options; model-dependent defaults are resolved by `resolved`."""
 
     model_config = Frozen
     scheme: SchemeName
-    bits: int = Field(UNQUANTIZED, description="code bits of the cached tensors; 16 = unquantized; left out: the "
+    bits: Bits = Field(UNQUANTIZED, description="code bits of the cached tensors; 16 = unquantized; left out: the "
                       "scheme's default (its paper's headline)")
     group: Positive = Field(128, description="quantization group size [elements]")
-    residual: int | None = Field(None, ge=0, description="fp16 residual window [tokens]")
+    residual: Count | None = Field(None, description="fp16 residual window [tokens]")
     strategy: Strategy | None = Field(None, description="remat or absorb_v (rematerializing schemes)")
     fused: bool = Field(False, description="dequant/remat fused into attention: no intermediates in memory")
-    first_layers: int | None = Field(None, ge=0, description="leading layers kept at first_bits")
-    first_bits: int | None = Field(None, description="bits of the leading layers, at least `bits` (default 4; "
+    first_layers: Count | None = Field(None, description="leading layers kept at first_bits")
+    first_bits: Bits | None = Field(None, description="bits of the leading layers, at least `bits` (default 4; "
                                    "xquant_yang 2)")
     rank_k: Positive | None = Field(None, description="SVD rank of the key-side latent (GQA variants)")
     rank_v: Positive | None = Field(None, description="SVD rank of the value-side latent (GQA variants)")
     keep_first_channel: bool = Field(False, description="xquant_gqa: first key-latent channel in fp16")
-    v_bits: int | None = Field(None, description="xquant_yang: value bits (default 1)")
-    share_from: int | None = Field(None, ge=0, description="xquant_yang: odd layers >= this share the codes of "
+    v_bits: Bits | None = Field(None, description="xquant_yang: value bits (default 1)")
+    share_from: Count | None = Field(None, description="xquant_yang: odd layers >= this share the codes of "
                                    "the layer below (default n_layers/2; n_layers or more: no sharing)")
-    eta_k: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: key calibration eta")
-    eta_v: float | None = Field(None, ge=0, lt=0.5, description="xquant_yang: value calibration eta")
+    eta_k: float | None = Field(None, ge=0, lt=0.5, strict=True, description="xquant_yang: key calibration eta")
+    eta_v: float | None = Field(None, ge=0, lt=0.5, strict=True, description="xquant_yang: value calibration eta")
 
     @model_validator(mode="before")
     @classmethod
@@ -253,6 +286,11 @@ class SchemeConfig(BaseModel):
         from .schemes import rematerializing
 
         s, sch = self.scheme, _scheme(self.scheme)
+        if not sch.compresses:
+            fields = type(self).model_fields
+            unused = [f for f in UNCOMPRESSED_UNUSED if getattr(self, f) not in (None, fields[f].default)]
+            if unused:
+                raise ValueError(f"{unused[0]} applies only to compressed caches: {s} keeps K and V unquantized")
         for field in ("bits", "first_bits") + (("v_bits",) if "v_bits" in sch.options else ()):
             v = getattr(self, field)
             if v is not None and v not in sch.bits:
@@ -266,7 +304,8 @@ class SchemeConfig(BaseModel):
             raise ValueError(f"first_bits={self.first_bits} is below bits={self.bits}: the leading layers are kept "
                              f"at first_bits or more, never fewer")
         for field in dict.fromkeys(f for x in registry.values() for f in x.options):
-            if getattr(self, field) not in (None, False) and field not in sch.options:
+            v = getattr(self, field)  # 0 is a setting (share_from: 0, eta_k: 0), False is not
+            if v is not None and v is not False and field not in sch.options:
                 raise ValueError(f"{field} applies only to {[n for n, x in registry.items() if field in x.options]}")
         r, g = self.residual, self.group
         quantized = self.bits < UNQUANTIZED or (self.v_bits or UNQUANTIZED) < UNQUANTIZED
@@ -290,7 +329,8 @@ class SchemeConfig(BaseModel):
         if not sch.rematerializes:
             d.pop("strategy", None)
         if not sch.compresses:
-            d.pop("fused", None)
+            for f in ("fused", *UNCOMPRESSED_UNUSED):
+                d.pop(f, None)
         if _first_bits_below(s, d.get("bits", sch.default_bits), d.get("first_bits")):
             d.pop("first_bits")
         return cls(**d)

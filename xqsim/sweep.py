@@ -6,7 +6,6 @@ For one (model, scheme) the whole hardware x batch x context grid is one set of 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import pandas as pd
 
 from . import rates, schemes
 from .capacity import MAX_CONTEXT, max_batch, max_context, memory, seq_memory
-from .loading import to_json, write_atomic
+from .loading import check_folder, to_json, write_atomic
 from .roofline import BOUNDS, step_time
 from .scenario import Scenario
 from .schemes.layout import paper_bytes_per_token
@@ -313,21 +312,7 @@ def output_files(out: Path) -> list[Path]:
 
 def check_writable(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse to overwrite a file that is already there unless forced, and any of the sweep's own inputs ever."""
-
-    there = next(p for p in [out, *out.parents] if p.exists())  # the nearest part of the path that exists
-    if not there.is_dir():
-        raise UserError(f"{there}: is a file, not a folder; choose another -o DIR"
-                        + (f" ({out} would be under it)" if there != out else ""))
-    if not os.access(there, os.W_OK | os.X_OK):
-        raise UserError(f"{there}: not writable; choose another -o DIR")
-    mine = {p.resolve() for p in inputs}
-    own = [p for p in output_files(out) if p.resolve() in mine]
-    if own:
-        raise UserError(f"{own[0]}: is an input of this sweep; the sweep would write over it: choose another -o DIR")
-    existing = [p for p in output_files(out) if p.exists()]
-    if existing and not force:
-        raise UserError(f"{existing[0]}: already exists ({len(existing)} of the sweep's files are there); "
-                        f"choose another -o DIR or pass --force to overwrite")
+    check_folder(out, output_files(out), force, inputs, what="sweep")
 
 
 def write_inputs(out: Path, scenario_path: Path, scenario: Scenario, hws, models, configs) -> None:

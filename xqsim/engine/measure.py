@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..capacity import memory
 from ..scenario import ScenarioScheme
-from ..specs import ModelSpec, SchemeConfig, UserError
+from ..specs import MAX_LAYERS, ModelSpec, Positive, SchemeConfig, UserError
 from .model import Engine, Recorder, init_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,13 +44,15 @@ class MeasureGrid(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str
     models: list[str] = Field(min_length=1)
-    layers: int = Field(2, gt=0, description="layers kept of each model (per-layer costs are what we fit)")
+    layers: int = Field(2, gt=0, le=MAX_LAYERS, strict=True,
+                        description="layers kept of each model (per-layer costs are what we fit)")
     schemes: list[ScenarioScheme] = Field(min_length=1)
-    batch: list[int] = Field(min_length=1)
-    context: list[int] = Field(min_length=1)
-    max_tokens: int = Field(2**20, gt=0, description="skip batch x context above this many tokens")
-    repeats: int = Field(20, ge=1)
-    warmup: int = Field(3, ge=0)
+    batch: list[Positive] = Field(min_length=1)
+    context: list[Positive] = Field(min_length=1)
+    max_tokens: Annotated[int, Field(gt=0, le=2**62, strict=True)] = Field(
+        2**20, description="skip batch x context above this many tokens")
+    repeats: int = Field(20, ge=1, strict=True)
+    warmup: int = Field(3, ge=0, strict=True)
     dtype: str = Field("bf16", description="compute dtype; the command line's --dtype overrides it")
 
 
@@ -299,9 +303,9 @@ def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list
 
 
 def check_fits(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, device: torch.device,
-               dtype: torch.dtype) -> None:
+               dtype: torch.dtype, where: str = "command line") -> None:
     """A UserError if the analytic memory of this run (weights at the engine's dtype, cache, transient
-    buffers) exceeds the device's free memory."""
+    buffers) exceeds the device's free memory; `where` names what asked for it (a grid file)."""
     c = cfg.resolved(spec)
     m = memory(spec, c, batch, np.array([context]))
     scale = torch.finfo(dtype).bits / 8 / 2  # analytic weights and activations are 2-byte
@@ -312,11 +316,13 @@ def check_fits(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, dev
         import os
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > free:
-        raise UserError(f"command line: {cfg.label} on {spec.name} ({spec.n_layers} layers) at batch {batch}, "
+        hint = "--layers, a smaller batch or context" if where == "command line" else "fewer layers, a smaller " \
+                                                                                       "batch or context"
+        raise UserError(f"{where}: {cfg.label} on {spec.name} ({spec.n_layers} layers) at batch {batch}, "
                         f"context {context} needs about {need / 1e9:,.1f} GB (weights "
                         f"{m['weights_bytes'] * 2 * scale / spec.weight_bytes / 1e9:,.1f}, cache "
                         f"{m['cache_bytes'][0] / 1e9:,.1f}, transient {m['transient_bytes'][0] * scale / 1e9:,.1f}) "
-                        f"but {device.type} has {free / 1e9:,.1f} GB free; use --layers, a smaller batch or context")
+                        f"but {device.type} has {free / 1e9:,.1f} GB free; use {hint}")
 
 
 def check_kernels(kernels: str | None, device: torch.device) -> str:
@@ -335,12 +341,15 @@ def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The device and dtype asked for, or a UserError saying why not."""
     if dtype not in DTYPES:
         raise UserError(f"command line: field 'dtype': '{dtype}' is not allowed; allowed: {', '.join(DTYPES)}")
-    if device.split(":")[0] not in ("cpu", "cuda"):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise UserError(f"command line: field 'device': '{device}' is not allowed; allowed: cpu, cuda, cuda:N")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("command line: field 'device': cuda asked for, but torch sees no CUDA device here; "
                         "use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"command line: field 'device': '{device}': torch sees {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if dev.type == "cpu" and dtype != "fp32":
         raise UserError(f"command line: field 'dtype': {dtype} on cpu is not supported; use fp32 on cpu")
     return dev, DTYPES[dtype]

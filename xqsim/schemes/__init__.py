@@ -107,8 +107,9 @@ def weights_bytes(model: ModelSpec, cfg: SchemeConfig) -> int:
 
 
 def transient_bytes(model: ModelSpec, cfg: SchemeConfig, T, groups=None) -> np.ndarray:
-    """Peak transient bytes of one sequence: the largest layer's buffers plus activations [B]."""
-    T = np.asarray(T, dtype=np.int64)
+    """Peak transient bytes of one sequence: the largest layer's buffers plus activations [B], float64 as
+    cache_parts."""
+    T = np.asarray(T, dtype=np.float64)
     groups = groups or layout(model, cfg)
     s = SCHEMES[cfg.scheme]
     peak = np.zeros_like(T)

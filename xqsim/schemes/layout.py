@@ -127,8 +127,10 @@ def residual_bytes(t: CacheTensor, T: np.ndarray, R: int) -> np.ndarray:
 
 
 def cache_parts(groups: tuple[LayerGroup, ...], cfg: SchemeConfig, T: np.ndarray) -> dict[str, np.ndarray]:
-    """Codes, metadata and residual bytes of all layers for one sequence at context T [B]."""
-    T = np.asarray(T, dtype=np.int64)
+    """Codes, metadata and residual bytes of all layers for one sequence at context T [B]. float64, as step_ops: a
+    cache of 2^31 tokens of a model of thousands of layers passes int64, where integers wrapped (silently, to 0 or
+    negative); float64 is exact below 2^53 B (9 PB), so every realistic size stays exact."""
+    T = np.asarray(T, dtype=np.float64)
     G, R = cfg.group, cfg.residual or 0
     out = {"codes": np.zeros_like(T), "metadata": np.zeros_like(T), "residual": np.zeros_like(T)}
     for g in groups:
