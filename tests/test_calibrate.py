@@ -218,3 +218,38 @@ def test_validate_on_the_committed_sets_matches_the_readme(monkeypatch, capsys):
         stated = f"| {r['n']} | {r['median_abs_pct']:.1f}% | {r['p90_abs_pct']:.1f}% |"
         assert stated in row, f"README row {row!r} does not state {stated!r}"
     assert h100["target"] == "graph" and h100["fused_tiled"]["n"] == 56
+
+
+def test_a_kernel_engine_fit_is_labelled_and_fits_what_that_engine_runs():
+    """Rows of the Triton kernel engine: the fit takes its fused rows and fp16 (its unfused compressed rows are
+    not what it runs), recovers the step times it was made from, and names its engine, which xqsim.rates then
+    applies to fused configurations (and fp16) only. Rows of two engines are refused."""
+    from xqsim import rates
+
+    hw = loading.load_hardware("h200")
+    truth = hw.model_copy(update={"fitted": specs.Fitted(
+        source="truth", engine="triton", mem_efficiency={"attention": 0.45, "matmul": 0.85, "elementwise": 0.6},
+        compute_efficiency={"remat": 0.4, "matmul": 0.7}, overhead_s={"attention": 8e-6, "matmul": 4e-6})})
+    cfgs = [specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2, fused=True),
+            specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="remat", fused=True),
+            specs.SchemeConfig(scheme="kivi", bits=2)]  # unfused: not a kernel-engine configuration
+    rows = []
+    for cfg in cfgs:
+        for B in (1, 8, 64):
+            for T in (1024, 8192, 65536):
+                row = {"model": "llama-3.1-8b", "layers": 2, "config": cfg.model_dump(mode="json"), "label": cfg.label,
+                       "batch": B, "context": T, "fused": cfg.fused, "engine": "triton"}
+                t = calibrate.step_predictions([row | {"step_time_graph_s": 1.0}], truth, "graph")
+                rows.append(row | {"step_time_graph_s": float(t["predicted_s"].iloc[0]) * (3.0 if not cfg.fused
+                                                                                           and cfg.bits < 16 else 1)})
+    fitted, report = fit(rows, hw, "kernel engine test", "graph")
+    assert fitted.engine == "triton" and report["n"] == 27, report["n"]  # 3 configurations x 9; unfused KIVI left
+    pred = calibrate.step_predictions(rows, hw.model_copy(update={"fitted": fitted}), "graph")
+    err = calibrate.error_report(pred)
+    assert err["n"] == 27 and err["median_abs_pct"] < 2.0, err  # the unfused KIVI rows (x3) are not judged
+    kernel = hw.model_copy(update={"fitted": fitted})
+    assert rates.choose(kernel, cfgs[1], "fitted")[1].label == "fitted (h200, triton engine)"
+    assert rates.choose(kernel, cfgs[0], "fitted")[1].label == "fitted (h200, triton engine)"  # fp16: either engine
+    assert rates.choose(kernel, cfgs[3], "fitted")[1].label == "spec (no torch-engine fit)"
+    with pytest.raises(specs.UserError, match="several engines"):
+        fit([rows[0] | {"engine": "torch"}, *rows[1:]], hw, "mixed", "graph")

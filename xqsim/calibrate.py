@@ -227,27 +227,48 @@ class _Model:
         return out
 
 
+def engine_of(rows: list[dict]) -> str:
+    """The engine the rows were measured on (one; read_measurements refuses to mix them): 'torch' for rows of
+    files from before the Triton kernels, which name none."""
+    engines = {r.get("engine", "torch") for r in rows}
+    if len(engines) > 1:
+        raise UserError(f"calibrate: rows of several engines ({', '.join(sorted(engines))}); fit one at a time")
+    return engines.pop() if engines else "torch"
+
+
+def native(row: dict, engine: str) -> bool:
+    """Whether the engine runs a measured row as the model describes it: the torch engine its unfused rows (its
+    fused path is tiles of ordinary kernels), the kernel engine its fused ones; fp16 (nothing to fuse) on both."""
+    if not schemes.SCHEMES[row["config"]["scheme"]].compresses:
+        return True
+    return bool(row.get("fused")) == (engine == "triton")
+
+
 MIN_OP_S = 50e-6  # ops of at least this much GPU time are fitted and judged one by one (see op_errors)
 
 
 def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None = None, min_rows: int = 3,
         min_share: float = 0.005, min_op_s: float = MIN_OP_S):
-    """Least squares on log time over measured configurations (unfused ones: the engine's fused path is
-    tiles of ordinary kernels, not the fused kernel the model describes), jointly on two kinds of residual:
+    """Least squares on log time over the measured configurations each engine runs as the model describes them
+    (the torch engine's unfused ones: its fused path is tiles of ordinary kernels, not the fused kernel the model
+    describes; the Triton kernel engine's fused ones), jointly on two kinds of residual:
     each row's step time (`target`), and each op's GPU kernel time where the row has it (profiler) and it is
     at least `min_op_s`; each kind weighs as much in total as the other. A kernel takes
     max(flops / (peak * e_c), bytes / (bandwidth * e_m) [* bit-plane factor] [* channel factor]) + the
     overhead of its class.
 
-    Returns (Fitted, report). A parameter whose term is at least `min_share` of the predicted step in fewer
+    Returns (Fitted, report); the Fitted block names the engine (xqsim.rates applies it to the configurations
+    that engine runs). A parameter whose term is at least `min_share` of the predicted step in fewer
     than `min_rows` configurations is not determined by the data: it is left out of the Fitted block (the
     spec value applies) and the report names it."""
     from scipy.optimize import least_squares
 
     target = target or default_target(rows)
-    rows = [r for r in rows if not r.get("fused")]
+    engine = engine_of(rows)
+    rows = [r for r in rows if native(r, engine)]
     if not rows:
-        raise UserError("calibrate: no unfused configurations to fit")
+        raise UserError(f"calibrate: no {'fused' if engine == 'triton' else 'unfused'} configurations of the "
+                        f"{engine} engine to fit")
     t = np.array([measured_step(r, target) for r in rows])
     m = _Model(_design(rows), len(rows), hw)
     x0, lo, hi = m.start_and_bounds()
@@ -269,7 +290,7 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
     ci = {c: i for i, c in enumerate(OP_CLASSES)}
     overhead = {c: float(o[ci[c]]) for c in OP_CLASSES if f"overhead:{OVERHEAD_OF.get(c, c)}" in keep}
     fitted = Fitted(
-        source=source, target=target,
+        source=source, target=target, engine=engine,
         mem_efficiency={c: round(float(em[ci[c]]), 6) for c in OP_CLASSES if f"memory:{c}" in keep},
         compute_efficiency={c: round(float(ec[ci[c]]), 6) for c in OP_CLASSES if f"compute:{c}" in keep},
         kernel_overhead_s=min(overhead.values()) if overhead else None, overhead_s=overhead,
@@ -326,7 +347,8 @@ def step_predictions(rows: list[dict], hw: HardwareProfile, target: str | None =
     for r in rows:
         t = step_time(row_ops(r), rates, False)
         out.append({"model": r["model"], "label": r["label"], "scheme": r["config"]["scheme"], "batch": r["batch"],
-                    "context": r["context"], "fused": bool(r.get("fused")), "target": target,
+                    "context": r["context"], "fused": bool(r.get("fused")), "engine": r.get("engine", "torch"),
+                    "target": target,
                     "measured_s": measured_step(r, target), "predicted_s": float(t["step_time_s"]),
                     "regime": BOUNDS[int(t["bound_code"])]})
     df = pd.DataFrame(out)
@@ -342,10 +364,13 @@ def stats(e: pd.Series) -> dict:
 
 
 def error_report(df: pd.DataFrame) -> dict:
-    """n, median / p90 / max absolute % error over the unfused rows, per regime and per scheme; the fused rows
-    (tiles of torch kernels, not the fused kernel the model describes) apart under `fused_tiled`."""
+    """n, median / p90 / max absolute % error over the rows the engine runs as the model describes them (the
+    torch engine's unfused rows, the kernel engine's fused ones), per regime and per scheme; the torch engine's
+    fused rows (tiles of torch kernels, not the fused kernel the model describes) apart under `fused_tiled`."""
     fused = df["fused"] if "fused" in df else pd.Series(False, index=df.index)
-    main, tiled = df[~fused], df[fused]
+    kernel = df["engine"] == "triton" if "engine" in df else pd.Series(False, index=df.index)
+    plain = df["scheme"].map(lambda x: not schemes.SCHEMES[x].compresses).astype(bool)  # fp16: nothing to fuse
+    main, tiled = df[(fused == kernel) | plain], df[fused & ~kernel]
     out = stats(main["error_pct"]) | {
         "per_regime": {k: stats(g["error_pct"]) for k, g in main.groupby("regime")},
         "per_scheme": {k: stats(g["error_pct"]) for k, g in main.groupby("scheme")}}

@@ -3,7 +3,8 @@
 A profile's fitted block describes one engine on that GPU (`Fitted.engine`): the torch engine, which runs every
 dequantization and rematerialization as kernels of their own (the model's unfused configurations), or the kernel
 engine (`triton`), which runs them inside its attention kernels (the fused configurations). A configuration is
-predicted for the engine that runs it. Modes:
+predicted for the engine that runs it; fp16, with nothing to fuse, runs alike on both, so a fit of either applies
+to it. Modes:
 
 - `spec`: the datasheet roofline, everywhere;
 - `fitted` (the default): the GPU's own fit for that engine; where it has none, spec rates, and the basis says why
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from .schemes import SCHEMES
 from .specs import HardwareProfile, SchemeConfig
 
 MODES = ("spec", "fitted", "transferred")
@@ -25,6 +27,12 @@ MODES = ("spec", "fitted", "transferred")
 def engine(cfg: SchemeConfig) -> str:
     """The engine that runs a configuration: `triton` (the kernel engine) when it is fused, else `torch`."""
     return "triton" if cfg.fused else "torch"
+
+
+def covers(fit, cfg: SchemeConfig) -> bool:
+    """Whether a fitted block describes how cfg runs: its engine runs cfg, or cfg has nothing to fuse (fp16 runs
+    alike on both engines: attention over fp16 K and V)."""
+    return fit is not None and (fit.engine == engine(cfg) or not SCHEMES[cfg.scheme].compresses)
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,13 @@ def choose(hw: HardwareProfile, cfg: SchemeConfig, mode: str = "fitted",
     if mode == "spec":
         return spec, Basis("spec")
     eng = engine(cfg)
-    if hw.fitted and hw.fitted.engine == eng:
-        return hw, Basis("fitted", hw.name, eng)
+    if covers(hw.fitted, cfg):
+        return hw, Basis("fitted", hw.name, hw.fitted.engine)
     if mode == "transferred":
         lender = next((d for d in sorted(donors or shipped_fits(), key=lambda d: d.name)
-                       if d.fitted and d.fitted.engine == eng and d.name != hw.name), None)
+                       if covers(d.fitted, cfg) and d.name != hw.name), None)
         if lender is not None:
-            return lend(hw, lender), Basis("transferred", lender.name, eng)
+            return lend(hw, lender), Basis("transferred", lender.name, lender.fitted.engine)
     return spec, Basis("spec", fallback=f"no {eng}-engine fit")
 
 
