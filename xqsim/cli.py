@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -55,6 +58,48 @@ def out_path(value) -> Path:
     return Path(value)
 
 
+def _option_type(annotation) -> type:
+    """The plain type a command-line option of a SchemeConfig field parses to: int, float, str or bool."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _option_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0])
+    if args:  # X | None
+        return _option_type(args[0])
+    return annotation
+
+
+def scheme_options(fn):
+    """A command that takes SchemeConfig's options: one typer option per field but `scheme`, declared from the
+    field (its type and description), so a field added to SchemeConfig is on the command line without an edit
+    here. The command receives them as `options`: the fields given (flags only when set)."""
+    names = [n for n in SchemeConfig.model_fields if n != "scheme"]
+    sig = inspect.signature(fn, eval_str=True)
+    extra = []
+    for name in names:
+        f = SchemeConfig.model_fields[name]
+        t = _option_type(f.annotation)
+        help_ = (f.description or name).replace("[", "\\[")
+        if t is bool:
+            ann, default = Annotated[bool, typer.Option(help=help_)], False
+        else:
+            ann, default = Annotated[t | None, typer.Option(help=help_)], None
+        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
+    kept = [p for p in sig.parameters.values() if p.name != "options"]
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in kept]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        options = {n: kwargs.pop(n) for n in names}
+        return fn(**kwargs, options={k: v for k, v in options.items() if v is not None and v is not False})
+
+    wrapper.__signature__ = sig.replace(parameters=keyword + extra)
+    wrapper.__annotations__ = {p.name: p.annotation for p in keyword + extra}
+    del wrapper.__wrapped__  # typer reads the signature above, not the command's own
+    return wrapper
+
+
 def _count(value: str, field: str) -> int:
     """A whole positive count like 16, 32k or 1M, at most MAX_COUNT[field]; else a one-line error."""
     most = MAX_COUNT.get(field, 2**31)
@@ -79,36 +124,24 @@ def _gb(x: float) -> str:
 
 
 @app.command()
+@scheme_options
 def estimate(
     hardware: Annotated[str, typer.Option(help="profile name (xqsim hw list) or a .yaml file")],
     model: Annotated[str, typer.Option(help="model name (xqsim models list) or a .yaml file")],
     scheme: Annotated[str, typer.Option(help=f"one of {', '.join(specs.SCHEMES)}")],
     batch: Annotated[str, typer.Option(help="sequences decoded together")] = "1",
     context: Annotated[str, typer.Option(help="tokens in the cache, e.g. 32768 or 32k")] = "4096",
-    bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized; default: the scheme's paper's "
-                                                 "(xqsim.schemes.SCHEMES)")] = None,
-    group: Annotated[int | None, typer.Option(help="quantization group size")] = None,
-    residual: Annotated[int | None, typer.Option(help="fp16 residual window [tokens]")] = None,
-    strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,
-    fused: Annotated[bool, typer.Option(help="fuse dequant/remat into attention")] = False,
-    first_layers: Annotated[int | None, typer.Option(help="leading layers kept at --first-bits")] = None,
-    first_bits: Annotated[int | None, typer.Option(help="bits of the leading layers")] = None,
-    rank_k: Annotated[int | None, typer.Option(help="key latent rank (GQA variants)")] = None,
-    rank_v: Annotated[int | None, typer.Option(help="value latent rank (GQA variants)")] = None,
-    v_bits: Annotated[int | None, typer.Option(help="xquant_yang value bits")] = None,
-    share_from: Annotated[int | None, typer.Option(help="xquant_yang: first layer of code sharing")] = None,
     rate_mode: Annotated[str, typer.Option("--rates", help=RATES_HELP)] = "fitted",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    options: dict | None = None,
 ) -> None:
-    """One configuration: ops, memory (paper and full accounting), step time, capacity."""
+    """One configuration: ops, memory (paper and full accounting), step time, capacity; the scheme's options
+    (--bits, --strategy, --fused, ...) as SchemeConfig declares them."""
     from .estimate import estimate as run_estimate
 
     hw = loading.load_hardware(hardware, where="command line: field 'hardware'")
     m = loading.load_model(model, where="command line: field 'model'")
-    cfg = loading.scheme_config(
-        scheme=scheme, bits=bits, group=group,
-        residual=residual, strategy=strategy, fused=fused, first_layers=first_layers, first_bits=first_bits,
-        rank_k=rank_k, rank_v=rank_v, v_bits=v_bits, share_from=share_from)
+    cfg = loading.scheme_config(scheme=scheme, **(options or {}))
     try:  # options that do not fit this model's shapes (e.g. a rank above its dkv)
         cfg.resolved(m)
     except UserError as err:

@@ -12,19 +12,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import loading, specs
-from .cli import _count, app, console, out_path
+from .cli import _count, app, console, out_path, scheme_options
 from .scenario import scheme_configs
 from .schemes import SCHEMES, rematerializing
 from .specs import UserError
 
 
 @app.command()
+@scheme_options
 def measure(
     grid: Annotated[Path | None, typer.Option(help="measurement grid YAML (see measurements/h100/grid_*.yaml)")] = None,
     model: Annotated[str | None, typer.Option(help="model name or .yaml (single configuration)")] = None,
     scheme: Annotated[str | None, typer.Option(help=f"one of {', '.join(specs.SCHEMES)}")] = None,
-    bits: Annotated[int | None, typer.Option(help="code bits; 16 = unquantized; default: the scheme's paper's")] = None,
-    strategy: Annotated[str | None, typer.Option(help="remat or absorb_v")] = None,
     batch: Annotated[str, typer.Option(help="sequences")] = "1",
     context: Annotated[str, typer.Option(help="tokens, e.g. 4k")] = "1024",
     layers: Annotated[int | None, typer.Option(help="keep this many layers of the model")] = None,
@@ -40,8 +39,10 @@ def measure(
                                              help="write rows to OUT.json and OUT.csv")] = None,
     force: Annotated[bool, typer.Option(help="overwrite OUT")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the (single) result as JSON")] = False,
+    options: dict | None = None,
 ) -> None:
-    """Run and time decode steps of the engine (CUDA events on a GPU, perf_counter on CPU)."""
+    """Run and time decode steps of the engine (CUDA events on a GPU, perf_counter on CPU): a grid, or one
+    configuration (--scheme with SchemeConfig's options: --bits, --strategy, ...)."""
     try:
         from .engine import measure as m
     except ImportError as err:
@@ -58,7 +59,7 @@ def measure(
         if model is None or scheme is None:
             raise UserError("command line: give --grid FILE, or --model and --scheme for one configuration")
         specs_ = [_kept_layers(loading.load_model(model, where="command line: field 'model'"), layers)]
-        configs = [loading.scheme_config(scheme=scheme, bits=bits, strategy=strategy)]
+        configs = [loading.scheme_config(scheme=scheme, **(options or {}))]
         batches, contexts, max_tokens = [_count(batch, "batch")], [_count(context, "context")], 2**62
         loading.resolve_for(configs[0], specs_[0])
         m.check_fits(specs_[0], configs[0], batches[0], contexts[0], dev, dt)
