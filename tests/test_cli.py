@@ -643,3 +643,17 @@ def test_an_output_folder_that_is_not_writable(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path)
     with pytest.raises(specs.UserError, match=f"^{tmp_path}: not writable; choose another -o DIR$"):
         loading.check_folder(tmp_path / "out", [tmp_path / "out" / "a.csv"], force=False)
+
+
+def test_scheme_options_are_schemeconfigs_fields():
+    """estimate and measure take every SchemeConfig option, declared once (cli.scheme_options), and pass what
+    was given: --eta-k reaches the configuration."""
+    import typer.main
+
+    from xqsim.cli import app
+
+    cmds = typer.main.get_command(app).commands
+    want = {n for n in specs.SchemeConfig.model_fields if n != "scheme"}
+    for name in ("estimate", "measure"):
+        have = {p.name for p in cmds[name].params}
+        assert want <= have, f"{name} lacks {sorted(want - have)}"
