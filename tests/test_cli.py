@@ -645,10 +645,20 @@ def test_an_output_folder_that_is_not_writable(tmp_path, monkeypatch):
         loading.check_folder(tmp_path / "out", [tmp_path / "out" / "a.csv"], force=False)
 
 
-def test_scheme_options_are_schemeconfigs_fields():
+def test_scheme_options_are_schemeconfigs_fields(monkeypatch, capsys):
     """estimate and measure take every SchemeConfig option, declared once (cli.scheme_options), and pass what
     was given: --eta-k reaches the configuration."""
     import typer.main
+
+    for scheme, opt, field, value in (("xquant_yang", ["--eta-k", "0.2"], "eta_k", 0.2),
+                                      ("xquant_gqa", ["--keep-first-channel"], "keep_first_channel", True)):
+        try:
+            run(monkeypatch, "estimate", "--hardware", "h200", "--model", "llama-3.1-8b", "--scheme", scheme, *opt,
+                "--json")
+        except SystemExit as e:
+            assert e.code in (0, None), capsys.readouterr().err
+        cfg = json.loads(capsys.readouterr().out)["config"]
+        assert cfg[field] == value and cfg["group"] == 128, cfg  # given: passed; left out: SchemeConfig's default
 
     from xqsim.cli import app
 
