@@ -62,23 +62,8 @@ def measure(
         configs = [loading.scheme_config(scheme=scheme, **(options or {}))]
         batches, contexts, max_tokens = [_count(batch, "batch")], [_count(context, "context")], 2**62
         loading.resolve_for(configs[0], specs_[0])
-        m.check_fits(specs_[0], configs[0], batches[0], contexts[0], dev, dt)
-    total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
-    if not total:
-        raise UserError(f"{grid}: field 'max_tokens': every batch x context is above {max_tokens:,} tokens; nothing "
-                        f"to measure")
-    if g is not None:  # every point before the first: one that cannot fit is refused now, not after hours
-        for spec, cfg in ((s, c) for s in specs_ for c in configs if _resolves(c, s)):
-            for b, t in ((b, t) for b in batches for t in contexts if b * t <= max_tokens):
-                m.check_fits(spec, cfg, b, t, dev, dt, where=str(grid))
-    if out is not None and out.name in ("", ".", ".."):
-        raise UserError(f"command line: field 'out': '{out}' is a folder; give a name (OUT.json and OUT.csv are "
-                        f"written)")
-    paths = [out.with_suffix(".json"), out.with_suffix(".csv")] if out else []
-    if paths:  # before any work: a path that cannot be written, an input of this run, or a file there unasked
-        inputs = [p for p in (grid, Path(model or "")) if p is not None and p.suffix in (".yaml", ".yml", ".json")]
-        inputs += [grid.parent / x for x in (g.models if g else []) if x.endswith((".yaml", ".yml"))]
-        loading.check_files(paths, force, inputs, what="measurement", option="-o OUT")
+    total = _check_points(m, grid, specs_, configs, batches, contexts, max_tokens, dev, dt)
+    paths = _check_out(out, force, grid, g, model)
     info = m.device_info(dev) | {"engine": kernels}
     rows: list[dict] = []
     kept = [0]  # rows in both files
@@ -94,6 +79,34 @@ def measure(
         sys.exit(130)
     if as_json:
         print(loading.to_json({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows})))
+
+
+def _check_points(m, grid: Path | None, specs_, configs, batches, contexts, max_tokens: int, dev, dt) -> int:
+    """The number of points to measure; before the first, every point that cannot fit the device is refused (not
+    after hours)."""
+    total = sum(1 for _ in specs_ for _ in configs for b in batches for t in contexts if b * t <= max_tokens)
+    if not total:
+        raise UserError(f"{grid}: field 'max_tokens': every batch x context is above {max_tokens:,} tokens; nothing "
+                        f"to measure")
+    for spec, cfg in ((s, c) for s in specs_ for c in configs if _resolves(c, s)):
+        for b, t in ((b, t) for b in batches for t in contexts if b * t <= max_tokens):
+            m.check_fits(spec, cfg, b, t, dev, dt, where=str(grid) if grid is not None else "command line")
+    return total
+
+
+def _check_out(out: Path | None, force: bool, grid: Path | None, g, model: str | None) -> list[Path]:
+    """OUT.json and OUT.csv, checked before any work: a name (not a folder), writable, not an input of this run,
+    not a file already there unless --force."""
+    if out is None:
+        return []
+    if out.name in ("", ".", ".."):
+        raise UserError(f"command line: field 'out': '{out}' is a folder; give a name (OUT.json and OUT.csv are "
+                        f"written)")
+    paths = [out.with_suffix(".json"), out.with_suffix(".csv")]
+    inputs = [p for p in (grid, Path(model or "")) if p is not None and p.suffix in (".yaml", ".yml", ".json")]
+    inputs += [grid.parent / x for x in (g.models if g else []) if x.endswith((".yaml", ".yml"))]
+    loading.check_files(paths, force, inputs, what="measurement", option="-o OUT")
+    return paths
 
 
 def _row_sink(rows: list[dict], kept: list[int], out: Path | None, info: dict, total: int, as_json: bool):
