@@ -306,7 +306,7 @@ def test_verdict_on_top_of_the_page():
     at = ok(app(batch="16", at="32k", dppl="50", **kw))
     v = at.success[0].value
     assert v.startswith("**Verdict** for llama-3.1-8b, up to 16 sequences of 32,768 tokens, perplexity increase at "
-                        "most 50.0% (quality: smollm2-135m)"), v
+                        "most 50.0% (quality: smollm2-135m; rates spec, as the panel below says)"), v
     assert "- h100_sxm: serve with kivi-2b-fused: 1,659 tokens/s at batch 16 (2.89x fp16" in v, v
     v = ok(app(batch="16", at="32k", **kw)).success[0].value
     assert "- h100_sxm: serve with kivi-4b-fused: 1,311 tokens/s" in v and "runner-up fp16" in v, v

@@ -57,8 +57,8 @@ def render_verdict(c: Controls, folder: Path) -> None:
     on = df.attrs.get("accuracy_model") or "no accuracy results"
     lines = "\n".join(f"- {line}" for line in verdict_lines(df, c.max_delta_ppl))
     st.success(f"**Verdict** for {c.model.name}, up to {c.batch} sequences of {c.at:,} tokens, "
-               f"{fmt_threshold(c.max_delta_ppl)} (quality: {on}):\n{lines}")
-    badge(c, (SchemeConfig(scheme="fp16"), *c.configs))
+               f"{fmt_threshold(c.max_delta_ppl)} (quality: {on}; rates {c.rate_mode}, as the panel below "
+               f"says):\n{lines}")
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
