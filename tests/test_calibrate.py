@@ -244,6 +244,7 @@ def test_a_kernel_engine_fit_is_labelled_and_fits_what_that_engine_runs():
                                                                                            and cfg.bits < 16 else 1)})
     fitted, report = fit(rows, hw, "kernel engine test", "graph")
     assert fitted.engine == "triton" and report["n"] == 27, report["n"]  # 3 configurations x 9; unfused KIVI left
+    assert fitted.schemes == ["fp16", "kivi", "xquant_gqa"], fitted.schemes  # what it saw: rates applies it there
     pred = calibrate.step_predictions(rows, hw.model_copy(update={"fitted": fitted}), "graph")
     err = calibrate.error_report(pred)
     assert err["n"] == 27 and err["median_abs_pct"] < 2.0, err  # the unfused KIVI rows (x3) are not judged

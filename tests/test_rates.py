@@ -55,3 +55,14 @@ def test_summary_names_each_basis_and_where_it_applies():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="allowed: spec, fitted, transferred"):
         rates.check("fit")
+
+
+def test_a_scheme_the_fit_never_saw_takes_spec_rates_and_says_so():
+    fit = H100.fitted.model_copy(update={"schemes": ["fp16", "kivi"]})
+    hw = H100.model_copy(update={"fitted": fit})
+    assert rates.choose(hw, UNFUSED, "fitted")[1].kind == "fitted"
+    xq = specs.SchemeConfig(scheme="xquant", bits=2)
+    r, b = rates.rates(hw, xq, "fitted")
+    assert b.label == "spec (the torch-engine fit saw no xquant)" and r == H100.rates(fitted=False), b.label
+    # transferred: a lender must have seen the scheme too
+    assert rates.choose(H200, xq, "transferred", donors=(hw,))[1].label == "spec (no torch-engine fit)"

@@ -291,6 +291,7 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
     overhead = {c: float(o[ci[c]]) for c in OP_CLASSES if f"overhead:{OVERHEAD_OF.get(c, c)}" in keep}
     fitted = Fitted(
         source=source, target=target, engine=engine,
+        schemes=sorted({r["config"]["scheme"] for r in rows}, key=list(schemes.SCHEMES).index),
         mem_efficiency={c: round(float(em[ci[c]]), 6) for c in OP_CLASSES if f"memory:{c}" in keep},
         compute_efficiency={c: round(float(ec[ci[c]]), 6) for c in OP_CLASSES if f"compute:{c}" in keep},
         kernel_overhead_s=min(overhead.values()) if overhead else None, overhead_s=overhead,

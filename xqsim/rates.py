@@ -30,9 +30,10 @@ def engine(cfg: SchemeConfig) -> str:
 
 
 def covers(fit, cfg: SchemeConfig) -> bool:
-    """Whether a fitted block describes how cfg runs: its engine runs cfg, or cfg has nothing to fuse (fp16 runs
-    alike on both engines: attention over fp16 K and V)."""
-    return fit is not None and (fit.engine == engine(cfg) or not SCHEMES[cfg.scheme].compresses)
+    """Whether a fitted block describes how cfg runs: it saw the scheme, and its engine runs cfg or cfg has
+    nothing to fuse (fp16 runs alike on both engines: attention over fp16 K and V)."""
+    return (fit is not None and (fit.schemes is None or cfg.scheme in fit.schemes)
+            and (fit.engine == engine(cfg) or not SCHEMES[cfg.scheme].compresses))
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ def choose(hw: HardwareProfile, cfg: SchemeConfig, mode: str = "fitted",
                        if covers(d.fitted, cfg) and d.name != hw.name), None)
         if lender is not None:
             return lend(hw, lender), Basis("transferred", lender.name, lender.fitted.engine)
+    if hw.fitted and hw.fitted.engine == eng:  # a fit of this engine that never saw the scheme
+        return spec, Basis("spec", fallback=f"the {eng}-engine fit saw no {cfg.scheme}")
     return spec, Basis("spec", fallback=f"no {eng}-engine fit")
 
 
