@@ -667,3 +667,19 @@ def test_scheme_options_are_schemeconfigs_fields(monkeypatch, capsys):
     for name in ("estimate", "measure"):
         have = {p.name for p in cmds[name].params}
         assert want <= have, f"{name} lacks {sorted(want - have)}"
+
+
+def test_measure_interrupted_before_its_first_row(monkeypatch, capsys, tmp_path):
+    """A Ctrl-C before any row is measured says that nothing was written (it said '0 rows kept in OUT.json and
+    OUT.csv', files that do not exist)."""
+    from xqsim.engine import measure
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(measure, "run_grid", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run(monkeypatch, "measure", "--model", "tiny", "--scheme", "fp16", "--context", "16", "-o", tmp_path / "m")
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "xqsim: interrupted; no row measured yet, nothing written\n"
+    assert not list(tmp_path.iterdir())

@@ -74,8 +74,9 @@ def measure(
     try:
         m.run_grid(specs_, configs, batches, contexts, dev, dt, repeats, warmup, max_tokens, on_row, kernels)
     except KeyboardInterrupt:
-        print(f"xqsim: interrupted; {kept[0]} rows kept" + (f" in {paths[0]} and {paths[1]}" if out else ""),
-              file=sys.stderr)
+        where = f" in {paths[0]} and {paths[1]}" if out else ""
+        print(f"xqsim: interrupted; {kept[0]} rows kept{where}" if kept[0] else
+              "xqsim: interrupted; no row measured yet" + (", nothing written" if out else ""), file=sys.stderr)
         sys.exit(130)
     if as_json:
         print(loading.to_json({"device": info} | (rows[0] if len(rows) == 1 else {"rows": rows})))
