@@ -683,3 +683,20 @@ def test_measure_interrupted_before_its_first_row(monkeypatch, capsys, tmp_path)
     assert e.value.code == 130
     assert capsys.readouterr().err == "xqsim: interrupted; no row measured yet, nothing written\n"
     assert not list(tmp_path.iterdir())
+
+
+def test_an_io_error_during_work_is_one_line(monkeypatch, capsys, tmp_path):
+    """A full disk (or a permission revoked after the checks) while a command writes: one line, exit 1."""
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "crossovers.csv"))
+
+    (tmp_path / "s.yaml").write_text("name: s\nhardware: [h100_sxm]\nmodels: [tiny]\nschemes: [{scheme: fp16}]\n"
+                                     "batch: [1]\ncontext: [64, 128]\n")
+    monkeypatch.setattr("xqsim.stream.write_atomic", full)
+    with pytest.raises(SystemExit) as exc:
+        run(monkeypatch, "sweep", tmp_path / "s.yaml", "-o", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.strip() == \
+        f"xqsim: error: {tmp_path / 'out' / 'crossovers.csv'}: No space left on device", err

@@ -414,6 +414,11 @@ def main() -> None:
             sys.exit(0)
         print(f"xqsim: error: {one_line(err.format_message())}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # what the checks before any work cannot foresee: a full disk, a permission revoked
+        # (the partly written file was under a temporary name: write_atomic and the streamed table remove it)
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"xqsim: error: {one_line(where + (err.strerror or str(err)))}", file=sys.stderr)
+        sys.exit(1)
 
 
 def one_line(message: str) -> str:
