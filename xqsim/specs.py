@@ -73,8 +73,8 @@ class Fitted(BaseModel):
                                                                    "CUDA-graph step, or an eager step")
     engine: Literal["torch", "triton"] = Field("torch", description="the engine the fit describes: torch (unfused "
                                                "configurations) or triton, the kernel engine (fused ones)")
-    schemes: list[SchemeName] | None = Field(None, description="the schemes its measurements held (left out: "
-                                                               "every scheme)")
+    schemes: list[SchemeName] | None = Field(None, min_length=1, description="the schemes its measurements held "
+                                                                            "(left out: every scheme)")
 
 
 FlopKey = Literal["bf16", "fp16", "fp8", "int8", "tf32", "fp32"]
