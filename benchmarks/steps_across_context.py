@@ -26,10 +26,10 @@ from xqsim.estimate import estimate
 def configs(labels) -> dict[str, specs.SchemeConfig]:
     """The SchemeConfig (fused where it rematerializes) of each measured label (SchemeConfig.label's form)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from kernel_roofline import ACROSS_CONFIGS  # imports torch, as the measurement did
+    from kernel_roofline import ACROSS_CONFIGS, as_run  # imports torch, as the measurement did
 
-    known = {lab: c for lab, c in ACROSS_CONFIGS}
-    return {lab: known[lab].model_copy(update={"fused": known[lab].scheme != "fp16"}) for lab in labels}
+    known = dict(ACROSS_CONFIGS)
+    return {lab: as_run(known[lab]) for lab in labels}
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     hw = loading.load_hardware(data["device"]["spec_profile"])
     model = loading.load_model(data["device"]["model"]).model_copy(update={"n_layers": int(df["layers"].iloc[0])})
     cfgs = configs(df["scheme"].unique())
-    df["model_step_s"] = [estimate(hw, model, cfgs[r.scheme], int(r.batch), int(r.context), fitted=False)
+    df["model_step_s"] = [estimate(hw, model, cfgs[r.scheme], int(r.batch), int(r.context), "spec")
                           ["step_time_s"] for r in df.itertuples()]
     fp16 = df[df["scheme"] == "fp16"].set_index("context")
     df["measured_vs_fp16"] = df["step_time_graph_s"] / df["context"].map(fp16["step_time_graph_s"])
