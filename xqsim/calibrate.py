@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import loading, schemes
+from . import loading, rates, schemes
 from .measurements import LEGACY_OPS, TARGETS, config_of
 from .roofline import BOUNDS, kernel_time, kernels, op_busy, op_table, step_time
 from .specs import FIT_RANGES, OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
@@ -236,14 +236,6 @@ def engine_of(rows: list[dict]) -> str:
     return engines.pop() if engines else "torch"
 
 
-def native(row: dict, engine: str) -> bool:
-    """Whether the engine runs a measured row as the model describes it: the torch engine its unfused rows (its
-    fused path is tiles of ordinary kernels), the kernel engine its fused ones; fp16 (nothing to fuse) on both."""
-    if not schemes.SCHEMES[row["config"]["scheme"]].compresses:
-        return True
-    return bool(row.get("fused")) == (engine == "triton")
-
-
 MIN_OP_S = 50e-6  # ops of at least this much GPU time are fitted and judged one by one (see op_errors)
 
 
@@ -265,7 +257,7 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
 
     target = target or default_target(rows)
     engine = engine_of(rows)
-    rows = [r for r in rows if native(r, engine)]
+    rows = [r for r in rows if rates.runs(r["config"]["scheme"], bool(r.get("fused")), engine)]
     if not rows:
         raise UserError(f"calibrate: no {'fused' if engine == 'triton' else 'unfused'} configurations of the "
                         f"{engine} engine to fit")
@@ -369,9 +361,9 @@ def error_report(df: pd.DataFrame) -> dict:
     torch engine's unfused rows, the kernel engine's fused ones), per regime and per scheme; the torch engine's
     fused rows (tiles of torch kernels, not the fused kernel the model describes) apart under `fused_tiled`."""
     fused = df["fused"] if "fused" in df else pd.Series(False, index=df.index)
-    kernel = df["engine"] == "triton" if "engine" in df else pd.Series(False, index=df.index)
-    plain = df["scheme"].map(lambda x: not schemes.SCHEMES[x].compresses).astype(bool)  # fp16: nothing to fuse
-    main, tiled = df[(fused == kernel) | plain], df[fused & ~kernel]
+    engine = df["engine"] if "engine" in df else pd.Series("torch", index=df.index)
+    native = [rates.runs(s, f, e) for s, f, e in zip(df["scheme"], fused, engine, strict=True)]
+    main, tiled = df[native], df[fused & (engine == "torch")]
     out = stats(main["error_pct"]) | {
         "per_regime": {k: stats(g["error_pct"]) for k, g in main.groupby("regime")},
         "per_scheme": {k: stats(g["error_pct"]) for k, g in main.groupby("scheme")}}
@@ -402,8 +394,7 @@ def transferred(hw: HardwareProfile, src: HardwareProfile) -> HardwareProfile:
     if src.fitted is None:
         raise UserError(f"command line: field 'transfer_from': {src.name} has no fitted block; run xqsim calibrate "
                         f"first")
-    return hw.model_copy(update={"fitted": src.fitted.model_copy(
-        update={"source": f"transferred from {src.name}: {src.fitted.source}"})})
+    return rates.lend(hw, src)
 
 
 def validation(rows: list[dict], hw: HardwareProfile, by: str | None = None,

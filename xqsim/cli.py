@@ -46,9 +46,9 @@ RATES_HELP = ("the rates each GPU predicts with: spec (datasheet roofline), fitt
 def _rate_mode(mode: str) -> str:
     """--rates checked: one line naming the field and what is allowed."""
     try:
-        return rates.check(mode)
+        return rates.check(mode, "command line: field 'rates'")
     except ValueError as err:
-        raise UserError(f"command line: field 'rates': {str(err).split(': ', 1)[1]}") from None
+        raise UserError(str(err)) from None
 
 
 def out_path(value) -> Path:

@@ -29,11 +29,16 @@ def engine(cfg: SchemeConfig) -> str:
     return "triton" if cfg.fused else "torch"
 
 
+def runs(scheme: str, fused: bool, eng: str) -> bool:
+    """Whether engine `eng` runs a scheme as the model describes it: the torch engine unfused, the kernel engine
+    fused; a scheme with nothing to fuse (fp16: attention over fp16 K and V) on both alike."""
+    return not SCHEMES[scheme].compresses or fused == (eng == "triton")
+
+
 def covers(fit, cfg: SchemeConfig) -> bool:
-    """Whether a fitted block describes how cfg runs: it saw the scheme, and its engine runs cfg or cfg has
-    nothing to fuse (fp16 runs alike on both engines: attention over fp16 K and V)."""
+    """Whether a fitted block describes how cfg runs: it saw the scheme, and its engine runs cfg."""
     return (fit is not None and (fit.schemes is None or cfg.scheme in fit.schemes)
-            and (fit.engine == engine(cfg) or not SCHEMES[cfg.scheme].compresses))
+            and runs(cfg.scheme, cfg.fused, fit.engine))
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,9 @@ class Basis:
 
 
 def check(mode: str, where: str = "--rates") -> str:
-    """mode, or a ValueError naming where it came from and what is allowed."""
+    """mode, or a ValueError naming where it came from (if given) and what is allowed."""
     if mode not in MODES:
-        raise ValueError(f"{where}: '{mode}' is not allowed; allowed: {', '.join(MODES)}")
+        raise ValueError(f"{where}: " * bool(where) + f"'{mode}' is not allowed; allowed: {', '.join(MODES)}")
     return mode
 
 
@@ -100,13 +105,19 @@ def rates(hw: HardwareProfile, cfg: SchemeConfig, mode: str = "fitted",
           donors: tuple[HardwareProfile, ...] = ()) -> tuple[dict[str, float], Basis]:
     """The achieved rates the roofline uses for (hw, cfg) under `mode`, and their basis."""
     prof, basis = choose(hw, cfg, mode, donors)
-    return prof.rates(fitted=basis.kind != "spec"), basis
+    return prof.rates(), basis  # prof carries the fitted block that applies, or none
 
 
 def summary(hws: list[HardwareProfile], configs: list[SchemeConfig], mode: str,
             donors: tuple[HardwareProfile, ...] = ()) -> str:
-    """One line for a console header or a plot title: each distinct basis and where it applies (GPUs, and which
-    configurations where not all: 'fused', 'unfused' or their labels)."""
+    """One line for a console header or a plot title: 'rates MODE: ' and applied()."""
+    return f"rates {mode}: " + applied(hws, configs, mode, donors)
+
+
+def applied(hws: list[HardwareProfile], configs: list[SchemeConfig], mode: str,
+            donors: tuple[HardwareProfile, ...] = ()) -> str:
+    """Each distinct basis and where it applies (GPUs, and which configurations where not all: 'fused',
+    'unfused' or their labels)."""
     seen: dict[str, dict[str, list[SchemeConfig]]] = {}
     for hw in hws:
         for cfg in configs:
@@ -117,7 +128,7 @@ def summary(hws: list[HardwareProfile], configs: list[SchemeConfig], mode: str,
         for h, cs in per_hw.items():
             groups.setdefault(_which(cs, configs), []).append(h)
         parts.append(f"{lab} on " + "; ".join(", ".join(h) + (f" ({w})" if w else "") for w, h in groups.items()))
-    return f"rates {mode}: " + " | ".join(parts)
+    return " | ".join(parts)
 
 
 def _which(cs: list[SchemeConfig], configs: list[SchemeConfig]) -> str:

@@ -130,9 +130,7 @@ def _from_url(qp: dict[str, str]) -> tuple[dict, list[str]]:
                     raise UserError(f"'{raw}' is not a range like 1k-1M")
                 state[key] = tuple(min(CONTEXTS, key=lambda c, v=v: abs(c - v)) for v in (lo, hi))
             elif key == "rates":
-                if raw not in rates.MODES:
-                    raise UserError(f"'{raw}' is not allowed; allowed: {', '.join(rates.MODES)}")
-                state[key] = raw
+                state[key] = rates.check(raw, "")
             elif key == "spec":  # links of earlier versions: spec=1 is rates=spec, spec=0 rates=fitted
                 if raw not in ("0", "1"):
                     raise UserError(f"'{raw}' is not allowed; allowed: 0 (rates=fitted), 1 (rates=spec)")

@@ -99,8 +99,8 @@ def _where(path: Path) -> str:
 
 def badge(c: Controls, configs=None, hws=None) -> None:
     """The panel's rate basis (xqsim.rates: which rates each GPU and scheme is predicted with, and why)."""
-    line = rates.summary(list(hws or c.hws), list(configs or c.configs), c.rate_mode)
-    st.caption(f":material/speed: **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}")
+    where = rates.applied(list(hws or c.hws), list(configs or c.configs), c.rate_mode)
+    st.caption(f":material/speed: **rates {c.rate_mode}**: {where}")
 
 
 def _crossings(cross: pd.DataFrame, what: str) -> None:
