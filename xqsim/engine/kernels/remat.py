@@ -14,8 +14,8 @@ key latent's outlier channel in fp16) that multiplies W_k's first row. V either:
 - remat: V = x_v W_v in the same tile (x_v the key source itself, read once for both products, or a source of its
   own), then P.V;
 - absorb_v: softmax(q K^T) (x_v W_v) = (softmax(q K^T) x_v) W_v (no RoPE acts on V): the kernel accumulates
-  P.x_v (g rows of the source's width per program, kept in the program's slot of the partial output, which its
-  own later tiles rescale and add to) and the caller multiplies the merged result by W_v once.
+  P.x_v (g rows of the source's width per program, kept in the program's slot of the partial output, to which
+  each span of 1,024 tokens adds its sum once, rescaled) and the caller multiplies the merged result by W_v once.
 
 The weights' head columns are loaded as they lie (contiguous, so the loads are 16-byte copies the compiler can
 pipeline); the halves that RoPE pairs are split in registers once a tile, after the product.
@@ -133,7 +133,7 @@ def remat_attention(q: torch.Tensor, xk: Source, wk: torch.Tensor, theta: float,
     f0s = (f0.stride(0), f0.stride(1)) if x0 is not None else (0, 0)
     inv = inv_freq(hd, theta, q.device)
     # channels a step of the key projection takes (block_k), and of the value side's product (block_v: the
-    # rebuild of V from its own source, or absorb_v's P.x_v with its read-modify-write of the program's slot)
+    # rebuild of V from its own source, or absorb_v's P.x_v, one chunk of the span's sum in registers)
     bk = min(block_k, triton.next_power_of_2(xk.width))
     bkv = min(block_v or block_k, triton.next_power_of_2(xv.width))
     args = (q, o_part, ml, sc, pc, inv, kc, ks, kz, kf, f0, wk, vc, vs, vz, vf, wv,
