@@ -219,6 +219,34 @@ def test_measure_interrupted_keeps_rows(monkeypatch, tmp_path, capsys):
     assert [(r["label"], r["context"], r["status"]) for r in rows] == [("fp16", 64, "ok"), ("fp16", 128, "ok")]
 
 
+def test_measure_keeps_going_past_a_failing_configuration(monkeypatch, tmp_path, capsys):
+    """A configuration that fails in the engine (a kernel that does not compile, a launch error) becomes a row with
+    status 'error' and its message; the grid goes on, and the file reads back (calibrate skips the row)."""
+    import json
+
+    from xqsim import measurements
+    from xqsim.engine import measure as m
+    real = m.measure_one
+
+    def broken(spec, cfg, *a, **k):
+        if cfg.scheme == "xquant":
+            raise RuntimeError("triton compile failed: out of resources\nsecond line")
+        return real(spec, cfg, *a, **k)
+
+    monkeypatch.setattr(m, "measure_one", broken)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\nmodels: [tiny]\nschemes: [{scheme: xquant, bits: 2}, {scheme: fp16}]\n"
+                    "batch: [1]\ncontext: [64]\nrepeats: 2\nwarmup: 0\ndtype: fp32\n")
+    run_cli(monkeypatch, "measure", "--grid", str(grid), "-o", str(tmp_path / "out"))
+    out = capsys.readouterr().out
+    assert "error (RuntimeError: triton compile failed: out of resources)" in out, out
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["label"], r["status"]) for r in rows] == [("xquant-2b", "error"), ("fp16", "ok")], rows
+    assert rows[0]["error"] == "RuntimeError: triton compile failed: out of resources"
+    _, ok = measurements.read_measurements([tmp_path / "out.json"])
+    assert [r["label"] for r in ok] == ["fp16"]
+
+
 def test_measure_interrupted_while_writing_keeps_both_files_equal(monkeypatch, tmp_path, capsys):
     """Ctrl-C while the CSV of the second row is written: both files keep the first row (the CSV held no rows in 7 of
     34 trials while the JSON held them), no temporary file is left, and the message counts exactly."""

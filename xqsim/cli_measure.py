@@ -124,6 +124,8 @@ def _row_sink(rows: list[dict], kept: list[int], out: Path | None, info: dict, t
         if not as_json:
             what = f"{row['model']} {row['label']} B={row['batch']} T={row['context']}"
             took = f"{row['step_time_s'] * 1e3:.3f} ms" if row["status"] == "ok" else row["status"]
+            if row["status"] == "error":
+                took += f" ({row['error']})"
             if "step_time_graph_s" in row:
                 took += f" (graph {row['step_time_graph_s'] * 1e3:.3f} ms)"
             console.print(f"[{len(rows)}/{total}] {what}: {took}")

@@ -33,7 +33,8 @@ def config_of(name: str, layers: int, config: str):
 
 
 REQUIRED = ("model", "layers", "config", "batch", "context", "status", "step_time_s", "ops")
-STATUSES = ("ok", "oom", "invalid")  # what `xqsim measure` writes: measured, out of memory, refused by the engine
+STATUSES = ("ok", "oom", "invalid", "error")  # what `xqsim measure` writes: measured, out of memory, refused by the
+# engine, failed in it (its error's first line kept, the grid going on)
 # measured op names of files from before the analytic model named K/V schemes' two RoPE ops apart: the measured op
 # is their sum
 LEGACY_OPS = {"rope": ("rope_q", "rope_k")}

@@ -278,7 +278,8 @@ def time_graph(step: Callable[[], None], repeats: int, warmup: int) -> dict:
 def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list[int], contexts: list[int],
              device, dtype, repeats: int, warmup: int, max_tokens: int,
              on_row: Callable[[dict], None], kernels: str | None = None) -> None:
-    """Measure every configuration; an out-of-memory one becomes a row with status 'oom'."""
+    """Measure every configuration; an out-of-memory one becomes a row with status 'oom', one the engine refuses
+    'invalid', one that fails in it 'error' (with its message), and the grid goes on."""
     for spec in specs_:
         weights = init_weights(spec, 0, torch.device(device), dtype)  # once per model: shared by its configs
         for cfg in configs:
@@ -296,6 +297,9 @@ def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list
                         row["status"] = "oom"
                     except UserError as err:
                         row |= {"status": "invalid", "error": str(err)}
+                    except Exception as err:  # a failed kernel (compile, launch) ends its row, not the grid
+                        first = (str(err).splitlines() or [""])[0][:200]
+                        row |= {"status": "error", "error": f"{type(err).__name__}: {first}"}
                     finally:
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
