@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xqsim import calibrate, loading, measurements, specs
+from xqsim import calibrate, loading, measurements, roofline, specs
 from xqsim.calibrate import fit
 from xqsim.cli import main
 
@@ -254,3 +254,47 @@ def test_a_kernel_engine_fit_is_labelled_and_fits_what_that_engine_runs():
     assert rates.choose(kernel, cfgs[3], "fitted")[1].label == "spec (no torch-engine fit)"
     with pytest.raises(specs.UserError, match="several engines"):
         fit([rows[0] | {"engine": "torch"}, *rows[1:]], hw, "mixed", "graph")
+
+
+def test_a_fused_kernel_is_judged_under_the_op_the_engine_times_it_under():
+    """The kernel engine times a fused kernel under its attention op and records the ops before it (dequantize,
+    rebuild, rotate) empty: the per-op residuals and op_errors give the whole kernel's predicted time to that op,
+    and the fused kernel pays attention's overhead (roofline.kernel_class), not the quantize kernels'."""
+    from xqsim.roofline import kernels
+
+    hw = loading.load_hardware("h200")
+    truth = hw.model_copy(update={"fitted": specs.Fitted(
+        source="truth", engine="triton", mem_efficiency={"attention": 0.3, "matmul": 0.85, "elementwise": 0.6},
+        compute_efficiency={"remat": 0.4, "matmul": 0.7},
+        overhead_s={"attention": 20e-6, "dequant": 3e-6, "matmul": 4e-6})})
+    rates_ = truth.rates()
+    rows = []
+    for cfg in (specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2, fused=True),
+                specs.SchemeConfig(scheme="xquant_gqa", bits=2, strategy="remat", fused=True),
+                specs.SchemeConfig(scheme="xquant", bits=2, strategy="absorb_v", fused=True)):
+        for B in (1, 8, 32):
+            for T in (1024, 8192, 32768):
+                row = {"model": "llama-3.1-8b", "layers": 2, "config": cfg.model_dump(mode="json"),
+                       "label": cfg.label, "batch": B, "context": T, "fused": cfg.fused, "engine": "triton"}
+                ops, step = {}, 0.0
+                for kern in kernels(calibrate.row_ops(row)):
+                    t = float(roofline.step_time(kern, rates_, False)["step_time_s"])
+                    under = next((op for op in kern if op.cls == "attention"), kern[0]).name  # attention_qk first
+                    for op in kern:
+                        ops.setdefault(op.name, {"op_class": op.cls, "time_s": 0.0, "kernel_time_s": 0.0})
+                    ops[under]["kernel_time_s"] += t
+                    ops[under]["time_s"] += t
+                    step += t
+                rows.append(row | {"ops": ops, "step_time_s": step, "step_time_graph_s": step})
+    fused_attention = [k for k in kernels(calibrate.row_ops(rows[9])) if len(k) > 1]
+    assert [op.name for op in fused_attention[0]][0] == "dequant_k" and roofline.kernel_class(fused_attention[0]) \
+        == "attention"
+    fitted, report = fit(rows, hw, "per-op test", "graph")
+    assert report["ops_fitted"] > 36, report["ops_fitted"]
+    errs = calibrate.op_errors(rows, hw.model_copy(update={"fitted": fitted}))
+    attention = errs[errs["op"].isin(["attention", "attention_qk"])]
+    fused = attention[attention["label"] != "fp16"]
+    assert len(fused) == 23 and fused["error_pct"].abs().max() < 0.01, fused  # 27 less 4 kernels under 50 us
+    assert errs["error_pct"].abs().max() < 0.01, errs.sort_values("error_pct")
+    assert fitted.compute_efficiency["remat"] == pytest.approx(0.4, rel=1e-3), fitted.compute_efficiency
+    assert fitted.overhead_s.get("attention", 0) > 2 * fitted.overhead_s.get("dequant", 0), fitted.overhead_s

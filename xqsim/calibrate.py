@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import loading, rates, schemes
 from .measurements import LEGACY_OPS, TARGETS, config_of
-from .roofline import BOUNDS, kernel_time, kernels, op_busy, op_table, step_time
+from .roofline import BOUNDS, kernel_class, kernel_time, kernels, op_busy, step_time
 from .specs import FIT_RANGES, OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
 
 
@@ -114,21 +114,33 @@ def default_target(rows: list[dict]) -> str:
     return "graph" if all(TARGETS["graph"] in r for r in rows) else "eager"
 
 
+def timed_op(r: dict, kern: list) -> int:
+    """Which op of a kernel its measured GPU time is recorded under in row r: the engine measures a fused kernel
+    under one of its ops' names (the attention op; XQuant-CL's accumulation) and records the others empty, for
+    their FLOPs; so the op with the most measured time, else (nothing measured) the kernel's last op."""
+    ops = r.get("ops", {})
+    times = [measured_op_s(ops[n]) if (n := measured_name(r, op.name)) in ops else -1.0 for op in kern]
+    return int(np.argmax(times)) if max(times) > 0 else len(kern) - 1
+
+
 def _design(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Every op of every row's decode step, flattened: row, kernel, class index, FLOPs, bytes, times per
-    step, bit-plane flag, and whether it is the first op of its kernel (which pays the overhead)."""
+    """Every op of every row's decode step, flattened: row, kernel, class index, the class of the kernel's overhead
+    (roofline.kernel_class), FLOPs, bytes, times per step, bit-plane flag, whether it is the first op of its kernel
+    (which counts the overhead once) and whether it is the op the kernel's measured time is recorded under."""
     ci = {c: i for i, c in enumerate(OP_CLASSES)}
-    cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "flops", "bytes", "n", "bitplane", "channel",
-                                             "first", "opgroup")}
+    cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "kcls", "flops", "bytes", "n", "bitplane",
+                                             "channel", "first", "timed", "opgroup")}
     groups: dict[tuple[int, str], int] = {}
     kid = 0
     for i, r in enumerate(rows):
         for kern in kernels(row_ops(r)):
+            timed = timed_op(r, kern)
             for j, op in enumerate(kern):
                 g = groups.setdefault((i, measured_name(r, op.name)), len(groups))
-                for k, v in (("row", i), ("kern", kid), ("cls", ci[op.cls]), ("flops", float(op.flops)),
-                             ("bytes", float(op.bytes)), ("n", op.layers), ("bitplane", op.bitplane),
-                             ("channel", op.channel), ("first", j == 0), ("opgroup", g)):
+                for k, v in (("row", i), ("kern", kid), ("cls", ci[op.cls]), ("kcls", ci[kernel_class(kern)]),
+                             ("flops", float(op.flops)), ("bytes", float(op.bytes)), ("n", op.layers),
+                             ("bitplane", op.bitplane), ("channel", op.channel), ("first", j == 0),
+                             ("timed", j == timed), ("opgroup", g)):
                     cols[k].append(v)
             kid += 1
     d = {k: np.asarray(v) for k, v in cols.items()}
@@ -179,8 +191,9 @@ class _Model:
         ec[self.tensor] = e[self.c_at]
         return e[self.o_at], e[self.m_at], ec, e[self.bp_at], e[self.ch_at]
 
-    def terms(self, th: np.ndarray):
-        """Per kernel: compute time, memory time and overhead, per run."""
+    def terms(self, th: np.ndarray, per_op: bool = False):
+        """Per kernel: compute time, memory time and overhead, per run (with `per_op`, also each op's own compute
+        and memory time)."""
         d = self.d
         o, em, ec, bp, ch = self.unpack(th)
         nk = len(d["kern_n"])
@@ -188,8 +201,8 @@ class _Model:
                                d["bitplane"], d["channel"], bp, ch)
         tc = np.bincount(d["kern"], op_tc, minlength=nk)
         tm = np.bincount(d["kern"], op_tm, minlength=nk)
-        _, ov = kernel_time(tc, tm, np.bincount(d["kern"], o[d["cls"]] * d["first"], minlength=nk))
-        return tc, tm, ov
+        _, ov = kernel_time(tc, tm, np.bincount(d["kern"], o[d["kcls"]] * d["first"], minlength=nk))
+        return (tc, tm, ov, op_tc, op_tm) if per_op else (tc, tm, ov)
 
     def step(self, th: np.ndarray) -> np.ndarray:
         tc, tm, ov = self.terms(th)
@@ -197,33 +210,39 @@ class _Model:
         return np.bincount(self.d["kern_row"].astype(int), t, minlength=self.n_rows)
 
     def op_times(self, th: np.ndarray) -> np.ndarray:
-        """Per (row, op name): the predicted time of its kernels over all layers (unfused: one op, one kernel)."""
+        """Per (row, op name): the predicted time over all layers of the kernels measured under it (timed_op;
+        unfused: one op, one kernel)."""
         tc, tm, ov = self.terms(th)
         d = self.d
         per_kernel = kernel_time(tc, tm, ov)[0]
-        return np.bincount(d["opgroup"], d["n"] * per_kernel[d["kern"]] * d["first"], minlength=len(d["op_measured"]))
+        return np.bincount(d["opgroup"], d["n"] * per_kernel[d["kern"]] * d["timed"], minlength=len(d["op_measured"]))
 
     def shares(self, th: np.ndarray) -> dict[str, np.ndarray]:
         """Per parameter, per row: the share of the predicted step its term accounts for (0 when it does not
-        bind), so a parameter no row depends on can be told apart."""
-        d, tc, tm, ov = self.d, *self.terms(th)
+        bind), so a parameter no row depends on can be told apart. A kernel's binding term (compute or memory) is
+        its ops' own terms, each of its op's class (a fused kernel's remat FLOPs bind remat's FLOP rate); its
+        overhead is its kernel class's."""
+        d, (tc, tm, ov, op_tc, op_tm) = self.d, self.terms(th, per_op=True)
         step = self.step(th)
+        op_row = d["row"].astype(int)
+        n = d["kern_n"][d["kern"]]  # runs of each op's kernel
+        mem_bound = (tm >= tc)[d["kern"]]
         kr = d["kern_row"].astype(int)
-        first = d["first"]
         kcls = np.zeros(len(tc), dtype=int)
-        kcls[d["kern"][first]] = d["cls"][first]
-        kbp = np.bincount(d["kern"], d["bitplane"], minlength=len(tc)) > 0
+        kcls[d["kern"][d["first"]]] = d["kcls"][d["first"]]
         out = {}
+
+        def per_row(values, where):
+            return np.bincount(op_row, n * values * where, minlength=self.n_rows) / step
+
         for i, c in enumerate(OP_CLASSES):
-            sel = kcls == i
-            out[f"memory:{c}"] = np.bincount(kr, d["kern_n"] * tm * (sel & (tm >= tc)), minlength=self.n_rows) / step
-            out[f"compute:{c}"] = np.bincount(kr, d["kern_n"] * tc * (sel & (tc > tm)), minlength=self.n_rows) / step
-            cls_o = [k for k in OP_CLASSES if OVERHEAD_OF.get(k, k) == c]
-            osel = np.isin(kcls, [OP_CLASSES.index(k) for k in cls_o])
+            mine = d["cls"] == i
+            out[f"memory:{c}"] = per_row(op_tm, mine & mem_bound)
+            out[f"compute:{c}"] = per_row(op_tc, mine & ~mem_bound)
+            osel = np.isin(kcls, [OP_CLASSES.index(k) for k in OP_CLASSES if OVERHEAD_OF.get(k, k) == c])
             out[f"overhead:{c}"] = np.bincount(kr, d["kern_n"] * ov * osel, minlength=self.n_rows) / step
-        out["bitplane"] = np.bincount(kr, d["kern_n"] * tm * (kbp & (tm >= tc)), minlength=self.n_rows) / step
-        kch = np.bincount(d["kern"], d["channel"], minlength=len(tc)) > 0
-        out["channel"] = np.bincount(kr, d["kern_n"] * tm * (kch & (tm >= tc)), minlength=self.n_rows) / step
+        out["bitplane"] = per_row(op_tm, d["bitplane"].astype(bool) & mem_bound)
+        out["channel"] = per_row(op_tm, d["channel"].astype(bool) & mem_bound)
         return out
 
 
@@ -309,16 +328,17 @@ def write_profile(hw: HardwareProfile, fitted: Fitted, out: Path) -> None:
 
 
 def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_S) -> pd.DataFrame:
-    """Measured vs predicted time of every op of at least `min_time_s`, unfused rows; predicted = own
+    """Measured vs predicted time of every op of at least `min_time_s`, in the rows their engine runs as the model
+    describes them (rates.runs: the torch engine's unfused rows, the kernel engine's fused ones); predicted = own
     roofline time + overhead; measured: measured_op_s."""
-    rates, out = hw.rates(), []
+    rates_, out = hw.rates(), []
     for r in rows:
-        if r.get("fused"):
+        if not rates.runs(r["config"]["scheme"], bool(r.get("fused")), r.get("engine", "torch")):
             continue
         pred: dict[str, float] = {}
-        for o in op_table(row_ops(r), rates):
-            pred[o["name"]] = pred.get(o["name"], 0.0) + o["time_s"] * o["layers"]
-        pred = with_legacy_names(pred, r["ops"])
+        for kern in kernels(row_ops(r)):
+            name = measured_name(r, kern[timed_op(r, kern)].name)
+            pred[name] = pred.get(name, 0.0) + float(step_time(kern, rates_, False)["step_time_s"])  # all layers
         for name, m in r["ops"].items():
             t = measured_op_s(m)
             if t >= min_time_s and pred.get(name, 0) > 0:
@@ -372,11 +392,16 @@ def error_report(df: pd.DataFrame) -> dict:
     return out
 
 
+HELD_OUT = ("context", "batch", "scheme")  # the blocks a validation may hold out, each whole
+
+
 def held_out(rows: list[dict], hw: HardwareProfile, by: str, target: str | None = None,
              per_op: bool = False) -> pd.DataFrame:
-    """Predictions of each block of rows (one context length, or one scheme) by a fit that never saw it: step
-    predictions, or with `per_op` the op errors (op_errors) of the held-out rows."""
-    key = (lambda r: r["context"]) if by == "context" else (lambda r: r["config"]["scheme"])
+    """Predictions of each block of rows (one context length, one batch, or one scheme) by a fit that never saw it:
+    step predictions, or with `per_op` the op errors (op_errors) of the held-out rows."""
+    if by not in HELD_OUT:
+        raise UserError(f"command line: field 'held_out': '{by}' is not allowed; allowed: {', '.join(HELD_OUT)}")
+    key = (lambda r: r["config"]["scheme"]) if by == "scheme" else (lambda r: r[by])
     target = target or default_target(rows)
     parts = []
     for value in sorted({key(r) for r in rows}, key=str):

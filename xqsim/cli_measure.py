@@ -210,7 +210,7 @@ def validate(
     hardware: Annotated[str, typer.Option(help="profile to predict with (its fitted block if any)")],
     transfer_from: Annotated[str | None, typer.Option(help="use this profile's fitted efficiencies on "
                                                           "--hardware's spec figures")] = None,
-    held_out: Annotated[str | None, typer.Option(help="refit without each block: context or scheme")] = None,
+    held_out: Annotated[str | None, typer.Option(help="refit without each block: context, batch or scheme")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", parser=out_path,
                                              help="folder for the table and plots")] = None,
     force: Annotated[bool, typer.Option(help="overwrite the table and plots in OUT")] = False,
@@ -231,8 +231,9 @@ def validate(
         hw = hw.model_copy(update={"fitted": None})
     if transfer_from:
         hw = cal.transferred(hw, loading.load_hardware(transfer_from, where="command line: field 'transfer_from'"))
-    if held_out not in (None, "context", "scheme"):
-        raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: context, scheme")
+    if held_out not in (None, *cal.HELD_OUT):
+        raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: "
+                        f"{', '.join(cal.HELD_OUT)}")
     _, rows = read_measurements(measurements)
     df, report = cal.validation(rows, hw, held_out, _target(target))
     if out:

@@ -31,6 +31,13 @@ def kernels(ops: list[Op]) -> list[list[Op]]:
     return out
 
 
+def kernel_class(kern: list[Op]) -> str:
+    """The op class whose per-kernel overhead a kernel pays: its last op's. A fused kernel ends in the op it exists
+    for (dequantize, rebuild and rotate feed `attention`; XQuant-CL's dequantization feeds `accumulate`), so the
+    fused attention kernels pay attention's overhead, not that of the quantize kernels."""
+    return kern[-1].cls
+
+
 def op_busy(flops, nbytes, flop_rate, byte_rate, bitplane=False, channel=False, bitplane_factor=1.0,
             channel_factor=1.0) -> tuple:
     """An op's compute time and memory time [s]: FLOPs over its class's FLOP rate; bytes over its class's
@@ -68,7 +75,7 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
         parts = [_busy(op, rates) for op in kern]
         tc = sum(p[0] for p in parts)
         tm = sum(p[1] for p in parts)
-        t, overhead = kernel_time(tc, tm, rates[f"{kern[0].cls}_overhead_s"])
+        t, overhead = kernel_time(tc, tm, rates[f"{kernel_class(kern)}_overhead_s"])
         busy = np.maximum(tc, tm)
         tot["flops"] = tot["flops"] + n * flops
         tot["bytes_moved"] = tot["bytes_moved"] + n * nbytes
