@@ -152,7 +152,7 @@ def test_bad_measurement_files(monkeypatch, capsys, tmp_path, content, fragment)
     # at 2^31), rows the fit silently passed over or misread
     (1, {"context": 10**30}, "field 'rows.1.context': expected a whole number from 1 to 2,147,483,647"),
     (1, {"layers": 99}, "field 'rows.1.layers': 99 is more than llama-2-7b's 32 layers"),
-    (6, {"status": "done"}, "field 'rows.6.status': 'done' is not allowed; allowed: ok, oom, invalid"),
+    (6, {"status": "done"}, "field 'rows.6.status': 'done' is not allowed; allowed: ok, oom, invalid, error"),
     (8, {"ops": {"frobnicate": {"time_s": 1e-5}}}, "field 'rows.8.ops.frobnicate': not an op of fp16's decode step"),
     (8, {"ops": {"attention": {"op_class": "attention"}}}, "field 'rows.8.ops.attention.time_s': None is not a time"),
     (10, {"fused": "yes"}, "field 'rows.10.fused': 'yes', but its config says False"),

@@ -195,5 +195,9 @@ def write_measurements(out: Path, info: dict, rows: list[dict], on_written=None)
 
 
 def is_measurement(data) -> bool:
-    """Whether parsed JSON is an `xqsim measure` file (device and rows), not another JSON kept beside them."""
-    return isinstance(data, dict) and {"device", "rows"} <= data.keys()
+    """Whether parsed JSON is an `xqsim measure` file (device and rows, each row with a status), not another JSON
+    kept beside them (a benchmark's table of kernel timings also has device and rows)."""
+    if not (isinstance(data, dict) and {"device", "rows"} <= data.keys()):
+        return False
+    rows = data["rows"]
+    return not (isinstance(rows, list) and rows and isinstance(rows[0], dict) and "status" not in rows[0])

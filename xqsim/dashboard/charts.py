@@ -17,7 +17,7 @@ import pandas as pd
 
 CTX = alt.X("context:Q", scale=alt.Scale(type="log", nice=False), axis=alt.Axis(format="~s"),
             title="context [tokens]")
-MARKERS = ["memory wall", "crossover"]
+MARKERS = ["memory wall", "crossover", "measured"]
 FAMILY_DASH = {"fp16": [1, 0], "kivi": [1, 0], "xquant": [8, 3], "xquant_cl": [2, 2], "xquant_gqa": [6, 3],
                "xquant_cl_gqa": [4, 2, 1, 2], "xquant_yang": [3, 3]}
 WALL_SHAPE = "M-1,-1L1,1M-1,1L1,-1"  # an x
@@ -71,8 +71,9 @@ def short_tokens(x: float) -> str:
 
 
 def curves_table(curves: pd.DataFrame, y: str, walls: pd.DataFrame | None = None,
-                 cross: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The rows of a context_curves chart: the curves, the memory walls inside the range and the crossovers."""
+                 cross: pd.DataFrame | None = None, measured: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The rows of a context_curves chart: the curves, the memory walls inside the range, the crossovers and the
+    measured steps (data.measured_points, placed at their y)."""
     cols = [c for c in ("hardware", "label", "context", "bound", "max_batch") if c in curves]
     parts = [curves[cols].assign(kind="curve", y=curves[y])]
     if walls is not None:
@@ -85,6 +86,10 @@ def curves_table(curves: pd.DataFrame, y: str, walls: pd.DataFrame | None = None
                                    "label": cross["scheme_a"] + " / " + cross["scheme_b"], "kind": "marker",
                                    "marker": MARKERS[1], "context": cross["crossover_context"], "y": cross[y],
                                    "winner": cross["winner"], "text": cross["crossover_context"].map(short_tokens)}))
+    if measured is not None and len(measured):
+        cols = ["hardware", "label", "context", "batch", "layers", "engine", "device", "rates", "measured_ms",
+                "predicted_ms", "error_pct"]
+        parts.append(measured[cols].assign(kind="measured", marker=MARKERS[2], y=measured[y]))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -95,7 +100,8 @@ def context_curves(y_title: str, panels: int, marks: tuple[str, ...] = ()) -> di
     `marks`: which of MARKERS the legend lists."""
     base = alt.Chart()
     color = _scheme_color()
-    shape = alt.Shape("marker:N", title="mark", scale=alt.Scale(domain=MARKERS, range=[WALL_SHAPE, "diamond"]),
+    shape = alt.Shape("marker:N", title="mark", scale=alt.Scale(domain=MARKERS,
+                                                                range=[WALL_SHAPE, "diamond", "circle"]),
                       legend=alt.Legend(orient="bottom", values=list(marks)) if marks else None)
     yenc = alt.Y("y:Q", scale=alt.Scale(type="log"), title=y_title)
     tip = [alt.Tooltip("hardware:N", title="GPU"), alt.Tooltip("label:N", title="scheme"),
@@ -119,7 +125,20 @@ def context_curves(y_title: str, panels: int, marks: tuple[str, ...] = ()) -> di
                                    alt.Tooltip("winner:N", title="better after")])
     labels = base.transform_filter(alt.datum.kind == "marker").mark_text(
         dy=-12, fontSize=11, fontWeight="bold").encode(CTX, yenc, text="text:N")
-    return _facet(alt.layer(lines, wall, diamonds, labels), panels)
+    # measured steps: filled circles in the scheme's colour, ringed in black so they stand off their curve
+    measured = base.transform_filter(alt.datum.kind == "measured").mark_point(
+        size=70, filled=True, stroke="black", strokeWidth=1, opacity=0.9).encode(
+        CTX, yenc, color, shape, tooltip=tip[:2] + [
+            alt.Tooltip("context:Q", title="context [tokens]", format=",.0f"),
+            alt.Tooltip("batch:Q", title="batch"), alt.Tooltip("device:N", title="measured on"),
+            alt.Tooltip("engine:N", title="engine"), alt.Tooltip("layers:Q", title="layers measured"),
+            alt.Tooltip("measured_ms:Q", title="measured step, those layers [ms]", format=",.3f"),
+            alt.Tooltip("predicted_ms:Q", title="predicted step, those layers [ms]", format=",.3f"),
+            alt.Tooltip("error_pct:Q", title="error (predicted − measured) / measured [%]", format="+.1f"),
+            alt.Tooltip("rates:N", title="predicted with rates"),
+            alt.Tooltip("y:Q", title=f"{y_title}, placed (model at full depth × measured / predicted)",
+                        format=",.4g")])
+    return _facet(alt.layer(lines, wall, diamonds, labels, measured), panels)
 
 
 # ----------------------------------------------------------------------------- memory, roofline

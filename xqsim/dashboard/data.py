@@ -4,6 +4,7 @@ calibrate): no Streamlit and no charts here, and no cost formula either."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,84 @@ def calibration(paths: list[Path], hw: HardwareProfile) -> tuple[pd.DataFrame, d
     df = pd.concat(parts, ignore_index=True)
     df["measured_ms"], df["predicted_ms"] = df["measured_s"] * 1e3, df["predicted_s"] * 1e3
     return df, infos[0]
+
+
+def measurement_files(root: Path, hws: list[HardwareProfile]) -> dict[str, list[Path]]:
+    """Per GPU: the `xqsim measure` files under root's folder named for it (a profile's name begins with its
+    folder's: measurements/h100 holds h100_sxm's), subfolders included (one engine's set each)."""
+    if not root.is_dir():
+        return {}
+    out: dict[str, list[Path]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in d.rglob("*.json") if _is_measurement(p, p.stat().st_mtime_ns))
+        for hw in hws:
+            if files and hw.name.startswith(d.name):
+                out.setdefault(hw.name, []).extend(files)
+    return out
+
+
+MEASURED_COLUMNS = ("hardware", "label", "context", "batch", "layers", "engine", "device", "file", "rates",
+                    "measured_ms", "predicted_ms", "error_pct", "step_time_ms", "tokens_per_s", "at_batch",
+                    "at_capacity")
+
+
+def measured_points(files: dict[str, list[Path]], hws: list[HardwareProfile], model: ModelSpec,
+                    configs: list[SchemeConfig], batch: int, rate_mode: str = "fitted") -> tuple[pd.DataFrame,
+                                                                                                  list[str]]:
+    """Measured decode steps beside the predicted curves: every measured row of this model and of a configuration
+    shown, on the engine that runs it as the model describes it (rates.runs), predicted with the rates the curve
+    uses (xqsim.rates). measured_ms/predicted_ms/error_pct are at the layers measured (the CUDA-graph step where
+    measured); step_time_ms places the point at the model's full-depth step times measured/predicted (the
+    measurement itself when it ran every layer), tokens_per_s = batch / that. at_batch: measured at the sidebar's
+    batch (the step-time curves); at_capacity: at the largest batch that fits, at most that (the capacity curve).
+    Also one message per file that cannot be read."""
+    by_label = {cfg.resolved(model).label: cfg for cfg in configs}
+    hw_of = {hw.name: hw for hw in hws}
+    found, problems = [], []
+    for name, paths in files.items():
+        hw = hw_of.get(name)
+        if hw is None:
+            continue
+        for p in paths:
+            try:
+                infos, rows = measurements.read_measurements([p])
+            except UserError as err:
+                problems.append(str(err))
+                continue
+            for r in rows:
+                if r["model"] != model.name:
+                    continue
+                _, res = measurements.config_of(r["model"], r["layers"], json.dumps(r["config"], sort_keys=True))
+                cfg = by_label.get(res.label)
+                if cfg is None or not rates.runs(res.scheme, res.fused, r["engine"]):
+                    continue
+                found.append((hw, cfg, r, infos[0].get("device_name", "?")))
+    if not found:
+        return pd.DataFrame(columns=list(MEASURED_COLUMNS)), problems
+    ctx = sorted({r["context"] for _, _, r, _ in found})
+    full = sweep.run([hw_of[n] for n in files if n in hw_of], [model], list(by_label.values()), [batch], ctx,
+                     rate_mode).set_index(["hardware", "label", "context"])
+    out = []
+    for hw, cfg, r, device in found:
+        prof, basis = rates.choose(hw, cfg, rate_mode)
+        pred = calibrate.step_predictions([r], prof).iloc[0]
+        at = full.loc[(hw.name, cfg.label, r["context"])]
+        cap = int(at["batch_cap"])
+        if r["batch"] == batch and at["fits"]:  # past the memory wall the curve has ended
+            model_s = float(at["step_time_s"])
+        elif r["batch"] == cap and at["throughput_cap_tokens_per_s"] > 0:
+            model_s = cap / float(at["throughput_cap_tokens_per_s"])
+        else:
+            continue
+        step = model_s * pred["measured_s"] / pred["predicted_s"] if r["layers"] != model.n_layers \
+            else pred["measured_s"]
+        out.append({"hardware": hw.name, "label": cfg.label, "context": r["context"], "batch": r["batch"],
+                    "layers": r["layers"], "engine": r["engine"], "device": device, "file": r["file"],
+                    "rates": basis.label, "measured_ms": pred["measured_s"] * 1e3,
+                    "predicted_ms": pred["predicted_s"] * 1e3, "error_pct": pred["error_pct"],
+                    "step_time_ms": step * 1e3, "tokens_per_s": r["batch"] / step,
+                    "at_batch": bool(r["batch"] == batch and at["fits"]), "at_capacity": r["batch"] == cap})
+    return pd.DataFrame(out, columns=list(MEASURED_COLUMNS)), problems
 
 
 def error_table(pred: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,8 @@ def main(measurements: Path = MEASUREMENTS, accuracy: Path = MEASUREMENTS / "acc
     view = controls.view_picker()
     for err in c.errors:
         st.error(err)
-    render = {"crossovers": views.render_crossovers, "capacity": views.render_capacity,
+    render = {"crossovers": lambda c: views.render_crossovers(c, Path(measurements)),
+              "capacity": lambda c: views.render_capacity(c, Path(measurements)),
               "roofline": views.render_roofline, "compare": views.render_compare,
               "calibration": lambda c: views.render_calibration(c, Path(measurements)),
               "accuracy": lambda c: views.render_accuracy(c, Path(accuracy))}

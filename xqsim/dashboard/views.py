@@ -79,6 +79,38 @@ def _calibration(paths: tuple[Path, ...], stamps: tuple[float, ...], hw: Hardwar
     return pred, data.error_table(pred), device
 
 
+@st.cache_data(max_entries=32, show_spinner=False)
+def _measured(files: tuple[tuple[str, tuple[Path, ...]], ...], stamps: tuple[float, ...], hws, model, configs,
+              batch: int, rate_mode: str) -> tuple[pd.DataFrame, list[str]]:
+    return data.measured_points({k: list(v) for k, v in files}, list(hws), model, list(configs), batch, rate_mode)
+
+
+def measured(c: Controls, root: Path) -> pd.DataFrame:
+    """The measured steps beside the curves (data.measured_points), with a warning per file that cannot be read."""
+    files = data.measurement_files(root, list(c.hws))
+    key = tuple((k, tuple(v)) for k, v in files.items())
+    stamps = tuple(p.stat().st_mtime for v in files.values() for p in v)
+    df, problems = _measured(key, stamps, c.hws, c.model, c.configs, c.batch, c.rate_mode)
+    for msg in problems:
+        st.warning(f"Measured points: {msg}")
+    return df
+
+
+def _measured_caption(points: pd.DataFrame, c: Controls) -> None:
+    """What the measured points are, where they come from and how far the model is from them."""
+    if points.empty:
+        st.caption(f"●: no measured step of {c.model.name} at this batch for these GPUs and schemes "
+                   f"(`xqsim measure` files under measurements/<gpu>/).")
+        return
+    where = "; ".join(f"{h}: {len(g)} on {', '.join(sorted(set(g['device'])))} ({', '.join(sorted(set(g['engine'])))} "
+                      f"engine, {', '.join(str(n) for n in sorted(set(g['layers'])))} of {c.model.n_layers} layers)"
+                      for h, g in points.groupby("hardware"))
+    err = points["error_pct"].abs()
+    st.caption(f"●: measured steps ({where}). Each sits at the model's full-depth value scaled by measured / "
+               f"predicted on the layers measured; hover for both and the error. Median |error| "
+               f"{err.median():.1f}%, max {err.max():.1f}% over these {len(points)}.")
+
+
 def show(name: str, template: dict, title: str, frame: pd.DataFrame | None = None, **datasets) -> None:
     """Draw a chart, then download buttons: its table as CSV (`frame`, else its data) and the chart as PNG
     and SVG (rendered only when pressed)."""
@@ -121,8 +153,10 @@ def _skipped(v: dict) -> None:
         st.warning(msg)
 
 
-def render_crossovers(c: Controls) -> None:
+def render_crossovers(c: Controls, root: Path) -> None:
     v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts, c.rate_mode)
+    points = measured(c, root)
+    points = points[points["at_batch"].astype(bool)]
     step = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "step_time_s", c.rate_mode)
     _skipped(v)
     st.subheader(f"Step time vs context: {c.model.name}, batch {c.batch}")
@@ -132,12 +166,14 @@ def render_crossovers(c: Controls) -> None:
     metric = shown[st.radio("Show", list(shown), format_func=shown.get, key="metric", horizontal=True)]
     y = "step_time_ms" if metric == "step time [ms]" else "tokens_per_s"
     df = v["df"]
-    show("crossovers", charts.context_curves(metric, len(c.hws), tuple(charts.MARKERS)),
+    marks = tuple(charts.MARKERS) if len(points) else tuple(charts.MARKERS[:2])
+    show("crossovers", charts.context_curves(metric, len(c.hws), marks),
          f"{c.model.name}, batch {c.batch}: {metric} per scheme (curves end at the memory wall)",
          frame=df[["hardware", "label", "context", "batch", "fits", "step_time_ms", "tokens_per_s", "bound"]],
-         table=charts.curves_table(df[df["fits"]], y, v["walls"], step))
+         table=charts.curves_table(df[df["fits"]], y, v["walls"], step, points))
     st.caption("x: memory wall, the longest context that fits at this batch; ◆: where one scheme's step time "
                "passes another's (both fit).")
+    _measured_caption(points, c)
     _crossings(step, "step time")
     for r in v["walls"][~v["walls"]["fits_at_start"]].itertuples():
         st.info(f"{r.label} on {r.hardware} does not fit {c.batch} sequences of {c.contexts[0]:,} tokens "
@@ -148,19 +184,23 @@ def render_crossovers(c: Controls) -> None:
                  hide_index=True)
 
 
-def render_capacity(c: Controls) -> None:
+def render_capacity(c: Controls, root: Path) -> None:
     v = sweep_views(c.hws, c.model, c.configs, c.batch, c.contexts, c.rate_mode)
+    points = measured(c, root)
+    points = points[points["at_capacity"].astype(bool)]
     tput = view_crossovers(c.hws, c.model, c.configs, c.batch, c.contexts, "throughput_cap_tokens_per_s", c.rate_mode)
     _skipped(v)
     df = v["df"]
     st.subheader(f"Capacity: {c.model.name}, up to {c.batch} sequences")
     badge(c)
     tp = df[df["throughput_cap_tokens_per_s"] > 0]
-    show("throughput_cap", charts.context_curves("tokens/s at the largest batch that fits", len(c.hws),
-                                                 (charts.MARKERS[1],)),
+    marks = charts.MARKERS[1:] if len(points) else charts.MARKERS[1:2]
+    show("throughput_cap", charts.context_curves("tokens/s at the largest batch that fits", len(c.hws), tuple(marks)),
          f"Capacity-limited throughput: tokens/s at the largest batch that fits, at most {c.batch}",
          frame=df[["hardware", "label", "context", "batch_cap", "throughput_cap_tokens_per_s"]],
-         table=charts.curves_table(tp, "throughput_cap_tokens_per_s", cross=tput))
+         table=charts.curves_table(tp, "throughput_cap_tokens_per_s", cross=tput,
+                                   measured=points.assign(throughput_cap_tokens_per_s=points["tokens_per_s"])))
+    _measured_caption(points, c)
     _crossings(tput, "capacity-limited throughput")
     show("max_batch", charts.context_curves("max batch [sequences]", len(c.hws)), "Most sequences that fit vs context",
          frame=df[["hardware", "label", "context", "max_batch"]],
