@@ -369,3 +369,19 @@ def test_the_dashboard_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_measured_steps_beside_the_curves():
+    """The step-time and capacity views draw the committed H100 measurements of the model and schemes shown as
+    points (kind 'measured', with the error for the tooltip) and say in a caption what they are; a GPU with no
+    measurements says so."""
+    at = ok(app(view="crossovers", hw="h100_sxm", model="llama-3.1-8b", schemes="fp16,kivi-2b", batch="16",
+                ctx="1k-128k"))
+    pts = charts(at)[0][1]["table"].query("kind == 'measured'")
+    assert sorted(pts["context"].unique()) == [1024, 4096, 16384, 65536], pts  # fp16 at 64k: past its wall
+    assert set(pts["label"]) == {"fp16", "kivi-2b"} and pts["error_pct"].abs().max() < 15, pts
+    caption = next(c.value for c in at.caption if c.value.startswith("●"))
+    assert "h100_sxm: 7 on NVIDIA H100 80GB HBM3 (torch engine, 2 of 32 layers)" in caption, caption
+    at = ok(app(view="capacity", hw="a100_80gb", model="llama-3.1-8b", schemes="fp16", batch="16"))
+    assert not len(charts(at)[0][1]["table"].query("kind == 'measured'"))
+    assert any(c.value.startswith("●: no measured step of llama-3.1-8b") for c in at.caption)

@@ -204,3 +204,39 @@ def test_upload_hardware_and_model():
     assert loading.parse_upload("m.yaml", tiny) == loading.load_model("tiny")
     with pytest.raises(UserError, match=r"^m\.yaml: field 'n_layers': Input should be greater than 0 \(got 0\)$"):
         loading.parse_upload("m.yaml", tiny.replace(b"n_layers: 2", b"n_layers: 0"))
+
+
+def test_measured_points_sit_where_measurement_and_model_say():
+    """A measured H100 step (torch engine, 2 of 32 layers) beside the curves: its measured and predicted times are
+    the row's CUDA-graph step and calibrate's prediction of it with the curve's rates; the point sits at the
+    model's full-depth step x measured / predicted; a fused configuration takes only kernel-engine rows (the torch
+    engine's tiled fused rows are not what the model describes), and a row past the memory wall is no point."""
+    import json
+
+    from xqsim import calibrate
+    from xqsim.sweep import run
+
+    root = Path(__file__).parent.parent / "measurements"
+    hws = [loading.load_hardware("h100_sxm")]
+    model = loading.load_model("llama-3.1-8b")
+    cfgs = [specs.SchemeConfig(scheme="fp16"), specs.SchemeConfig(scheme="kivi", bits=2),
+            specs.SchemeConfig(scheme="kivi", bits=2, fused=True)]
+    files = data.measurement_files(root, hws)
+    assert [p.name for p in files["h100_sxm"]][:2] == ["h100_llama2_7b.json", "h100_llama2_7b_b.json"], files
+    pts, problems = data.measured_points(files, hws, model, cfgs, 16)
+    assert problems == [] and set(pts["label"]) == {"fp16", "kivi-2b"}, (problems, set(pts["label"]))
+    p = pts[(pts["label"] == "kivi-2b") & (pts["context"] == 4096)].iloc[0]
+    row = next(r for r in json.loads((root / "h100/h100_llama31_8b.json").read_text())["rows"]
+               if r["label"] == "kivi-2b" and r["batch"] == 16 and r["context"] == 4096 and r["status"] == "ok")
+    assert p["measured_ms"] == pytest.approx(row["step_time_graph_s"] * 1e3, rel=1e-12)
+    pred = calibrate.step_predictions([row | {"engine": "torch"}], hws[0]).iloc[0]
+    assert p["predicted_ms"] == pytest.approx(pred["predicted_s"] * 1e3, rel=1e-9), (p, pred)
+    full = run(hws, [model], cfgs[1:2], [16], [4096], "fitted")["step_time_s"].iloc[0]
+    assert p["step_time_ms"] == pytest.approx(full * 1e3 * row["step_time_graph_s"] / pred["predicted_s"], rel=1e-9)
+    assert p["rates"] == "fitted (h100_sxm, torch engine)" and p["layers"] == 2 and p["at_batch"]
+    fp16 = pts[pts["label"] == "fp16"].set_index("context")
+    assert 65536 not in fp16.index and fp16.loc[16384, "at_batch"], fp16  # 16 x 64k of fp16 is past the wall
+    table = charts.curves_table(frame([("h100_sxm", "kivi-2b", 4096, 1.0, True, 10**6)]), "step_time_ms",
+                                measured=pts)
+    assert (table["kind"] == "measured").sum() == len(pts) and set(table.query("kind == 'measured'")["marker"]) == \
+        {"measured"}
