@@ -282,28 +282,28 @@ def run_grid(specs_: list[ModelSpec], configs: list[SchemeConfig], batches: list
     'invalid', one that fails in it 'error' (with its message), and the grid goes on."""
     for spec in specs_:
         weights = init_weights(spec, 0, torch.device(device), dtype)  # once per model: shared by its configs
-        for cfg in configs:
-            for b in batches:
-                for t in contexts:
-                    if b * t > max_tokens:
-                        continue
-                    row = {"model": spec.name, "layers": spec.n_layers, "scheme": cfg.scheme, "label": cfg.label,
-                           "bits": cfg.bits, "strategy": cfg.strategy, "fused": cfg.fused,
-                           "batch": b, "context": t, "config": cfg.model_dump(mode="json")}
-                    try:
-                        row |= {"status": "ok"} | measure_one(spec, cfg, b, t, device, dtype, repeats, warmup,
-                                                              weights=weights, kernels=kernels)
-                    except torch.cuda.OutOfMemoryError:
-                        row["status"] = "oom"
-                    except UserError as err:
-                        row |= {"status": "invalid", "error": str(err)}
-                    except Exception as err:  # a failed kernel (compile, launch) ends its row, not the grid
-                        first = (str(err).splitlines() or [""])[0][:200]
-                        row |= {"status": "error", "error": f"{type(err).__name__}: {first}"}
-                    finally:
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
-                    on_row(row)
+        # every configuration at a (batch, context) before the next, smallest first: a run cut at its time limit
+        # keeps every scheme at the sizes it reached, not some schemes whole and the rest not at all
+        for b, t, cfg in ((b, t, cfg) for b in sorted(batches) for t in sorted(contexts) for cfg in configs):
+            if b * t > max_tokens:
+                continue
+            row = {"model": spec.name, "layers": spec.n_layers, "scheme": cfg.scheme, "label": cfg.label,
+                   "bits": cfg.bits, "strategy": cfg.strategy, "fused": cfg.fused,
+                   "batch": b, "context": t, "config": cfg.model_dump(mode="json")}
+            try:
+                row |= {"status": "ok"} | measure_one(spec, cfg, b, t, device, dtype, repeats, warmup,
+                                                      weights=weights, kernels=kernels)
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "oom"
+            except UserError as err:
+                row |= {"status": "invalid", "error": str(err)}
+            except Exception as err:  # a failed kernel (compile, launch) ends its row, not the grid
+                first = (str(err).splitlines() or [""])[0][:200]
+                row |= {"status": "error", "error": f"{type(err).__name__}: {first}"}
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            on_row(row)
 
 
 def check_fits(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, device: torch.device,

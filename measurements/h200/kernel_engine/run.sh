@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# One grid of the kernel-engine measurements per device call (issue 14), on the GPU machine: PYTHONPATH carries
-# .gpu_site's pydantic. Rows are written after each configuration, so a cut keeps what was measured.
-#   OUT=... GRID=grid_llama31_8b_kv LIMIT_S=540 bash measurements/h200/kernel_engine/run.sh
+# Kernel-engine measurements (issue 14) on the GPU machine, one or more grids per device call, each under its own
+# time limit: PYTHONPATH carries .gpu_site's pydantic. Rows are written after each configuration, and a grid runs
+# every scheme at a (batch, context) before the next size, so a grid cut at its limit keeps every scheme at the
+# sizes it reached.
+#   OUT=... GRIDS="grid_llama31_8b_kv:400 grid_full_depth:120" bash measurements/h200/kernel_engine/run.sh
 set -u
-export PYTHONPATH=.:.gpu_site
+export PYTHONPATH=.:.gpu_site PYTHONUNBUFFERED=1
 here=measurements/h200/kernel_engine
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout "${LIMIT_S:-540}" python -c 'import sys; sys.argv[0] = "xqsim"; from xqsim.entry import main; main()' \
-    measure --grid "$here/$GRID.yaml" --device cuda --kernels triton -o "$OUT/$GRID" > "$OUT/$GRID.log" 2>&1
-tail -n 5 "$OUT/$GRID.log"
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+    | tee -a "$OUT/gpu.txt"
+for item in ${GRIDS:-grid_llama31_8b_kv:540}; do
+    grid=${item%%:*} limit=${item##*:}
+    start=$(date +%s)
+    timeout "$limit" python -c 'import sys; sys.argv[0] = "xqsim"; from xqsim.entry import main; main()' \
+        measure --grid "$here/$grid.yaml" --device cuda --kernels triton -o "$OUT/$grid" > "$OUT/$grid.log" 2>&1
+    echo "$grid: exit $?, $(( $(date +%s) - start )) s, $(grep -c '^\[' "$OUT/$grid.log") rows"
+    tail -n 3 "$OUT/$grid.log"
+done
