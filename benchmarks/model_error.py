@@ -20,9 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from xqsim import loading
-from xqsim.calibrate import HELD_OUT, error_report, fit, held_out, op_errors, stats, step_predictions
+from xqsim.calibrate import fit
 from xqsim.measurements import read_measurements
 from xqsim.rates import lend
+from xqsim.validation import HELD_OUT, error_report, held_out, op_errors, stats, step_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SETS = {"h200": "h200", "h100": "h100_sxm"}  # measurements/<folder>/kernel_engine -> hardware profile

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xqsim import calibrate, loading, measurements, roofline, specs
+from xqsim import calibrate, loading, measurements, roofline, specs, validation
 from xqsim.calibrate import fit
 from xqsim.cli import main
 
@@ -34,7 +34,7 @@ def synthetic_rows(hw) -> list[dict]:
                 for T in (1024, 32768):
                     row = {"model": name, "layers": 2, "config": cfg.model_dump(mode="json"), "label": cfg.label,
                            "batch": B, "context": T, "fused": False}
-                    t = calibrate.step_predictions([row | {"step_time_graph_s": 1.0}], truth, "graph")
+                    t = validation.step_predictions([row | {"step_time_graph_s": 1.0}], truth, "graph")
                     row["step_time_graph_s"] = float(t["predicted_s"].iloc[0])
                     ops: dict[str, dict] = {}
                     for o in op_table(calibrate.row_ops(row), truth.rates()):
@@ -107,13 +107,13 @@ def test_validate_json_and_held_out_blocks(monkeypatch, capsys):
     assert {"n", "median_abs_pct", "p90_abs_pct", "max_abs_pct", "per_regime", "per_scheme"} <= spec.keys()
     assert spec["profile"] == "spec" and spec["median_abs_pct"] > 50  # the spec roofline misses the torch engine
     seen = []
-    real = calibrate.fit
+    real = validation.fit
 
     def spy(rows, hw, source, *args, **kw):
         seen.append((source, {r["context"] for r in rows}))
         return real(rows, hw, source, *args, **kw)
 
-    monkeypatch.setattr(calibrate, "fit", spy)
+    monkeypatch.setattr(validation, "fit", spy)
     run_cli(monkeypatch, "validate", FILES[0], "--hardware", "h100_sxm", "--held-out", "context", "--json")
     held = json.loads(capsys.readouterr().out)
     assert held["median_abs_pct"] < spec["median_abs_pct"]
@@ -239,14 +239,14 @@ def test_a_kernel_engine_fit_is_labelled_and_fits_what_that_engine_runs():
             for T in (1024, 8192, 65536):
                 row = {"model": "llama-3.1-8b", "layers": 2, "config": cfg.model_dump(mode="json"), "label": cfg.label,
                        "batch": B, "context": T, "fused": cfg.fused, "engine": "triton"}
-                t = calibrate.step_predictions([row | {"step_time_graph_s": 1.0}], truth, "graph")
+                t = validation.step_predictions([row | {"step_time_graph_s": 1.0}], truth, "graph")
                 rows.append(row | {"step_time_graph_s": float(t["predicted_s"].iloc[0]) * (3.0 if not cfg.fused
                                                                                            and cfg.bits < 16 else 1)})
     fitted, report = fit(rows, hw, "kernel engine test", "graph")
     assert fitted.engine == "triton" and report["n"] == 27, report["n"]  # 3 configurations x 9; unfused KIVI left
     assert fitted.schemes == ["fp16", "kivi", "xquant_gqa"], fitted.schemes  # what it saw: rates applies it there
-    pred = calibrate.step_predictions(rows, hw.model_copy(update={"fitted": fitted}), "graph")
-    err = calibrate.error_report(pred)
+    pred = validation.step_predictions(rows, hw.model_copy(update={"fitted": fitted}), "graph")
+    err = validation.error_report(pred)
     assert err["n"] == 27 and err["median_abs_pct"] < 2.0, err  # the unfused KIVI rows (x3) are not judged
     kernel = hw.model_copy(update={"fitted": fitted})
     assert rates.choose(kernel, cfgs[1], "fitted")[1].label == "fitted (h200, triton engine)"
@@ -291,7 +291,7 @@ def test_a_fused_kernel_is_judged_under_the_op_the_engine_times_it_under():
         == "attention"
     fitted, report = fit(rows, hw, "per-op test", "graph")
     assert report["ops_fitted"] > 36, report["ops_fitted"]
-    errs = calibrate.op_errors(rows, hw.model_copy(update={"fitted": fitted}))
+    errs = validation.op_errors(rows, hw.model_copy(update={"fitted": fitted}))
     attention = errs[errs["op"].isin(["attention", "attention_qk"])]
     fused = attention[attention["label"] != "fp16"]
     assert len(fused) == 23 and fused["error_pct"].abs().max() < 0.01, fused  # 27 less 4 kernels under 50 us

@@ -213,7 +213,7 @@ def test_measured_points_sit_where_measurement_and_model_say():
     engine's tiled fused rows are not what the model describes), and a row past the memory wall is no point."""
     import json
 
-    from xqsim import calibrate
+    from xqsim import validation
     from xqsim.sweep import run
 
     root = Path(__file__).parent.parent / "measurements"
@@ -229,7 +229,7 @@ def test_measured_points_sit_where_measurement_and_model_say():
     row = next(r for r in json.loads((root / "h100/h100_llama31_8b.json").read_text())["rows"]
                if r["label"] == "kivi-2b" and r["batch"] == 16 and r["context"] == 4096 and r["status"] == "ok")
     assert p["measured_ms"] == pytest.approx(row["step_time_graph_s"] * 1e3, rel=1e-12)
-    pred = calibrate.step_predictions([row | {"engine": "torch"}], hws[0]).iloc[0]
+    pred = validation.step_predictions([row | {"engine": "torch"}], hws[0]).iloc[0]
     assert p["predicted_ms"] == pytest.approx(pred["predicted_s"] * 1e3, rel=1e-9), (p, pred)
     full = run(hws, [model], cfgs[1:2], [16], [4096], "fitted")["step_time_s"].iloc[0]
     assert p["step_time_ms"] == pytest.approx(full * 1e3 * row["step_time_graph_s"] / pred["predicted_s"], rel=1e-9)

@@ -176,10 +176,12 @@ def calibrate(
     # before any work: a path that cannot be written, one of the measurement files or the profile, a file there
     loading.check_files([out], force, [*measurements, Path(hardware)], what="calibration", option="-o FILE")
     infos, rows = read_measurements(measurements)
-    n_fit = sum(1 for r in rows if not r.get("fused"))
-    source = (f"xqsim calibrate on {n_fit} unfused configurations from {', '.join(p.name for p in measurements)} "
-              f"({infos[0]['device_name']}, torch {infos[0]['torch']}), {datetime.date.today().isoformat()}")
-    fitted, report = cal.fit(rows, hw, source, _target(target))
+    fitted, report = cal.fit(rows, hw, "", _target(target))
+    versions = ", ".join(f"{k} {infos[0][k]}" for k in ("torch", "triton") if infos[0].get(k))
+    fitted = fitted.model_copy(update={"source": (
+        f"xqsim calibrate on {report['n']} configurations of the {fitted.engine} engine from "
+        f"{', '.join(p.name for p in measurements)} ({infos[0]['device_name']}, {versions}), "
+        f"{datetime.date.today().isoformat()}")})
     if not (fitted.mem_efficiency or fitted.compute_efficiency or fitted.overhead_s or fitted.bitplane_factor
             or fitted.channel_factor):  # a profile that claims a fit it does not hold
         raise UserError(f"{measurements[0]}: the {report['n']} configurations determine none of the fit's parameters "
@@ -220,7 +222,7 @@ def validate(
     spec_only: Annotated[bool, typer.Option("--spec-only", help="ignore the profile's fitted block")] = False,
 ) -> None:
     """Predict every measured configuration; report the error overall, per regime and per scheme."""
-    from . import calibrate as cal
+    from . import validation as val
     from .measurements import read_measurements
 
     if out is not None:  # before any work: never over an input, nor a file that is there unless --force
@@ -230,16 +232,16 @@ def validate(
     if spec_only or held_out:  # a held-out fit starts from the spec figures
         hw = hw.model_copy(update={"fitted": None})
     if transfer_from:
-        hw = cal.transferred(hw, loading.load_hardware(transfer_from, where="command line: field 'transfer_from'"))
-    if held_out not in (None, *cal.HELD_OUT):
+        hw = val.transferred(hw, loading.load_hardware(transfer_from, where="command line: field 'transfer_from'"))
+    if held_out not in (None, *val.HELD_OUT):
         raise UserError(f"command line: field 'held_out': '{held_out}' is not allowed; allowed: "
-                        f"{', '.join(cal.HELD_OUT)}")
+                        f"{', '.join(val.HELD_OUT)}")
     _, rows = read_measurements(measurements)
-    df, report = cal.validation(rows, hw, held_out, _target(target))
+    df, report = val.validation(rows, hw, held_out, _target(target))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         loading.write_atomic(out / "validation.csv", lambda p: df.to_csv(p, index=False))
-        cal.plot_validation(df, out / "validation")
+        val.plot_validation(df, out / "validation")
     if as_json:
         print(loading.to_json(report))
         return

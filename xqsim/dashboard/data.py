@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import calibrate, measurements, rates, schemes, sweep
+from .. import measurements, rates, schemes, sweep, validation
 from ..crossover import crossovers
 from ..roofline import op_table
 from ..specs import Figure, HardwareProfile, ModelSpec, SchemeConfig, UserError
@@ -233,9 +233,9 @@ def calibration(paths: list[Path], hw: HardwareProfile) -> tuple[pd.DataFrame, d
     """Measured vs predicted step time of every measured configuration, on the spec rates and (where the
     profile has them) the fitted rates (column `rates`); and the device the files come from."""
     infos, rows = measurements.read_measurements(paths)
-    parts = [calibrate.step_predictions(rows, hw.model_copy(update={"fitted": None})).assign(rates="spec")]
+    parts = [validation.step_predictions(rows, hw.model_copy(update={"fitted": None})).assign(rates="spec")]
     if hw.fitted:
-        parts.append(calibrate.step_predictions(rows, hw).assign(rates="fitted"))
+        parts.append(validation.step_predictions(rows, hw).assign(rates="fitted"))
     df = pd.concat(parts, ignore_index=True)
     df["measured_ms"], df["predicted_ms"] = df["measured_s"] * 1e3, df["predicted_s"] * 1e3
     return df, infos[0]
@@ -299,7 +299,7 @@ def measured_points(files: dict[str, list[Path]], hws: list[HardwareProfile], mo
     out = []
     for hw, cfg, r, device in found:
         prof, basis = rates.choose(hw, cfg, rate_mode)
-        pred = calibrate.step_predictions([r], prof).iloc[0]
+        pred = validation.step_predictions([r], prof).iloc[0]
         at = full.loc[(hw.name, cfg.label, r["context"])]
         cap = int(at["batch_cap"])
         if r["batch"] == batch and at["fits"]:  # past the memory wall the curve has ended
@@ -320,10 +320,10 @@ def measured_points(files: dict[str, list[Path]], hws: list[HardwareProfile], mo
 
 
 def error_table(pred: pd.DataFrame) -> pd.DataFrame:
-    """calibrate.error_report per set of rates, as rows: all, each regime, each scheme."""
+    """validation.error_report per set of rates, as rows: all, each regime, each scheme."""
     rows = []
     for basis, g in pred.groupby("rates", sort=False):
-        rep = calibrate.error_report(g)
+        rep = validation.error_report(g)
         blocks = [("all", "all", rep)] + [("regime", k, v) for k, v in rep["per_regime"].items()] \
             + [("scheme", k, v) for k, v in rep["per_scheme"].items()]
         rows += [{"rates": basis, "by": by, "group": k, "n": v["n"], "median_abs_pct": v["median_abs_pct"],
