@@ -396,3 +396,25 @@ def test_measure_options_out_of_range(monkeypatch, capsys, args, message):
         run_cli(monkeypatch, "measure", "--model", "tiny", "--scheme", "fp16", "--context", "64", "--json", *args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip() == f"xqsim: error: command line: {message}", err
+
+
+def test_kernels_are_given_to_the_op_whose_range_they_ran_in():
+    """attribute(): device records (kernels, copies; Triton's among them, which the profiler ties to no op) go to
+    the op range holding their midpoint, the innermost where ranges nest; an op that ran none counts 0; the total
+    counts every device record once."""
+    from types import SimpleNamespace as NS
+
+    from xqsim.engine.measure import attribute
+
+    def ev(name, t0, t1, dev="cpu"):
+        return NS(name=name, device_type=dev, time_range=NS(start=t0, end=t1))
+
+    events = [ev("xq:attention", 0, 100), ev("xq:dequant_k", 100, 101), ev("xq:lm_head", 110, 200),
+              ev("xq:inner", 150, 160), ev("aten::mm", 111, 112),
+              ev("_split_kernel", 10, 60, "cuda"), ev("_merge_kernel", 61, 95, "cuda"),  # Triton's, in attention
+              ev("gemv", 120, 149, "cuda"), ev("copy", 152, 158, "cuda"),  # lm_head's; the nested range's
+              ev("xq:attention", 300, 400), ev("_split_kernel", 310, 390, "cuda"),  # a second step
+              ev("stray", 250, 260, "cuda")]  # between ranges: in the total only
+    ops, total = attribute(events, "cpu")
+    assert ops == {"attention": [50 + 34 + 80, 3], "dequant_k": [0.0, 0], "lm_head": [29, 1], "inner": [6, 1]}, ops
+    assert total == [50 + 34 + 29 + 6 + 80 + 10, 6], total

@@ -17,6 +17,7 @@ ops of a fused attention run in one kernel (xqsim.engine.kernels), which the op 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime
 import platform
@@ -171,7 +172,7 @@ def measure_one(spec: ModelSpec, cfg: SchemeConfig, batch: int, context: int, de
             per_op.setdefault(n, []).append(s)
     graph = time_graph(lambda: one(Recorder()), repeats, warmup) if cuda else {}
     kernels = kernel_times(one, PROFILED_STEPS) if cuda else {}
-    if engine.kernels == "triton" and "ops" in kernels:
+    if engine.kernels == "triton" and "ops" in kernels and kernels.get("kernel_attribution") != "time":
         # torch.profiler does not tie Triton's launches (driver API) to the op that made them: an op whose kernels
         # are all Triton's reads 0 kernels and 0 s; leave its kernel fields out, so its eager event time stands
         kernels["ops"] = {n: o for n, o in kernels["ops"].items() if o["kernels"] > 0}
@@ -194,12 +195,37 @@ _PREFIX = "xq:"
 
 
 class _Annotate(Recorder):
-    """Marks each op as a profiler range, so the GPU kernels it launched can be attributed to it."""
+    """Marks each op as a profiler range and waits for the GPU before the range ends, so every kernel the op ran
+    runs inside its range, however it was launched: Triton launches through the driver API, which the profiler
+    does not tie to the op that launched them (attribute())."""
 
     @contextlib.contextmanager
     def __call__(self, name: str, cls: str, flops: float = 0.0) -> Iterator[None]:
         with torch.profiler.record_function(_PREFIX + name):
             yield
+            torch.cuda.synchronize()
+
+
+def attribute(events, cpu) -> tuple[dict[str, list[float]], list[float]]:
+    """Per op name: [GPU time us, count] of the device events (kernels, copies) whose midpoint lies inside one of
+    its profiler ranges (the innermost where ranges nest; an op's ranges with none count 0); and [total us, count]
+    of all device events. `cpu`: the host's device type (CPU events are the ranges, the others device work)."""
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name[len(_PREFIX):]) for e in events
+                    if e.device_type == cpu and e.name.startswith(_PREFIX))
+    ops: dict[str, list[float]] = {name: [0.0, 0] for _, _, name in ranges}
+    total = [0.0, 0]
+    starts = [r[0] for r in ranges]
+    for e in events:
+        if e.device_type == cpu:
+            continue
+        t0, t1 = e.time_range.start, e.time_range.end
+        total[0], total[1] = total[0] + (t1 - t0), total[1] + 1
+        mid = (t0 + t1) / 2
+        inside = [r for r in ranges[:bisect.bisect_right(starts, mid)] if r[1] >= mid]
+        if inside:
+            name = min(inside, key=lambda r: r[1] - r[0])[2]
+            ops[name][0], ops[name][1] = ops[name][0] + (t1 - t0), ops[name][1] + 1
+    return ops, total
 
 
 def _kernels_under(evt) -> tuple[float, int]:
@@ -213,8 +239,11 @@ def _kernels_under(evt) -> tuple[float, int]:
 
 def kernel_times(one: Callable[[Recorder], None], steps: int) -> dict:
     """Per op, the GPU time of its own kernels (CUPTI kernel durations from torch.profiler, no launch gaps or
-    CPU time in them) and how many it launched, the mean over `steps` eager steps: {ops: {name: {kernel_time_s,
-    kernels}}, kernel_time_s: all kernels of the step, kernels}; {kernels: <why not>} if profiling fails."""
+    CPU time in them) and how many it ran, the mean over `steps` eager steps: {ops: {name: {kernel_time_s,
+    kernels}}, kernel_time_s: all kernels of the step, kernels, kernel_attribution}; {kernels: <why not>} if
+    profiling fails. The kernels are given to the op whose range (which waits for the GPU) they ran in
+    (attribute(): kernel_attribution 'time'); where the profiler returns no device records, to the op that launched
+    them through the runtime API, which misses Triton's launches."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -226,6 +255,10 @@ def kernel_times(one: Callable[[Recorder], None], steps: int) -> dict:
         events = prof.events()
     except RuntimeError as err:
         return {"kernels": f"not profiled: {str(err).splitlines()[0][:160]}"}
+    if any(e.device_type != DeviceType.CPU for e in events):  # the device's own records: attributed by time
+        ops, total = attribute(events, DeviceType.CPU)
+        return {"ops": {k: {"kernel_time_s": t / steps / 1e6, "kernels": n / steps} for k, (t, n) in ops.items()},
+                "kernel_time_s": total[0] / steps / 1e6, "kernels": total[1] / steps, "kernel_attribution": "time"}
     ops: dict[str, list[float]] = {}
     total = [0.0, 0]
     for e in events:
