@@ -213,7 +213,8 @@ def test_validate_on_the_committed_sets_matches_the_readme(monkeypatch, capsys):
     h100 = _json_of(monkeypatch, capsys, *FILES, "--hardware", "h100_sxm")
     h200 = _json_of(monkeypatch, capsys, *sorted(FILES[0].parent.parent.glob("h200/h200_*.json")),
                     "--hardware", "h200", "--transfer-from", "h100_sxm")
-    for what, r in (("| H100 torch engine, in sample |", h100), ("| H200 torch engine, the H100 fit transferred |", h200)):
+    for what, r in (("| H100 torch engine, in sample |", h100),
+                    ("| H200 torch engine, the H100 fit transferred |", h200)):
         row = next((line for line in readme.splitlines() if what in line), "")
         stated = f"| {r['n']} | {r['median_abs_pct']:.1f}% | {r['p90_abs_pct']:.1f}% |"
         assert stated in row, f"README row {row!r} does not state {stated!r}"
