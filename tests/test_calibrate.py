@@ -24,7 +24,7 @@ def synthetic_rows(hw) -> list[dict]:
 
     truth = hw.model_copy(update={"fitted": specs.Fitted(
         source="truth", mem_efficiency=TRUE_MEM, compute_efficiency=TRUE_COMP, overhead_s=TRUE_OVERHEAD,
-        bitplane_factor=TRUE_BITPLANE, channel_factor=TRUE_CHANNEL)})
+        factors={"bitplane": TRUE_BITPLANE, "channel": TRUE_CHANNEL})})
     rows = []
     for name in ("llama-3.1-8b", "llama-2-7b"):
         for scheme, kw in (("fp16", {}), ("kivi", {"bits": 2}), ("kivi", {"bits": 3}), ("xquant", {"bits": 2}),
@@ -59,8 +59,8 @@ def test_fit_recovers_known_parameters():
         assert fitted.mem_efficiency[cls] == pytest.approx(v, rel=0.01), (cls, fitted.mem_efficiency, report)
     for cls, v in TRUE_COMP.items():
         assert fitted.compute_efficiency[cls] == pytest.approx(v, rel=0.01), (cls, fitted.compute_efficiency)
-    assert fitted.bitplane_factor == pytest.approx(TRUE_BITPLANE, rel=0.01), fitted.bitplane_factor
-    assert fitted.channel_factor == pytest.approx(TRUE_CHANNEL, rel=0.01), fitted.channel_factor
+    assert fitted.factors["bitplane"] == pytest.approx(TRUE_BITPLANE, rel=0.01), fitted.factors
+    assert fitted.factors["channel"] == pytest.approx(TRUE_CHANNEL, rel=0.01), fitted.factors
     # quantization moves a few bytes a step: its bandwidth never binds, so it is not determined
     assert "memory:quant" in report["not_determined"] and "quant" not in fitted.mem_efficiency
 

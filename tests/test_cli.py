@@ -545,8 +545,10 @@ TINY_MODEL = (ROOT / "models" / "tiny.yaml").read_text()
      "{d}/hw.yaml: field 'l2_bytes': l2_bytes=1e-300 is outside the plausible [1024,"),
     (HWE, {"hw.yaml": _hw("fitted.kernel_overhead_s", float("inf"))},
      "{d}/hw.yaml: field 'fitted.kernel_overhead_s': Input should be a finite number"),
-    (HWE, {"hw.yaml": _hw("fitted.channel_factor", 1e-300)},
-     "{d}/hw.yaml: field 'fitted.channel_factor': Input should be greater than or equal to 0.1"),
+    (HWE, {"hw.yaml": _hw("fitted.factors.channel", 1e-300)},
+     "{d}/hw.yaml: field 'fitted.factors': factor 'channel' is 1e-300; allowed: a number from 0.1 to 10"),
+    (HWE, {"hw.yaml": _hw("fitted.channel_factor", 2.0)},  # a block of an earlier version beside the new key
+     "{d}/hw.yaml: field 'fitted': 'channel_factor' and 'factors.channel' are both given; keep 'factors'"),
     (MOE, {"m.yaml": TINY_MODEL.replace("n_layers: 2", "n_layers: 65537")},
      "{d}/m.yaml: field 'n_layers': Input should be less than or equal to 65536"),
     (MOE, {"m.yaml": TINY_MODEL.replace("n_layers: 2", "n_layers: 65536").replace("ffn_dim: 128", "ffn_dim: 2147483647")

@@ -377,3 +377,17 @@ def test_scenario_lists_that_cannot_be_swept(tmp_path, body, message):
                  "batch: [1]\ncontext: [1024]\n")
     with pytest.raises(UserError, match="field 'hardware': 'h100_sxm' is listed twice$"):
         loading.load_scenario(p)
+
+
+def test_a_fitted_block_of_an_earlier_version_reads_as_today():
+    """`bitplane_factor: x` and `channel_factor: y` in a fitted block (files written before the factors table) are
+    factors {bitplane: x, channel: y}: the same rates."""
+    from xqsim import loading
+
+    hw = loading.load_hardware("h100_sxm")
+    old = hw.fitted.model_dump(mode="json")
+    factors = old.pop("factors")
+    old |= {f"{k}_factor": v for k, v in factors.items()}
+    legacy = hw.model_copy(update={"fitted": specs.Fitted.model_validate(old)})
+    assert legacy.fitted.factors == factors == {"bitplane": 5.543844, "channel": 2.050266}
+    assert legacy.rates() == hw.rates()

@@ -14,7 +14,7 @@ import pandas as pd
 from . import loading, rates, schemes
 from .measurements import LEGACY_OPS, TARGETS, config_of
 from .roofline import kernel_class, kernel_time, kernels, op_busy
-from .specs import FIT_RANGES, OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
+from .specs import FACTORS, FIT_RANGES, OP_CLASSES, TENSOR_CLASSES, Fitted, HardwareProfile, UserError
 
 
 def row_ops(r: dict) -> tuple:
@@ -127,8 +127,8 @@ def _design(rows: list[dict]) -> dict[str, np.ndarray]:
     (roofline.kernel_class), FLOPs, bytes, times per step, bit-plane flag, whether it is the first op of its kernel
     (which counts the overhead once) and whether it is the op the kernel's measured time is recorded under."""
     ci = {c: i for i, c in enumerate(OP_CLASSES)}
-    cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "kcls", "flops", "bytes", "n", "bitplane",
-                                             "channel", "first", "timed", "opgroup")}
+    cols: dict[str, list] = {k: [] for k in ("row", "kern", "cls", "kcls", "flops", "bytes", "n", *FACTORS,
+                                             "first", "timed", "opgroup")}
     groups: dict[tuple[int, str], int] = {}
     kid = 0
     for i, r in enumerate(rows):
@@ -138,7 +138,7 @@ def _design(rows: list[dict]) -> dict[str, np.ndarray]:
                 g = groups.setdefault((i, measured_name(r, op.name)), len(groups))
                 for k, v in (("row", i), ("kern", kid), ("cls", ci[op.cls]), ("kcls", ci[kernel_class(kern)]),
                              ("flops", float(op.flops)), ("bytes", float(op.bytes)), ("n", op.layers),
-                             ("bitplane", op.bitplane), ("channel", op.channel), ("first", j == 0),
+                             *((k, getattr(op, k)) for k in FACTORS), ("first", j == 0),
                              ("timed", j == timed), ("opgroup", g)):
                     cols[k].append(v)
             kid += 1
@@ -166,38 +166,38 @@ class _Model:
         self.bw = hw.mem_bytes_per_s.value
         over = [c for c in OP_CLASSES if c not in OVERHEAD_OF]
         self.names = ([f"overhead:{c}" for c in over] + [f"memory:{c}" for c in OP_CLASSES]
-                      + [f"compute:{c}" for c in OP_CLASSES if c in TENSOR_CLASSES] + ["bitplane", "channel"])
+                      + [f"compute:{c}" for c in OP_CLASSES if c in TENSOR_CLASSES] + list(FACTORS))
         at = {n: i for i, n in enumerate(self.names)}  # parameters are found by name, never by position
         self.o_at = np.array([at[f"overhead:{OVERHEAD_OF.get(c, c)}"] for c in OP_CLASSES])
         self.m_at = np.array([at[f"memory:{c}"] for c in OP_CLASSES])
         self.c_at = np.array([at[f"compute:{c}"] for c in OP_CLASSES if c in TENSOR_CLASSES])
-        self.bp_at, self.ch_at = at["bitplane"], at["channel"]
+        self.f_at = {k: at[k] for k in FACTORS}
         self.nc = nc
 
     def start_and_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per parameter, in log: the fit's starting point and bounds (an overhead 5 us in [10 ns, 10 ms]; an
-        efficiency 1 in [0.001, 1.5]; the bit-plane factor 1 in [1, 100]; the channel factor 1 in [0.1, 10])."""
+        efficiency 1 in [0.001, 1.5]; a factor 1 in its FACTORS range)."""
         r = FIT_RANGES  # what a profile's fitted block may hold
         kind = {"overhead": (5e-6, *r["overhead"]), "memory": (1.0, *r["efficiency"]),
-                "compute": (1.0, *r["efficiency"]), "bitplane": (1.0, *r["bitplane"]), "channel": (1.0, *r["channel"])}
+                "compute": (1.0, *r["efficiency"])} | {k: (1.0, *r[k]) for k in FACTORS}
         x0, lo, hi = np.log(np.array([kind[n.split(":")[0]] for n in self.names])).T
         return x0, lo, hi
 
     def unpack(self, th: np.ndarray):
-        """(overhead, bandwidth efficiency, FLOP-rate efficiency) per op class, the bit-plane and channel factors."""
+        """(overhead, bandwidth efficiency, FLOP-rate efficiency) per op class, and each factor by name."""
         e = np.exp(th)
         ec = np.ones(self.nc)
         ec[self.tensor] = e[self.c_at]
-        return e[self.o_at], e[self.m_at], ec, e[self.bp_at], e[self.ch_at]
+        return e[self.o_at], e[self.m_at], ec, {k: e[i] for k, i in self.f_at.items()}
 
     def terms(self, th: np.ndarray, per_op: bool = False):
         """Per kernel: compute time, memory time and overhead, per run (with `per_op`, also each op's own compute
         and memory time)."""
         d = self.d
-        o, em, ec, bp, ch = self.unpack(th)
+        o, em, ec, factors = self.unpack(th)
         nk = len(d["kern_n"])
         op_tc, op_tm = op_busy(d["flops"], d["bytes"], self.peak[d["cls"]] * ec[d["cls"]], self.bw * em[d["cls"]],
-                               d["bitplane"], d["channel"], bp, ch)
+                               [(d[k], f) for k, f in factors.items()])
         tc = np.bincount(d["kern"], op_tc, minlength=nk)
         tm = np.bincount(d["kern"], op_tm, minlength=nk)
         _, ov = kernel_time(tc, tm, np.bincount(d["kern"], o[d["kcls"]] * d["first"], minlength=nk))
@@ -240,8 +240,8 @@ class _Model:
             out[f"compute:{c}"] = per_row(op_tc, mine & ~mem_bound)
             osel = np.isin(kcls, [OP_CLASSES.index(k) for k in OP_CLASSES if OVERHEAD_OF.get(k, k) == c])
             out[f"overhead:{c}"] = np.bincount(kr, d["kern_n"] * ov * osel, minlength=self.n_rows) / step
-        out["bitplane"] = per_row(op_tm, d["bitplane"].astype(bool) & mem_bound)
-        out["channel"] = per_row(op_tm, d["channel"].astype(bool) & mem_bound)
+        for k in FACTORS:
+            out[k] = per_row(op_tm, d[k].astype(bool) & mem_bound)
         return out
 
 
@@ -293,7 +293,7 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
     sol = least_squares(residuals, x0, bounds=(lo, hi), x_scale=1.0, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=500)
     sol.fun = sol.fun[: len(t)]
     th = sol.x
-    o, em, ec, bp, ch = m.unpack(th)
+    o, em, ec, factors = m.unpack(th)
     shares = m.shares(th)
     bound = {k: int(np.sum(v >= min_share)) for k, v in shares.items()}
     keep = {k for k, v in bound.items() if v >= min_rows}
@@ -305,8 +305,7 @@ def fit(rows: list[dict], hw: HardwareProfile, source: str, target: str | None =
         mem_efficiency={c: round(float(em[ci[c]]), 6) for c in OP_CLASSES if f"memory:{c}" in keep},
         compute_efficiency={c: round(float(ec[ci[c]]), 6) for c in OP_CLASSES if f"compute:{c}" in keep},
         kernel_overhead_s=min(overhead.values()) if overhead else None, overhead_s=overhead,
-        bitplane_factor=round(float(bp), 6) if "bitplane" in keep else None,
-        channel_factor=round(float(ch), 6) if "channel" in keep else None)
+        factors={k: round(float(f), 6) for k, f in factors.items() if k in keep})
     err = np.exp(sol.fun) - 1
     report = {"n": len(rows), "ops_fitted": int(len(op_sel)), "target": target,
               "median_abs_pct": float(100 * np.median(np.abs(err))),

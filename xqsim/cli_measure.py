@@ -182,8 +182,8 @@ def calibrate(
         f"xqsim calibrate on {report['n']} configurations of the {fitted.engine} engine from "
         f"{', '.join(p.name for p in measurements)} ({infos[0]['device_name']}, {versions}), "
         f"{datetime.date.today().isoformat()}")})
-    if not (fitted.mem_efficiency or fitted.compute_efficiency or fitted.overhead_s or fitted.bitplane_factor
-            or fitted.channel_factor):  # a profile that claims a fit it does not hold
+    if not (fitted.mem_efficiency or fitted.compute_efficiency or fitted.overhead_s
+            or fitted.factors):  # a profile that claims a fit it does not hold
         raise UserError(f"{measurements[0]}: the {report['n']} configurations determine none of the fit's parameters "
                         f"(each must weigh in at least 3 of them); measure more, nothing written")
     cal.write_profile(hw, fitted, out)
@@ -196,11 +196,8 @@ def calibrate(
         o, m, f = fitted.overhead_s.get(c), fitted.mem_efficiency.get(c), fitted.compute_efficiency.get(c)
         t.add_row(c, f"{o * 1e6:.1f} µs" if o else "—", f"{m:.3f}" if m else "—", f"{f:.3f}" if f else "—")
     console.print(t)
-    if fitted.bitplane_factor:
-        console.print(f"(de)quantization of 3/5/6/7-bit codes (bit planes): x{fitted.bitplane_factor:.2f} time")
-    if fitted.channel_factor:
-        console.print(f"(de)quantization of per-channel codes (channel-major to token-major): "
-                      f"x{fitted.channel_factor:.2f} time")
+    for k, v in fitted.factors.items():
+        console.print(f"{specs.FACTORS[k][0]}: x{v:.2f} time")
     if report["not_determined"]:
         console.print(f"not determined by these measurements (spec value kept): {', '.join(report['not_determined'])}")
     console.print(f"wrote {out}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .schemes.ops import Op
-from .specs import OP_CLASSES
+from .specs import FACTORS, OP_CLASSES
 
 BOUNDS = ("memory", "compute", "overhead")
 
@@ -38,13 +38,14 @@ def kernel_class(kern: list[Op]) -> str:
     return kern[-1].cls
 
 
-def op_busy(flops, nbytes, flop_rate, byte_rate, bitplane=False, channel=False, bitplane_factor=1.0,
-            channel_factor=1.0) -> tuple:
+def op_busy(flops, nbytes, flop_rate, byte_rate, scaled=()) -> tuple:
     """An op's compute time and memory time [s]: FLOPs over its class's FLOP rate; bytes over its class's
-    bandwidth, x the bit-plane factor for codes whose width does not divide 8, x the channel factor for
-    per-channel codes. Broadcasts over arrays (the fit passes every op of every row at once)."""
+    bandwidth, times each factor whose flag is set (`scaled`: (flag, factor) pairs, specs.FACTORS: codes whose
+    width does not divide 8, per-channel codes). Broadcasts over arrays (the fit passes every op of every row at
+    once)."""
     tm = nbytes / byte_rate
-    tm = tm * np.where(bitplane, bitplane_factor, 1.0) * np.where(channel, channel_factor, 1.0)
+    for flag, factor in scaled:
+        tm = tm * np.where(flag, factor, 1.0)
     return flops / flop_rate, tm
 
 
@@ -57,9 +58,8 @@ def kernel_time(tc, tm, overhead) -> tuple:
 
 
 def _busy(op: Op, rates: dict) -> tuple:
-    return op_busy(op.flops, op.bytes, rates[f"{op.cls}_flops_per_s"], rates[f"{op.cls}_bytes_per_s"], op.bitplane,
-                   op.channel, rates["bitplane_factor"] if op.bitplane else 1.0,
-                   rates["channel_factor"] if op.channel else 1.0)
+    return op_busy(op.flops, op.bytes, rates[f"{op.cls}_flops_per_s"], rates[f"{op.cls}_bytes_per_s"],
+                   [(True, rates[f"{k}_factor"]) for k in FACTORS if getattr(op, k)])
 
 
 def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, np.ndarray]:

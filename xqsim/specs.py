@@ -43,8 +43,16 @@ class Figure(BaseModel):
     source: str = Field(min_length=3, description="datasheet, paper or measurement it comes from")
 
 
+# Time factors a fit may hold: each multiplies the memory time of the ops that carry the flag of its name
+# (schemes.ops.Op), and its fitted block holds it as `factors: {name: value}`. A new factor is an entry here and
+# its flag on the ops it applies to; the roofline, the fit and the CLI take it from here.
+FACTORS = {  # name -> (what it stands for, the range a fit may find)
+    "bitplane": ("(de)quantization of codes whose width does not divide 8 (bit planes)", (1.0, 100.0)),
+    "channel": ("(de)quantization of per-channel codes (laid out channel-major, values token-major)", (0.1, 10.0)),
+}
 # what a fit may find (xqsim calibrate's bounds) and a fitted block may hold: (low, high) per kind
-FIT_RANGES = {"overhead": (1e-8, 1e-2), "efficiency": (1e-3, 1.5), "bitplane": (1.0, 100.0), "channel": (0.1, 10.0)}
+FIT_RANGES = {"overhead": (1e-8, 1e-2), "efficiency": (1e-3, 1.5)} | {k: r for k, (_, r) in FACTORS.items()}
+FactorName = Literal[tuple(FACTORS)]
 
 
 def _fitted(kind: str, zero: bool = False) -> Any:
@@ -65,16 +73,36 @@ class Fitted(BaseModel):
     kernel_overhead_s: _fitted("overhead", zero=True) | None = Field(None, description="fitted per-kernel overhead [s]")
     overhead_s: dict[OpClass, _fitted("overhead", zero=True)] = Field(
         default_factory=dict, description="fitted overhead of a kernel per op class (else kernel_overhead_s) [s]")
-    bitplane_factor: _fitted("bitplane") | None = Field(None, description="time multiplier of (de)quantization "
-                                                        "when the code width does not divide 8 (bit planes)")
-    channel_factor: _fitted("channel") | None = Field(None, description="time multiplier of (de)quantizing per-"
-                                                      "channel codes (laid out channel-major, values token-major)")
+    factors: dict[FactorName, float] = Field(default_factory=dict, description="time multipliers of the ops "
+                                             "each names (FACTORS); absent: 1")
     target: Literal["graph", "eager"] = Field("graph", description="what the fit predicts: the GPU time of a "
                                                                    "CUDA-graph step, or an eager step")
     engine: Literal["torch", "triton"] = Field("torch", description="the engine the fit describes: torch (unfused "
                                                "configurations) or triton, the kernel engine (fused ones)")
     schemes: list[SchemeName] | None = Field(None, min_length=1, description="the schemes its measurements held "
                                                                             "(left out: every scheme)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_factors(cls, data: Any) -> Any:
+        """Blocks of earlier versions hold `bitplane_factor` and `channel_factor`: the same as factors' entries."""
+        if isinstance(data, dict) and any(f"{k}_factor" in data for k in FACTORS):
+            old = {k: data[f"{k}_factor"] for k in FACTORS if data.get(f"{k}_factor") is not None}
+            new = data.get("factors") if isinstance(data.get("factors"), dict) else {}
+            if both := sorted(set(old) & set(new)):
+                raise ValueError(f"'{both[0]}_factor' and 'factors.{both[0]}' are both given; keep 'factors'")
+            data = {k: v for k, v in data.items() if not (k.endswith("_factor") and k[:-7] in FACTORS)}
+            data["factors"] = old | new
+        return data
+
+    @field_validator("factors")
+    @classmethod
+    def _factor_ranges(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, x in v.items():
+            lo, hi = FACTORS[k][1]
+            if not (isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= hi):
+                raise ValueError(f"factor '{k}' is {x!r}; allowed: a number from {lo:g} to {hi:g}")
+        return v
 
 
 FlopKey = Literal["bf16", "fp16", "fp8", "int8", "tf32", "fp32"]
@@ -161,8 +189,8 @@ class HardwareProfile(BaseModel):
         out["kernel_overhead_s"] = self.kernel_overhead_s.value if overhead is None else overhead
         for cls in OP_CLASSES:
             out[f"{cls}_overhead_s"] = (fit.overhead_s if fit else {}).get(cls, out["kernel_overhead_s"])
-        out["bitplane_factor"] = fit.bitplane_factor if fit and fit.bitplane_factor else 1.0
-        out["channel_factor"] = fit.channel_factor if fit and fit.channel_factor else 1.0
+        for k in FACTORS:
+            out[f"{k}_factor"] = fit.factors.get(k, 1.0) if fit else 1.0
         return out
 
 
