@@ -30,8 +30,8 @@ def test_transferred_lends_efficiencies_not_figures():
     r, b = rates.rates(H200, UNFUSED, "transferred", donors=(H100,))
     assert b.label == "transferred (h100_sxm, torch engine)"
     eff = H100.fitted.mem_efficiency["dequant"]
-    assert r["dequant_bytes_per_s"] == pytest.approx(H200.mem_bytes_per_s.value * eff, rel=1e-12)
-    assert r["dequant_bytes_per_s"] != H100.rates(fitted=True)["dequant_bytes_per_s"]  # H200's bandwidth, not H100's
+    assert r.bytes_per_s["dequant"] == pytest.approx(H200.mem_bytes_per_s.value * eff, rel=1e-12)
+    assert r.bytes_per_s["dequant"] != H100.rates(fitted=True).bytes_per_s["dequant"]  # H200's bandwidth, not H100's
     # a GPU's own fit wins over a lent one; a fused configuration finds no kernel-engine fit to lend
     assert rates.choose(H100, UNFUSED, "transferred", donors=(H100,))[1].kind == "fitted"
     assert rates.choose(H200, FUSED, "transferred", donors=(H100,))[1].label == "spec (no triton-engine fit)"

@@ -8,10 +8,10 @@ from xqsim import loading, schemes, specs
 from xqsim.roofline import BOUNDS, op_table, step_time
 from xqsim.schemes.ops import Op
 
-RATES = {"mem_bytes_per_s": 1e12, "kernel_overhead_s": 1e-6,
-         **{f"{c}_flops_per_s": (100e12 if c in specs.TENSOR_CLASSES else 10e12) for c in specs.OP_CLASSES},
-         **{f"{c}_bytes_per_s": 1e12 for c in specs.OP_CLASSES},
-         **{f"{c}_overhead_s": 1e-6 for c in specs.OP_CLASSES}}
+RATES = specs.Rates(mem_bytes_per_s=1e12,
+                    flops_per_s={c: 100e12 if c in specs.TENSOR_CLASSES else 10e12 for c in specs.OP_CLASSES},
+                    bytes_per_s=dict.fromkeys(specs.OP_CLASSES, 1e12), overhead_s=dict.fromkeys(specs.OP_CLASSES, 1e-6),
+                    factors=dict.fromkeys(specs.FACTORS, 1.0))
 
 
 def test_single_op_by_hand():
@@ -43,7 +43,7 @@ def test_vectorised_over_hardware_batch_and_context(tiny, h100):
     c = cfg("kivi", tiny, bits=2, group=16, residual=32)
     B = np.array([1, 8, 64])[None, :, None]
     T = np.array([10, 1000, 100000])[None, None, :]
-    rates = {k: np.array([v, v * 2])[:, None, None] for k, v in h100.rates().items()}
+    rates = h100.rates().map(lambda v: np.array([v, v * 2])[:, None, None])
     grid = step_time(schemes.step_ops(tiny, c, B, T), rates)
     assert np.shape(grid["step_time_s"]) == (2, 3, 3)
     for i, b in enumerate([1, 8, 64]):
@@ -84,11 +84,12 @@ def test_fitted_block_scales_rates(h100):
                                                             compute_efficiency={"remat": 0.25},
                                                             kernel_overhead_s=7e-6)})
     r, spec = fitted.rates(), fitted.rates(fitted=False)
-    assert r["attention_bytes_per_s"] == 0.5 * spec["attention_bytes_per_s"] == 0.5 * 3.35e12
-    assert r["matmul_bytes_per_s"] == spec["matmul_bytes_per_s"] == r["mem_bytes_per_s"] == 3.35e12
-    assert r["remat_flops_per_s"] == 0.25 * spec["remat_flops_per_s"]
-    assert r["matmul_flops_per_s"] == spec["matmul_flops_per_s"]
-    assert r["kernel_overhead_s"] == 7e-6 and spec["kernel_overhead_s"] == h100.kernel_overhead_s.value
+    assert r.bytes_per_s["attention"] == 0.5 * spec.bytes_per_s["attention"] == 0.5 * 3.35e12
+    assert r.bytes_per_s["matmul"] == spec.bytes_per_s["matmul"] == r.mem_bytes_per_s == 3.35e12
+    assert r.flops_per_s["remat"] == 0.25 * spec.flops_per_s["remat"]
+    assert r.flops_per_s["matmul"] == spec.flops_per_s["matmul"]
+    # the fitted kernel overhead stands for every class the block names none for
+    assert set(r.overhead_s.values()) == {7e-6} and set(spec.overhead_s.values()) == {h100.kernel_overhead_s.value}
 
 
 def test_ops_without_work_are_not_charged_a_kernel():

@@ -268,7 +268,7 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
         for j, hw in enumerate(hws):
             ax = axes[i, j]
             rates = hw.rates(fitted=False)
-            bw, peak = rates["mem_bytes_per_s"], rates["matmul_flops_per_s"]
+            bw, peak = rates.mem_bytes_per_s, rates.flops_per_s["matmul"]
             pts = {cls: ([], [], []) for cls in MARKERS}  # op class -> x, y, colour: one scatter each
             for cfg in configs:
                 try:
@@ -285,7 +285,7 @@ def roofline(hws: list[HardwareProfile], models: list[ModelSpec], configs: list[
             xs = [v for x_, _, _ in pts.values() for v in x_ if np.isfinite(v) and v > 0]
             x = np.logspace(np.log10(min([0.1, *xs]) / 2), np.log10(max([1e5, *xs]) * 2), 200)  # roofs past every op
             ax.plot(x, np.minimum(peak, x * bw) / 1e12, "k-", lw=1.5)
-            ax.plot(x, np.minimum(rates["dequant_flops_per_s"], x * bw) / 1e12, "k:", lw=1)
+            ax.plot(x, np.minimum(rates.flops_per_s["dequant"], x * bw) / 1e12, "k:", lw=1)
             for cls, (x_, y_, c_) in pts.items():
                 if x_:
                     ax.scatter(x_, y_, s=14, marker=MARKERS[cls], c=c_, alpha=0.8)

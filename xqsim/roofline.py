@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .schemes.ops import Op
-from .specs import FACTORS, OP_CLASSES
+from .specs import FACTORS, OP_CLASSES, Rates
 
 BOUNDS = ("memory", "compute", "overhead")
 
@@ -57,12 +57,12 @@ def kernel_time(tc, tm, overhead) -> tuple:
     return np.maximum(tc, tm) + ov, ov
 
 
-def _busy(op: Op, rates: dict) -> tuple:
-    return op_busy(op.flops, op.bytes, rates[f"{op.cls}_flops_per_s"], rates[f"{op.cls}_bytes_per_s"],
-                   [(True, rates[f"{k}_factor"]) for k in FACTORS if getattr(op, k)])
+def _busy(op: Op, rates: Rates) -> tuple:
+    return op_busy(op.flops, op.bytes, rates.flops_per_s[op.cls], rates.bytes_per_s[op.cls],
+                   [(True, rates.factors[k]) for k in FACTORS if getattr(op, k)])
 
 
-def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, np.ndarray]:
+def step_time(ops: list[Op], rates: Rates, per_class: bool = True) -> dict[str, np.ndarray]:
     """Totals of one decode step; every value broadcasts over the inputs' arrays."""
     zero = 0.0
     tot = {"flops": zero, "bytes_moved": zero, "t_compute_s": zero, "t_mem_s": zero, "t_overhead_s": zero,
@@ -75,7 +75,7 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
         parts = [_busy(op, rates) for op in kern]
         tc = sum(p[0] for p in parts)
         tm = sum(p[1] for p in parts)
-        t, overhead = kernel_time(tc, tm, rates[f"{kernel_class(kern)}_overhead_s"])
+        t, overhead = kernel_time(tc, tm, rates.overhead_s[kernel_class(kern)])
         busy = np.maximum(tc, tm)
         tot["flops"] = tot["flops"] + n * flops
         tot["bytes_moved"] = tot["bytes_moved"] + n * nbytes
@@ -107,12 +107,12 @@ def step_time(ops: list[Op], rates: dict, per_class: bool = True) -> dict[str, n
     return tot
 
 
-def op_table(ops: list[Op], rates: dict) -> list[dict]:
+def op_table(ops: list[Op], rates: Rates) -> list[dict]:
     """One row per op (scalars): FLOPs, bytes, its own roofline time and bound, per layer and in total."""
     rows = []
     for op in ops:
         tc, tm = (float(x) for x in _busy(op, rates))
-        t, overhead = (float(x) for x in kernel_time(tc, tm, rates[f"{op.cls}_overhead_s"]))
+        t, overhead = (float(x) for x in kernel_time(tc, tm, rates.overhead_s[op.cls]))
         busy = max(tc, tm)
         bound = "overhead" if overhead > busy else ("compute" if tc > tm else "memory")
         rows.append({

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SchemeName = Literal["fp16", "kivi", "xquant", "xquant_cl", "xquant_gqa", "xquant_cl_gqa", "xquant_yang"]
@@ -117,6 +119,35 @@ FIGURE_RANGES = {
 }
 
 
+@dataclass(frozen=True)
+class Rates:
+    """The achieved rates a roofline runs on: the spec bandwidth (the plots' roof) [B/s], and per op class the FLOP
+    rate [FLOP/s], the bandwidth [B/s] and a kernel's overhead [s]; per FACTORS name its factor. Each value is a
+    number, or an array whose leading axis is the GPU (Rates.stack)."""
+
+    mem_bytes_per_s: Any
+    flops_per_s: dict[str, Any]
+    bytes_per_s: dict[str, Any]
+    overhead_s: dict[str, Any]
+    factors: dict[str, Any]
+
+    def map(self, f) -> Rates:
+        """The rates with f applied to every value (the sweep takes each point's GPU: f = lambda v: v[index])."""
+        return Rates(f(self.mem_bytes_per_s), *({k: f(v) for k, v in d.items()}
+                                                 for d in (self.flops_per_s, self.bytes_per_s, self.overhead_s,
+                                                           self.factors)))
+
+    @staticmethod
+    def stack(rows: list[Rates]) -> Rates:
+        """Several GPUs' rates along a leading axis, shaped (nH, 1, 1) to broadcast over (batch, context)."""
+        def col(get) -> Any:
+            return np.array([get(r) for r in rows], dtype=float)[:, None, None]
+
+        return Rates(col(lambda r: r.mem_bytes_per_s),
+                     *({k: col(lambda r, a=a, k=k: getattr(r, a)[k]) for k in getattr(rows[0], a)}
+                       for a in ("flops_per_s", "bytes_per_s", "overhead_s", "factors")))
+
+
 class HardwareProfile(BaseModel):
     """One accelerator: spec figures with sources, and a separate fitted block."""
 
@@ -176,22 +207,18 @@ class HardwareProfile(BaseModel):
         """Spec FLOP/s an op class runs against: the bf16 tensor peak (TENSOR_CLASSES), else the fp32 vector peak."""
         return self.flops_per_s["bf16" if cls in TENSOR_CLASSES else "fp32"].value
 
-    def rates(self, fitted: bool = True) -> dict[str, float]:
-        """Achieved rates used by the roofline: bandwidth, per-class FLOP/s and overhead."""
+    def rates(self, fitted: bool = True) -> Rates:
+        """Achieved rates used by the roofline: bandwidth, per-class FLOP/s and overhead, the factors."""
         fit = self.fitted if fitted else None
         eff = fit.compute_efficiency if fit else {}
         mem = fit.mem_efficiency if fit else {}
-        out = {"mem_bytes_per_s": self.mem_bytes_per_s.value}  # the spec roof, for plots
-        for cls in OP_CLASSES:
-            out[f"{cls}_flops_per_s"] = self.peak_flops(cls) * eff.get(cls, 1.0)
-            out[f"{cls}_bytes_per_s"] = self.mem_bytes_per_s.value * mem.get(cls, 1.0)
-        overhead = fit.kernel_overhead_s if fit and fit.kernel_overhead_s is not None else None
-        out["kernel_overhead_s"] = self.kernel_overhead_s.value if overhead is None else overhead
-        for cls in OP_CLASSES:
-            out[f"{cls}_overhead_s"] = (fit.overhead_s if fit else {}).get(cls, out["kernel_overhead_s"])
-        for k in FACTORS:
-            out[f"{k}_factor"] = fit.factors.get(k, 1.0) if fit else 1.0
-        return out
+        overhead = fit.kernel_overhead_s if fit and fit.kernel_overhead_s is not None else self.kernel_overhead_s.value
+        return Rates(
+            mem_bytes_per_s=self.mem_bytes_per_s.value,
+            flops_per_s={c: self.peak_flops(c) * eff.get(c, 1.0) for c in OP_CLASSES},
+            bytes_per_s={c: self.mem_bytes_per_s.value * mem.get(c, 1.0) for c in OP_CLASSES},
+            overhead_s={c: (fit.overhead_s if fit else {}).get(c, overhead) for c in OP_CLASSES},
+            factors={k: fit.factors.get(k, 1.0) if fit else 1.0 for k in FACTORS})
 
 
 # ----------------------------------------------------------------------------- model

@@ -19,17 +19,16 @@ from .loading import check_folder, to_json, write_atomic
 from .roofline import BOUNDS, step_time
 from .scenario import Scenario
 from .schemes.layout import paper_bytes_per_token
-from .specs import OP_CLASSES, HardwareProfile, ModelSpec, SchemeConfig, UserError
+from .specs import OP_CLASSES, HardwareProfile, ModelSpec, Rates, SchemeConfig, UserError
 
 # Column order of the result table (snake_case, unit-suffixed).
 KEY_COLUMNS = ["hardware", "model", "scheme", "label", "bits", "strategy", "fused", "batch", "context"]
 
 
-def hardware_rates(hws: list[HardwareProfile], cfg: SchemeConfig, rate_mode: str = "fitted") -> dict[str, np.ndarray]:
+def hardware_rates(hws: list[HardwareProfile], cfg: SchemeConfig, rate_mode: str = "fitted") -> Rates:
     """The rates each profile gives cfg under rate_mode (xqsim.rates), stacked along a leading hardware axis (shape
     (nH, 1, 1))."""
-    rows = [rates.rates(hw, cfg, rate_mode)[0] for hw in hws]
-    return {k: np.array([r[k] for r in rows], dtype=float)[:, None, None] for k in rows[0]}
+    return Rates.stack([rates.rates(hw, cfg, rate_mode)[0] for hw in hws])
 
 
 def evaluate(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, batch, context,
@@ -45,7 +44,7 @@ def evaluate(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig, ba
     return {k: np.broadcast_to(v, shape) for k, v in out.items()}
 
 
-def _metrics(rates: dict, cap, model: ModelSpec, cfg: SchemeConfig, B, T, limit: int) -> dict[str, np.ndarray]:
+def _metrics(rates: Rates, cap, model: ModelSpec, cfg: SchemeConfig, B, T, limit: int) -> dict[str, np.ndarray]:
     """The metrics of a resolved config, broadcast over rates/capacity, batch B and context T."""
     groups = schemes.layout(model, cfg)
     out = step_time(schemes.step_ops(model, cfg, B, T, groups), rates)
@@ -65,7 +64,7 @@ def _metrics(rates: dict, cap, model: ModelSpec, cfg: SchemeConfig, B, T, limit:
     return out
 
 
-def _throughput_cap(rates: dict, most: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, T, limit: int):
+def _throughput_cap(rates: Rates, most: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, T, limit: int):
     """Throughput under capacity: (the batch, tokens/s) at the most sequences that fit at context T (`most`, the
     max batch), at most `limit`; 0 tokens/s where not even one fits."""
     b_cap = np.minimum(most, limit)
@@ -73,7 +72,7 @@ def _throughput_cap(rates: dict, most: np.ndarray, model: ModelSpec, cfg: Scheme
     return b_cap, np.where(b_cap > 0, b_cap / t_cap["step_time_s"], 0.0)
 
 
-def _throughput_in(rates: dict, cap: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, T, limit: int):
+def _throughput_in(rates: Rates, cap: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, T, limit: int):
     """_throughput_cap with the max batch found from the capacity `cap` (per point) first."""
     most = max_batch(cap, schemes.weights_bytes(model, cfg), seq_memory(model, cfg, groups), T)
     return _throughput_cap(rates, most, model, cfg, groups, T, limit)
@@ -86,7 +85,7 @@ def capped_point(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig
     verdict, without the rest of its metrics."""
     cfg = cfg.resolved(model)
     groups = schemes.layout(model, cfg)
-    r = {k: v[:, 0, 0] for k, v in hardware_rates(hws, cfg, rate_mode).items()}
+    r = hardware_rates(hws, cfg, rate_mode).map(lambda v: v[:, 0, 0])
     cap = np.array([hw.capacity_bytes for hw in hws], dtype=float)
     T = np.full(len(hws), context, dtype=np.int64)
     b_cap, tput = _throughput_in(r, cap, model, cfg, groups, T, batch)
@@ -94,7 +93,7 @@ def capped_point(hws: list[HardwareProfile], model: ModelSpec, cfg: SchemeConfig
     return {"batch_cap": b_cap, "throughput_cap_tokens_per_s": tput, "cache_bytes_per_seq": per_seq}
 
 
-def _point_values(rates: dict, cap: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, B, T, limit: int,
+def _point_values(rates: Rates, cap: np.ndarray, model: ModelSpec, cfg: SchemeConfig, groups, B, T, limit: int,
                   metric: np.ndarray) -> np.ndarray:
     """One crossover metric per point (step_time_s, tokens_per_s or throughput_cap_tokens_per_s) of a resolved
     config, rates and capacity given per point: the part of _metrics each needs, no more."""
@@ -102,11 +101,11 @@ def _point_values(rates: dict, cap: np.ndarray, model: ModelSpec, cfg: SchemeCon
     cap_rows = metric == "throughput_cap_tokens_per_s"
     plain = ~cap_rows
     if plain.any():
-        r = {k: v[plain] for k, v in rates.items()}
+        r = rates.map(lambda v: v[plain])
         t = step_time(schemes.step_ops(model, cfg, B[plain], T[plain], groups), r, per_class=False)["step_time_s"]
         out[plain] = np.where(metric[plain] == "step_time_s", t, B[plain] / t)
     if cap_rows.any():
-        r = {k: v[cap_rows] for k, v in rates.items()}
+        r = rates.map(lambda v: v[cap_rows])
         out[cap_rows] = _throughput_in(r, cap[cap_rows], model, cfg, groups, T[cap_rows], limit)[1]
     return out
 
@@ -144,7 +143,7 @@ def solve_crossovers(cr: pd.DataFrame, hws: list[HardwareProfile], models: list[
     for mname, label in set(zip(models_, winner, strict=True)) | set(zip(models_, loser, strict=True)):
         rc = cfg_of[label].resolved(model_of[mname])
         resolved[mname, label] = (model_of[mname], rc, schemes.layout(model_of[mname], rc),
-                                  {k: v[:, 0, 0] for k, v in hardware_rates(hws, rc, rate_mode).items()})
+                                  hardware_rates(hws, rc, rate_mode).map(lambda v: v[:, 0, 0]))
     # rows of each (model, scheme) in each role, found once
     roles = {role: pd.DataFrame({"m": models_, "l": labels}).groupby(["m", "l"], sort=False).indices
              for role, labels in (("w", winner), ("l", loser))}
@@ -188,7 +187,7 @@ def _role_values(groups: dict, flat, B, T, resolved: dict, hw_i, cap, metric, ba
         if len(sel):
             m, rc, layers, per_hw = resolved[key]
             r = flat[sel]
-            out[sel] = _point_values({k: v[hw_i[r]] for k, v in per_hw.items()}, cap[r], m, rc, layers, B[sel],
+            out[sel] = _point_values(per_hw.map(lambda v, r=r: v[hw_i[r]]), cap[r], m, rc, layers, B[sel],
                                      T[sel], batch_limit, metric[r])
     return out
 

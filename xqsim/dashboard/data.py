@@ -150,11 +150,11 @@ def roofs(hws: list[HardwareProfile], x_lo: float = 0.1, x_hi: float = 1e5, rate
     parts = []
     for hw in hws:
         spec, lines = hw.rates(fitted=False), []
-        lines += [("spec: bf16 tensor", spec["matmul_flops_per_s"], spec["matmul_bytes_per_s"]),
-                  ("spec: fp32 vector", spec["dequant_flops_per_s"], spec["dequant_bytes_per_s"])]
+        lines += [("spec: bf16 tensor", spec.flops_per_s["matmul"], spec.bytes_per_s["matmul"]),
+                  ("spec: fp32 vector", spec.flops_per_s["dequant"], spec.bytes_per_s["dequant"])]
         if hw.fitted and rate_mode != "spec":
             fit = hw.rates(fitted=True)
-            lines += [(f"fitted: {c}", fit[f"{c}_flops_per_s"], fit[f"{c}_bytes_per_s"]) for c in ("matmul", "dequant")]
+            lines += [(f"fitted: {c}", fit.flops_per_s[c], fit.bytes_per_s[c]) for c in ("matmul", "dequant")]
         for name, peak, bw in lines:
             parts.append(pd.DataFrame({"hardware": hw.name, "roof": name, "intensity_flop_per_byte": x,
                                        "tflops": np.minimum(peak, x * bw) / 1e12}))
