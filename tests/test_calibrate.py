@@ -299,3 +299,14 @@ def test_a_fused_kernel_is_judged_under_the_op_the_engine_times_it_under():
     assert errs["error_pct"].abs().max() < 0.01, errs.sort_values("error_pct")
     assert fitted.compute_efficiency["remat"] == pytest.approx(0.4, rel=1e-3), fitted.compute_efficiency
     assert fitted.overhead_s.get("attention", 0) > 2 * fitted.overhead_s.get("dequant", 0), fitted.overhead_s
+
+
+def test_the_readme_model_error_table_is_the_one_the_benchmark_computes():
+    """benchmarks/readme_figures.py --check: the README's model-error table (every row: spec, held out, in sample,
+    per op, transfer) is what benchmarks/model_error.py computes from the committed measurements now."""
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "readme_figures.py"), "--check"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "README current" in p.stdout, (p.stdout, p.stderr[-2000:])

@@ -240,3 +240,18 @@ def test_measured_points_sit_where_measurement_and_model_say():
                                 measured=pts)
     assert (table["kind"] == "measured").sum() == len(pts) and set(table.query("kind == 'measured'")["marker"]) == \
         {"measured"}
+
+
+def test_a_subfolder_of_measurements_is_a_set_of_its_own(tmp_path):
+    """measurements/h200/ (torch engine) and measurements/h200/kernel_engine/ (the kernel engine; calibration reads
+    one engine at a time) are two sets; a benchmark's JSON beside them is none."""
+    import shutil
+
+    src = Path(__file__).parent.parent / "measurements"
+    (tmp_path / "h200" / "kernel_engine").mkdir(parents=True)
+    shutil.copy(src / "h200" / "h200_transfer.json", tmp_path / "h200")
+    shutil.copy(src / "h200" / "h200_transfer_b4.json", tmp_path / "h200" / "kernel_engine")
+    shutil.copy(src / "h200" / "kernels" / "kernel_roofline.json", tmp_path / "h200" / "kernel_engine")
+    sets = data.measurement_sets(tmp_path)
+    assert {k: [p.name for p in v] for k, v in sets.items()} == {
+        "h200": ["h200_transfer.json"], "h200/kernel_engine": ["h200_transfer_b4.json"]}, sets

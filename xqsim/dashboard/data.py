@@ -208,11 +208,13 @@ def leads_throughout(tp: pd.DataFrame) -> bool | None:
 
 
 def measurement_sets(root: Path) -> dict[str, list[Path]]:
-    """Folders under root holding `xqsim measure` JSON files, by folder name."""
+    """Folders under root holding `xqsim measure` JSON files, by their path under root ('h100', and a subfolder of
+    one engine's files as 'h200/kernel_engine'): each folder's own files, one set."""
     if not root.is_dir():
         return {}
-    sets = {d.name: sorted(p for p in d.glob("*.json") if _is_measurement(p, p.stat().st_mtime_ns))
-            for d in sorted(root.iterdir()) if d.is_dir()}
+    folders = sorted(d for d in root.rglob("*") if d.is_dir())
+    sets = {d.relative_to(root).as_posix(): sorted(p for p in d.glob("*.json")
+                                                    if _is_measurement(p, p.stat().st_mtime_ns)) for d in folders}
     return {k: v for k, v in sets.items() if v}
 
 

@@ -263,8 +263,9 @@ def render_calibration(c: Controls, root: Path) -> None:
     name = st.selectbox("Measurements", list(sets), key="mset")
     by_name = {h.name: h for h in c.all_hws}
     keep_valid("calhw", list(by_name))
-    fitted = [n for n, h in by_name.items() if h.fitted and n.startswith(name)]
-    st.session_state.setdefault("calhw", (fitted or [n for n in by_name if n.startswith(name)] or list(by_name))[0])
+    gpu = name.split("/")[0]  # measurements/<gpu>/...: the profiles named for that GPU first, a fitted one first
+    fitted = [n for n, h in by_name.items() if h.fitted and n.startswith(gpu)]
+    st.session_state.setdefault("calhw", (fitted or [n for n in by_name if n.startswith(gpu)] or list(by_name))[0])
     hw = by_name[st.selectbox("Profile that predicts them", list(by_name), key="calhw")]
     paths = tuple(sets[name])
     try:
