@@ -74,3 +74,33 @@ def test_a_degree_that_does_not_split_the_heads_is_refused(tp, fragment):
     with pytest.raises(UserError) as e:
         parallel.rank_model(L31, tp)
     assert fragment in str(e.value), str(e.value)
+
+
+def test_alpha_beta_fit_recovers_a_link():
+    """benchmarks/allreduce.py's fit: times made from alpha 12 us and beta 400 GB/s on 8 ranks give them back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import allreduce
+
+    sizes = [2**k for k in range(3, 29)]
+    times = [12e-6 + allreduce.wire_bytes(s, 8) / 400e9 for s in sizes]
+    alpha, beta = allreduce.fit_alpha_beta(sizes, times, 8)
+    assert alpha == pytest.approx(12e-6, rel=1e-6) and beta == pytest.approx(400e9, rel=1e-6), (alpha, beta)
+    assert allreduce.wire_bytes(1000, 2) == 1000 and allreduce.wire_bytes(1000, 8) == 1750
+
+
+def test_allreduce_benchmark_runs_two_ranks_on_cpu():
+    """The benchmark's ranks (two processes, gloo) reduce messages of the sizes asked and time each; the fit comes
+    back finite."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import allreduce
+
+    res = allreduce.measure("gloo", 2, [8, 4096, 16 << 20], repeats=3, warmup=1)  # 16 MiB: bandwidth-bound
+    assert [r["bytes"] for r in res["rows"]] == [8, 4096, 16 << 20], res["rows"]
+    assert all(r["time_s"] > 0 for r in res["rows"]) and res["info"]["world"] == 2, res
+    assert res["alpha_s"] >= 0 and 0 < res["beta_bytes_per_s"] < float("inf"), (res["alpha_s"], res["beta_bytes_per_s"])
