@@ -79,7 +79,8 @@ def _rank(rank: int, world: int, backend: str, init: str, sizes: list[int], repe
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)  # the slowest rank's median: what a step waits for
         rows.append({"bytes": x.numel() * x.element_size(), "time_s": float(mine)})
     if rank == 0:
-        info = {"backend": backend, "world": world, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        info = {"backend": backend, "world": world, "torch": torch.__version__,
+                "date": datetime.date.today().isoformat(),
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
                 "devices": [torch.cuda.get_device_name(i) for i in range(world)] if cuda else ["cpu"] * world,
                 "dtype": str(dtype).removeprefix("torch.")}
