@@ -91,16 +91,20 @@ def test_alpha_beta_fit_recovers_a_link():
     assert allreduce.wire_bytes(1000, 2) == 1000 and allreduce.wire_bytes(1000, 8) == 1750
 
 
-def test_allreduce_benchmark_runs_two_ranks_on_cpu():
-    """The benchmark's ranks (two processes, gloo) reduce messages of the sizes asked and time each; the fit comes
-    back finite."""
+def test_allreduce_benchmark_runs_two_ranks_on_cpu(tmp_path):
+    """The benchmark as a user runs it (its own process: its ranks are spawned from it), two gloo ranks on the CPU:
+    it reduces messages of the sizes asked, times each, writes its JSON and CSV and ends with the fit."""
+    import json
+    import subprocess
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-    import allreduce
-
-    res = allreduce.measure("gloo", 2, [8, 4096, 16 << 20], repeats=3, warmup=1)  # 16 MiB: bandwidth-bound
-    assert [r["bytes"] for r in res["rows"]] == [8, 4096, 16 << 20], res["rows"]
+    script = Path(__file__).parent.parent / "benchmarks" / "allreduce.py"
+    p = subprocess.run([sys.executable, str(script), "--backend", "gloo", "--world", "2", "--sizes", "8,4k,16M",
+                        "--repeats", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "allreduce.json").read_text())
+    assert [r["bytes"] for r in res["rows"]] == [8, 4096, 16 << 20], res["rows"]  # 16 MiB: bandwidth-bound
     assert all(r["time_s"] > 0 for r in res["rows"]) and res["info"]["world"] == 2, res
     assert res["alpha_s"] >= 0 and 0 < res["beta_bytes_per_s"] < float("inf"), (res["alpha_s"], res["beta_bytes_per_s"])
+    assert (tmp_path / "allreduce.csv").is_file() and p.stdout.splitlines()[-1].startswith("alpha_us: ")
