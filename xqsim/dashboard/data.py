@@ -262,6 +262,13 @@ MEASURED_COLUMNS = ("hardware", "label", "context", "batch", "layers", "engine",
                     "at_capacity")
 
 
+@functools.lru_cache(maxsize=64)
+def _read(path: Path, mtime_ns: int) -> tuple[list[dict], list[dict]]:
+    """read_measurements of one file, cached per file version: the views ask on every redraw, and the files are
+    megabytes of rows checked one by one."""
+    return measurements.read_measurements([path])
+
+
 def measured_points(files: dict[str, list[Path]], hws: list[HardwareProfile], model: ModelSpec,
                     configs: list[SchemeConfig], batch: int, rate_mode: str = "fitted") -> tuple[pd.DataFrame,
                                                                                                   list[str]]:
@@ -281,7 +288,7 @@ def measured_points(files: dict[str, list[Path]], hws: list[HardwareProfile], mo
             continue
         for p in paths:
             try:
-                infos, rows = measurements.read_measurements([p])
+                infos, rows = _read(p, p.stat().st_mtime_ns)
             except UserError as err:
                 problems.append(str(err))
                 continue
@@ -297,19 +304,21 @@ def measured_points(files: dict[str, list[Path]], hws: list[HardwareProfile], mo
         return pd.DataFrame(columns=list(MEASURED_COLUMNS)), problems
     ctx = sorted({r["context"] for _, _, r, _ in found})
     full = sweep.run([hw_of[n] for n in files if n in hw_of], [model], list(by_label.values()), [batch], ctx,
-                     rate_mode).set_index(["hardware", "label", "context"])
+                     rate_mode)
+    curve = {(h, lab, t): (fits, step, cap, tput) for h, lab, t, fits, step, cap, tput in zip(
+        full["hardware"].astype(str), full["label"].astype(str), full["context"], full["fits"], full["step_time_s"],
+        full["batch_cap"], full["throughput_cap_tokens_per_s"], strict=True)}
     out = []
     for hw, cfg, r, device in found:
+        fits, step_s, cap, tput = curve[(hw.name, cfg.label, r["context"])]
+        if r["batch"] == batch and fits:  # past the memory wall the curve has ended
+            model_s = float(step_s)
+        elif r["batch"] == cap and tput > 0:
+            model_s = int(cap) / float(tput)
+        else:  # on neither curve: not predicted at all
+            continue
         prof, basis = rates.choose(hw, cfg, rate_mode)
         pred = validation.step_predictions([r], prof).iloc[0]
-        at = full.loc[(hw.name, cfg.label, r["context"])]
-        cap = int(at["batch_cap"])
-        if r["batch"] == batch and at["fits"]:  # past the memory wall the curve has ended
-            model_s = float(at["step_time_s"])
-        elif r["batch"] == cap and at["throughput_cap_tokens_per_s"] > 0:
-            model_s = cap / float(at["throughput_cap_tokens_per_s"])
-        else:
-            continue
         step = model_s * pred["measured_s"] / pred["predicted_s"] if r["layers"] != model.n_layers \
             else pred["measured_s"]
         out.append({"hardware": hw.name, "label": cfg.label, "context": r["context"], "batch": r["batch"],
@@ -317,7 +326,7 @@ def measured_points(files: dict[str, list[Path]], hws: list[HardwareProfile], mo
                     "rates": basis.label, "measured_ms": pred["measured_s"] * 1e3,
                     "predicted_ms": pred["predicted_s"] * 1e3, "error_pct": pred["error_pct"],
                     "step_time_ms": step * 1e3, "tokens_per_s": r["batch"] / step,
-                    "at_batch": bool(r["batch"] == batch and at["fits"]), "at_capacity": r["batch"] == cap})
+                    "at_batch": bool(r["batch"] == batch and fits), "at_capacity": bool(r["batch"] == cap)})
     return pd.DataFrame(out, columns=list(MEASURED_COLUMNS)), problems
 
 
