@@ -16,8 +16,9 @@ from .specs import HardwareProfile, UserError
 
 def op_errors(rows: list[dict], hw: HardwareProfile, min_time_s: float = MIN_OP_S) -> pd.DataFrame:
     """Measured vs predicted time of every op of at least `min_time_s`, in the rows their engine runs as the model
-    describes them (rates.runs: the torch engine's unfused rows, the kernel engine's fused ones); predicted = own
-    roofline time + overhead; measured: measured_op_s."""
+    describes them (rates.runs: the torch engine's unfused rows, the kernel engine's fused ones); predicted: the
+    roofline time and overhead of each kernel, given to the op its time is measured under (calibrate.timed_op;
+    unfused, the op's own); measured: measured_op_s."""
     rates_, out = hw.rates(), []
     for r in rows:
         if not rates.runs(r["config"]["scheme"], bool(r.get("fused")), r.get("engine", "torch")):

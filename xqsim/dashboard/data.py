@@ -246,13 +246,10 @@ def calibration(paths: list[Path], hw: HardwareProfile) -> tuple[pd.DataFrame, d
 def measurement_files(root: Path, hws: list[HardwareProfile]) -> dict[str, list[Path]]:
     """Per GPU: the `xqsim measure` files under root's folder named for it (a profile's name begins with its
     folder's: measurements/h100 holds h100_sxm's), subfolders included (one engine's set each)."""
-    if not root.is_dir():
-        return {}
     out: dict[str, list[Path]] = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in d.rglob("*.json") if _is_measurement(p, p.stat().st_mtime_ns))
+    for name, files in measurement_sets(root).items():  # 'h200', 'h200/kernel_engine', ...
         for hw in hws:
-            if files and hw.name.startswith(d.name):
+            if hw.name.startswith(name.split("/")[0]):
                 out.setdefault(hw.name, []).extend(files)
     return out
 
